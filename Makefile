@@ -1,0 +1,27 @@
+# expertmesh — every target makes the virtualenv it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m expertmesh.demo
+
+test: install
+	$(PY) -m pytest -q
+
+proto: install
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/expertmesh/v1/expertmesh.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

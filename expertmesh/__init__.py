@@ -1,0 +1,31 @@
+"""expertmesh: spread the experts of an MLX Mixture-of-Experts model over several machines."""
+
+__version__ = "0.1.0"
+
+from .client import Client, ClusterView, NodeView, Piece
+from .errors import (
+    AuthError,
+    ConfigMismatchError,
+    ExpertmeshError,
+    InvalidRequestError,
+    ModelError,
+    PlacementError,
+    RequestTooLargeError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "ClusterView",
+    "ConfigMismatchError",
+    "ExpertmeshError",
+    "InvalidRequestError",
+    "ModelError",
+    "NodeView",
+    "PlacementError",
+    "Piece",
+    "RequestTooLargeError",
+    "UnavailableError",
+    "__version__",
+]

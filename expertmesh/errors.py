@@ -1,0 +1,91 @@
+"""Errors expertmesh raises.
+
+    ExpertmeshError                 base of everything below
+    ├── ModelError                  checkpoint missing, unreadable or unsupported
+    ├── ConfigMismatchError         a node serves another checkpoint than the router
+    ├── PlacementError              the experts do not fit the nodes' memory
+    ├── InvalidRequestError         bad input to an RPC (INVALID_ARGUMENT)
+    ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
+    ├── AuthError                   missing or wrong credentials (UNAUTHENTICATED)
+    └── UnavailableError            a router or node cannot be reached / went down
+
+gRPC status codes map to these in one place, ``from_rpc_error``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ExpertmeshError(Exception):
+    """Base class of all expertmesh errors."""
+
+
+class ModelError(ExpertmeshError):
+    """The checkpoint does not exist, cannot be read, or is not a supported MoE."""
+
+
+class ConfigMismatchError(ExpertmeshError):
+    """A node was started with a different checkpoint than the router."""
+
+
+class PlacementError(ExpertmeshError):
+    """The experts cannot be placed within the nodes' memory budgets."""
+
+
+class InvalidRequestError(ExpertmeshError):
+    """A request was malformed: wrong shape, dtype, id, or a prompt too long."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request exceeded a size limit."""
+
+
+class AuthError(ExpertmeshError):
+    """Credentials were missing or wrong."""
+
+
+class UnavailableError(ExpertmeshError):
+    """A router or node could not be reached, or stopped answering."""
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.FAILED_PRECONDITION: ConfigMismatchError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+_TO_CODE = {
+    RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    ConfigMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    PlacementError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def from_rpc_error(err: grpc.RpcError, target: str) -> ExpertmeshError:
+    """Turn a failed call into the matching public error, naming the peer."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, ExpertmeshError)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach {target}: {details}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = f"{target} did not answer in time"
+    return cls(details)
+
+
+def status_code(err: ExpertmeshError) -> grpc.StatusCode:
+    """The gRPC status a server answers with for this error."""
+    for cls in type(err).__mro__:
+        if cls in _TO_CODE:
+            return _TO_CODE[cls]
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,136 @@
+"""What every family adapter provides, and the parts they share."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import _get_classes
+
+# stacked projection names, in mlx-lm's SwitchGLU
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# tensors of one (possibly quantized) projection
+PARTS = ("weight", "scales", "biases")
+
+# (layer, hidden [..., H], inds [..., k], scores [..., k]) -> [..., H]
+ExpertCall = Callable[[int, mx.array, mx.array, mx.array], mx.array]
+
+
+class RemoteExperts:
+    """Stands where a block's routed experts were; calls out to the mesh.
+
+    The dispatcher is attached after loading (``Adapter.attach``).
+    """
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.call: ExpertCall | None = None
+
+    def __call__(self, x, inds, scores):
+        if self.call is None:
+            raise RuntimeError("no dispatcher attached to the remote experts")
+        return self.call(self.layer, x, inds, scores)
+
+
+class Adapter:
+    """Family-specific knowledge about an mlx-lm MoE model.
+
+    Subclasses set ``block_attr`` (the attribute of a decoder layer holding
+    the MoE block), ``hf_names`` (HF per-expert projection names for
+    gate/up/down) and implement ``remote_block``.
+    """
+
+    model_type: str = ""
+    block_attr = "mlp"
+    hf_names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+    hf_experts = "experts"
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.model_class, self.args_class = _get_classes(config)
+        self.args = self.args_class.from_dict(config)
+        self._expert_re = re.compile(
+            rf"^model\.layers\.(\d+)\.{self.block_attr}\."
+            rf"(switch_mlp\.|{self.hf_experts}\.\d+\.)"
+        )
+
+    # --- shape of the model -------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.args.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.args.num_experts_per_tok
+
+    @property
+    def hidden_size(self) -> int:
+        return self.args.hidden_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        raise NotImplementedError
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.args.num_hidden_layers) if self.is_moe_layer(i)]
+
+    # --- tensor names -------------------------------------------------------
+    def stacked_path(self, layer: int, proj: str) -> str:
+        return f"model.layers.{layer}.{self.block_attr}.switch_mlp.{proj}"
+
+    def hf_path(self, layer: int, expert: int, proj: str) -> str:
+        return f"model.layers.{layer}.{self.block_attr}.{self.hf_experts}.{expert}.{self.hf_names[proj]}"
+
+    def expert_bytes(self, tensors: dict, layer: int) -> int:
+        """Bytes of one routed expert of ``layer``, from checkpoint headers."""
+        total = 0
+        for proj in PROJECTIONS:
+            for part in PARTS:
+                stacked = tensors.get(f"{self.stacked_path(layer, proj)}.{part}")
+                if stacked is not None:
+                    total += stacked.nbytes // stacked.shape[0]
+                single = tensors.get(f"{self.hf_path(layer, 0, proj)}.{part}")
+                if single is not None:
+                    total += single.nbytes
+        return total
+
+    def is_expert_weight(self, name: str) -> bool:
+        return self._expert_re.match(name) is not None
+
+    # --- the dense model on the router ---------------------------------------
+    def remote_block(self, block: nn.Module, layer: int) -> nn.Module:
+        """A module computing ``block``'s output with remote routed experts."""
+        raise NotImplementedError
+
+    def strip_experts(self, model: nn.Module) -> None:
+        """Swap every MoE block of ``model`` for its remote twin, in place."""
+        for i, layer in enumerate(model.layers):
+            if self.is_moe_layer(i):
+                setattr(layer, self.block_attr, self.remote_block(getattr(layer, self.block_attr), i))
+
+    def remote_experts(self, model: nn.Module) -> Iterator[RemoteExperts]:
+        for i, layer in enumerate(model.layers):
+            if self.is_moe_layer(i):
+                yield getattr(layer, self.block_attr).experts
+
+    def attach(self, model: nn.Module, call: ExpertCall) -> None:
+        for experts in self.remote_experts(model):
+            experts.call = call
+
+    def dense_classes(self, config: dict):
+        """``get_model_classes`` for ``mlx_lm.utils.load_model``: the family's
+        model class with its routed experts removed before weights load."""
+        adapter = self
+
+        class DenseModel(self.model_class):
+            def __init__(self, args):
+                super().__init__(args)
+                adapter.strip_experts(self)
+
+            def sanitize(self, weights):
+                weights = {k: v for k, v in weights.items() if not adapter.is_expert_weight(k)}
+                return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
+
+        return DenseModel, self.args_class

@@ -1,0 +1,42 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import Adapter as BaseAdapter
+from .base import RemoteExperts
+
+
+class RemoteSparseMoeBlock(nn.Module):
+    """mlx-lm's ``Qwen3MoeSparseMoeBlock`` gating, experts on the mesh."""
+
+    def __init__(self, block: nn.Module, layer: int):
+        super().__init__()
+        self.gate = block.gate
+        self.top_k = block.top_k
+        self.norm_topk_prob = block.norm_topk_prob
+        self.experts = RemoteExperts(layer)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gates = mx.softmax(self.gate(x), axis=-1, precise=True)
+        k = self.top_k
+        inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
+        scores = mx.take_along_axis(gates, inds, axis=-1)
+        if self.norm_topk_prob:
+            scores /= mx.sum(scores, axis=-1, keepdims=True)
+        return self.experts(x, inds, scores)
+
+
+class Adapter(BaseAdapter):
+    model_type = "qwen3_moe"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        a = self.args
+        return (
+            layer not in a.mlp_only_layers
+            and a.num_experts > 0
+            and (layer + 1) % a.decoder_sparse_step == 0
+        )
+
+    def remote_block(self, block, layer):
+        return RemoteSparseMoeBlock(block, layer)

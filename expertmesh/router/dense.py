@@ -1,0 +1,35 @@
+"""The router's half of the model: mlx-lm's model class without routed experts."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model, load_tokenizer
+
+from ..checkpoint import Checkpoint
+from ..errors import ModelError
+from ..models import Adapter, get_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def load_dense(checkpoint: Checkpoint) -> tuple[nn.Module, object, Adapter]:
+    """Load embeddings, attention, norms, gates, shared experts and lm head.
+
+    Expert tensors are dropped before anything reads them, so they never
+    reach memory. Returns ``(model, tokenizer, adapter)``.
+
+    Raises:
+        ModelError: unsupported model_type, or weights that do not fit it.
+    """
+    adapter = get_adapter(checkpoint.config)
+    try:
+        model, config = load_model(checkpoint.path, get_model_classes=adapter.dense_classes)
+        tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ModelError(f"cannot load {checkpoint.path}: {e}") from None
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    logger.info("dense model of %s: %.1f M parameters", checkpoint.model_id, params / 1e6)
+    return model, tokenizer, adapter

@@ -1,0 +1,219 @@
+"""Router: dense model + Planner + Dispatcher + InferenceService."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .. import placement as planner
+from ..checkpoint import Checkpoint
+from ..errors import ConfigMismatchError, ExpertmeshError, InvalidRequestError, UnavailableError
+from ..serving import PROTOCOL_VERSION, create_server, layer_experts, set_serving
+from ..v1 import expertmesh_pb2 as pb
+from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from ..worker import MLXWorker
+from .dense import load_dense
+from .dispatcher import Dispatcher, NodeLink
+from .service import InferenceServicer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterConfig:
+    model: Path                                    # checkpoint directory
+    peers: list[str] = field(default_factory=list)  # node addresses, HOST:PORT
+    host: str = "127.0.0.1"                        # address to listen on
+    port: int = 50050                              # 0 picks a free port
+    rpc_timeout: float = 10.0                      # GetInfo and other control calls
+    assign_timeout: float = 600.0                  # a node loading its experts
+    forward_timeout: float = 60.0                  # one MoE layer on one node
+    default_max_tokens: int = 256
+
+
+@dataclass
+class Piece:
+    text: str
+    token: int
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    generation_tps: float
+
+
+class Router:
+    """A running router: ``Router(config)``, ``connect()``, ``start()``, ``stop()``.
+
+    Raises:
+        ModelError: the checkpoint is missing or not a supported MoE.
+        UnavailableError: no node could be reached, or the port cannot be bound.
+        ConfigMismatchError: a node serves a different checkpoint.
+        PlacementError: the experts do not fit the nodes' memory.
+    """
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.checkpoint = Checkpoint(config.model)
+        self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
+        self.links: list[NodeLink] = []
+        self.placement: planner.Placement | None = None
+        self.worker = MLXWorker("mlx-router")
+        self.server, self.port, self._health = create_server(
+            f"{config.host}:{config.port}",
+            lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
+            ["InferenceService"],
+        )
+
+    @property
+    def context_length(self) -> int:
+        return int(self.checkpoint.config.get("max_position_embeddings") or 1 << 31)
+
+    # --- bringing the mesh up -------------------------------------------------
+    def connect(self) -> None:
+        """Reach every peer, check it serves our checkpoint, plan, and assign."""
+        if not self.config.peers:
+            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node")
+        reached, failures = [], []
+        for address in self.config.peers:
+            link = NodeLink(address, self.config.rpc_timeout)
+            try:
+                info = link.get_info()
+            except ExpertmeshError as e:
+                failures.append(str(e))
+                link.close()
+                continue
+            if info.protocol_version != PROTOCOL_VERSION:
+                raise ConfigMismatchError(f"{link!r} speaks protocol {info.protocol_version}, router speaks {PROTOCOL_VERSION}")
+            if info.config_hash != self.checkpoint.config_hash:
+                raise ConfigMismatchError(
+                    f"{link!r} serves model {info.model_id} (config {info.config_hash}) but the router has "
+                    f"{self.checkpoint.model_id} (config {self.checkpoint.config_hash}): start both with the same checkpoint")
+            reached.append(link)
+        if not reached:
+            raise UnavailableError("no reachable node: " + "; ".join(failures))
+        for failure in failures:
+            logger.warning("skipping a peer: %s", failure)
+        names = [l.name for l in reached]
+        for i, link in enumerate(reached):  # two nodes of one name: keep both apart
+            if names.count(link.name) > 1:
+                link.name = f"{link.name}@{link.address}"
+        tensors = self.checkpoint.tensors
+        expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
+        self.placement = planner.contiguous(
+            [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in reached],
+            self.adapter.num_experts, expert_bytes)
+        threads = []
+        errors: list[ExpertmeshError] = []
+        for link in reached:
+            def run(link=link):
+                try:
+                    link.assign(self.checkpoint.config_hash, self.placement.experts_of(link.name), self.config.assign_timeout)
+                except ExpertmeshError as e:
+                    errors.append(e)
+            threads.append(threading.Thread(target=run))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        for link in reached:
+            link.get_info()
+            link.open_stream()
+        self.links = reached
+        self.adapter.attach(self.model, Dispatcher(reached, self.placement, self.config.forward_timeout))
+        logger.info("mesh of %d nodes ready: %s", len(reached), ", ".join(l.name for l in reached))
+
+    def start(self) -> "Router":
+        self.server.start()
+        set_serving(self._health, True)
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        set_serving(self._health, False)
+        self.server.stop(grace).wait()
+        self.worker.close()
+        for link in self.links:
+            link.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    # --- serving --------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+        return tok.encode(prompt, add_special_tokens=add_special)
+
+    def generate(self, prompt: str, max_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 0.0, seed: int | None = None,
+                 is_active: Callable[[], bool] = lambda: True) -> Iterator[Piece]:
+        """Stream the completion of ``prompt``.
+
+        Raises:
+            InvalidRequestError: empty prompt, or one longer than the context.
+            UnavailableError: a node went down.
+        """
+        if self.placement is None:
+            raise UnavailableError("the router is not connected to any node")
+        tokens = self.encode(prompt)
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty")
+        if len(tokens) >= self.context_length:
+            raise InvalidRequestError(
+                f"the prompt is {len(tokens)} tokens; the model's context is {self.context_length}")
+        max_tokens = max_tokens or self.config.default_max_tokens
+        if max_tokens < 0:
+            raise InvalidRequestError("max_tokens must be positive")
+        max_tokens = min(max_tokens, self.context_length - len(tokens))
+        if temperature < 0 or not 0 <= top_p <= 1:
+            raise InvalidRequestError("temperature must be >= 0 and top_p in [0, 1]")
+        sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        self.worker.submit(self._generate, tokens, max_tokens, sampler, seed, pieces, stop)
+        try:
+            while (item := pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if not is_active():
+                    break
+        finally:
+            stop.set()
+
+    def _generate(self, tokens, max_tokens, sampler, seed, pieces, stop) -> None:
+        """Runs on the MLX worker: one generation, pieces into ``pieces``."""
+        try:
+            if seed is not None:
+                mx.random.seed(seed)
+            for r in stream_generate(self.model, self.tokenizer, tokens, max_tokens, sampler=sampler):
+                if stop.is_set():
+                    logger.info("client went away; generation stopped")
+                    break
+                pieces.put(Piece(r.text, r.token, r.finish_reason, r.prompt_tokens,
+                                 r.generation_tokens, r.generation_tps))
+        except Exception as e:
+            pieces.put(e)
+        pieces.put(None)
+
+    def cluster(self) -> pb.ClusterInfo:
+        nodes = []
+        for link in self.links:
+            info = link.info
+            down = bool(link.error)
+            nodes.append(pb.NodeStatus(
+                name=link.name, address=link.address,
+                state=pb.DOWN if down else info.state,
+                memory_budget_bytes=info.memory_budget_bytes, memory_used_bytes=info.memory_used_bytes,
+                experts=layer_experts(self.placement.experts_of(link.name)), error=link.error))
+        return pb.ClusterInfo(
+            model_id=self.checkpoint.model_id, config_hash=self.checkpoint.config_hash,
+            num_experts=self.adapter.num_experts, moe_layers=self.adapter.moe_layers, nodes=nodes)

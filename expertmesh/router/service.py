@@ -1,0 +1,33 @@
+"""InferenceService servicer: messages in, Router calls, messages out."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import ExpertmeshError, status_code
+from ..v1 import expertmesh_pb2 as pb
+from ..v1 import expertmesh_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, router):
+        self.router = router
+
+    def Generate(self, request, context):
+        seed = request.seed if request.HasField("seed") else None
+        try:
+            for r in self.router.generate(request.prompt, request.max_tokens or None,
+                                          request.temperature, request.top_p, seed,
+                                          is_active=context.is_active):
+                yield pb.GenerateResponse(
+                    text=r.text, token=r.token, finish_reason=r.finish_reason or "",
+                    prompt_tokens=r.prompt_tokens, generation_tokens=r.generation_tokens,
+                    generation_tps=r.generation_tps)
+        except ExpertmeshError as e:
+            logger.warning("Generate failed: %s", e)
+            context.abort(status_code(e), str(e))
+
+    def GetCluster(self, request, context):
+        return self.router.cluster()

@@ -1,0 +1,110 @@
+"""ExpertService servicer: messages in, store calls, messages out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from .. import __version__, wire
+from ..errors import ExpertmeshError, InvalidRequestError, status_code
+from ..serving import PROTOCOL_VERSION, layer_experts
+from ..v1 import expertmesh_pb2 as pb
+from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from ..worker import MLXWorker
+from .store import ExpertStore
+
+logger = logging.getLogger(__name__)
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    def __init__(self, name: str, store: ExpertStore, memory_budget: int, worker: MLXWorker):
+        self.name = name
+        self.worker = worker
+        self.store = store
+        self.memory_budget = memory_budget
+        self.state = pb.IDLE
+        self.stats = pb.NodeStats()
+        self._assign_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+
+    def GetInfo(self, request, context):
+        ck = self.store.checkpoint
+        return pb.NodeInfo(
+            name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
+            model_id=ck.model_id, config_hash=ck.config_hash,
+            memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes,
+            state=self.state, held=layer_experts(self.store.held()),
+        )
+
+    def Assign(self, request, context):
+        ck = self.store.checkpoint
+        if request.config_hash != ck.config_hash:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
+                          f"not config {request.config_hash}")
+        wanted = {le.layer: list(le.experts) for le in request.experts}
+        try:
+            self.store.validate_assignment(wanted)
+        except ExpertmeshError as e:
+            context.abort(status_code(e), str(e))
+        need = sum(self.store.expert_bytes(l) * len(e) for l, e in wanted.items())
+        if need > self.memory_budget:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"node {self.name}: assignment needs {need / 1e9:.2f} GB, "
+                          f"budget is {self.memory_budget / 1e9:.2f} GB")
+        if not self._assign_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
+        try:
+            self.state = pb.LOADING
+            updates: list[pb.AssignProgress] = []
+            layers_total = len(wanted)
+
+            def progress(loaded, total, done):
+                updates.append(pb.AssignProgress(loaded_bytes=loaded, total_bytes=total,
+                                                 layers_done=done, layers_total=layers_total))
+
+            self.worker.run(self.store.assign, wanted, progress)
+            yield from updates
+            self.state = pb.READY
+            yield pb.AssignProgress(loaded_bytes=self.store.nbytes, total_bytes=self.store.nbytes,
+                                    layers_done=layers_total, layers_total=layers_total, done=True)
+        except ExpertmeshError as e:
+            self.state = pb.IDLE
+            context.abort(status_code(e), str(e))
+        finally:
+            self._assign_lock.release()
+
+    def Forward(self, request_iterator, context):
+        for req in request_iterator:
+            start = time.perf_counter()
+            try:
+                resp = self.worker.run(self._forward, req)
+            except ExpertmeshError as e:
+                context.abort(status_code(e), f"request {req.request_id}: {e}")
+            with self._stats_lock:
+                s = self.stats
+                s.forward_requests += 1
+                s.forward_tokens += req.hidden.shape[0]
+                s.bytes_received += req.ByteSize()
+                s.bytes_sent += resp.ByteSize()
+                s.compute_seconds += time.perf_counter() - start
+            yield resp
+
+    def _forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
+        if req.expert_ids.dtype != pb.INT32:
+            raise InvalidRequestError("expert_ids must be INT32")
+        if req.weights.dtype != pb.FLOAT32:
+            raise InvalidRequestError("weights must be FLOAT32")
+        if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
+            raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
+        hidden = wire.decode(req.hidden, "hidden")
+        ids = wire.decode_numpy(req.expert_ids, "expert_ids")
+        weights = wire.decode_numpy(req.weights, "weights")
+        out = self.store.forward(req.layer, hidden, ids, weights)
+        return pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
+
+    def GetStats(self, request, context):
+        with self._stats_lock:
+            return pb.NodeStats.FromString(self.stats.SerializeToString())

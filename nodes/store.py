@@ -1,0 +1,188 @@
+"""ExpertStore: the routed experts a node holds, stacked per layer.
+
+Each held layer is one mlx-lm ``SwitchGLU`` over the node's experts only
+(``[n_local, out, in]``, quantized like the checkpoint) plus a global→local
+index map, so compute stays on mlx's ``gather_mm`` / ``gather_qmm`` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import infer_quant_config
+
+from ..checkpoint import Checkpoint
+from ..errors import InvalidRequestError, ModelError
+from ..models import Adapter, get_adapter
+from ..models.base import PARTS, PROJECTIONS
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class _Layer:
+    experts: list[int]      # global ids, sorted
+    local: np.ndarray       # [E] global -> local index, -1 when not held
+    mlp: SwitchGLU
+    nbytes: int
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids -> maximal [lo, hi) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+class ExpertStore:
+    """The experts of one checkpoint that this node holds."""
+
+    def __init__(self, checkpoint: Checkpoint, adapter: Adapter | None = None):
+        self.checkpoint = checkpoint
+        self.adapter = adapter or get_adapter(checkpoint.config)
+        self.layers: dict[int, _Layer] = {}
+        self._moe_layers = set(self.adapter.moe_layers)
+        self._lock = threading.Lock()  # guards swapping `layers` during Assign
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.nbytes for l in self.layers.values())
+
+    def held(self) -> dict[int, list[int]]:
+        return {i: list(l.experts) for i, l in sorted(self.layers.items())}
+
+    def expert_bytes(self, layer: int) -> int:
+        return self.adapter.expert_bytes(self.checkpoint.tensors, layer)
+
+    def validate_assignment(self, wanted: dict[int, list[int]]) -> None:
+        E = self.adapter.num_experts
+        for layer, experts in wanted.items():
+            if layer not in self._moe_layers:
+                raise InvalidRequestError(f"layer {layer} is not an MoE layer of this model")
+            bad = [e for e in experts if not 0 <= e < E]
+            if bad:
+                raise InvalidRequestError(f"layer {layer}: expert ids {bad} out of range [0, {E})")
+            if len(set(experts)) != len(experts):
+                raise InvalidRequestError(f"layer {layer}: duplicate expert ids")
+
+    def assign(self, wanted: dict[int, list[int]], progress: Callable[[int, int, int], None] | None = None) -> None:
+        """Hold exactly ``wanted`` (layer -> global expert ids) afterwards.
+
+        Layers whose set is unchanged are kept; the rest are read from disk.
+        """
+        self.validate_assignment(wanted)
+        wanted = {l: sorted(e) for l, e in wanted.items() if e}
+        todo = [l for l in sorted(wanted) if l not in self.layers or self.layers[l].experts != wanted[l]]
+        total = sum(self.expert_bytes(l) * len(wanted[l]) for l in todo)
+        loaded = 0
+        fresh = {}
+        for n, layer in enumerate(todo, 1):
+            fresh[layer] = self._load_layer(layer, wanted[layer])
+            loaded += fresh[layer].nbytes
+            if progress:
+                progress(loaded, total, n)
+        with self._lock:
+            self.layers = {l: fresh.get(l) or self.layers[l] for l in wanted}
+        logger.info("holding %d experts in %d layers (%.1f MB)",
+                    sum(len(e) for e in wanted.values()), len(wanted), self.nbytes / 1e6)
+
+    def _read_proj(self, layer: int, proj: str, experts: list[int]) -> dict[str, mx.array]:
+        ck, a = self.checkpoint, self.adapter
+        base = a.stacked_path(layer, proj)
+        out = {}
+        if f"{base}.weight" in ck:
+            for part in PARTS:
+                name = f"{base}.{part}"
+                if name in ck:
+                    pieces = [ck.read(name, rows=r) for r in _runs(experts)]
+                    out[part] = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+            return out
+        for part in PARTS:
+            names = [f"{a.hf_path(layer, e, proj)}.{part}" for e in experts]
+            if names[0] in ck:
+                out[part] = mx.stack([ck.read(n) for n in names])
+        if "weight" not in out:
+            raise ModelError(f"checkpoint has no tensors for {base} (nor per-expert {a.hf_path(layer, experts[0], proj)})")
+        return out
+
+    def _quant_params(self, path: str, module: nn.Module, tensors: dict):
+        """mlx-lm's rule: per-path override, else inferred from the packing."""
+        quant = self.checkpoint.config.get("quantization") or {}
+        if path in quant:
+            return quant[path]
+        if "scales" not in tensors:
+            return False
+        return infer_quant_config(path, module, {f"{path}.{k}": v for k, v in tensors.items()})
+
+    def _load_layer(self, layer: int, experts: list[int]) -> _Layer:
+        a = self.adapter
+        tensors = {p: self._read_proj(layer, p, experts) for p in PROJECTIONS}
+        inter = tensors["gate_proj"]["weight"].shape[1]
+        mlp = SwitchGLU(a.hidden_size, inter, len(experts))
+        params = {}
+        for proj in PROJECTIONS:
+            module = getattr(mlp, proj)
+            q = self._quant_params(a.stacked_path(layer, proj), module, tensors[proj])
+            if q:
+                setattr(mlp, proj, module.to_quantized(**q))
+            for part, value in tensors[proj].items():
+                params[f"{proj}.{part}"] = value
+        mlp.load_weights(list(params.items()), strict=True)
+        mx.eval(mlp.parameters())
+        local = np.full(a.num_experts, -1, dtype=np.int32)
+        local[experts] = np.arange(len(experts), dtype=np.int32)
+        nbytes = sum(v.nbytes for _, v in tree_flatten(mlp.parameters()))
+        return _Layer(experts, local, mlp, nbytes)
+
+    def forward(self, layer: int, hidden: mx.array, ids: np.ndarray, weights: np.ndarray) -> mx.array:
+        """``sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t])`` over slots with id >= 0.
+
+        Raises:
+            InvalidRequestError: shapes disagree, or a layer or expert is not held.
+        """
+        with self._lock:
+            held = self.layers.get(layer)
+        if held is None:
+            raise InvalidRequestError(f"layer {layer} is not held by this node")
+        if hidden.ndim != 2 or hidden.shape[1] != self.adapter.hidden_size:
+            raise InvalidRequestError(
+                f"hidden has shape {list(hidden.shape)}, expected [T, {self.adapter.hidden_size}]")
+        T = hidden.shape[0]
+        if ids.ndim != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+            raise InvalidRequestError(
+                f"expert_ids {list(ids.shape)} and weights {list(weights.shape)} must both be [{T}, k]")
+        if T == 0:
+            raise InvalidRequestError("empty batch: no tokens")
+        if ids.shape[1] > self.adapter.num_experts:
+            raise InvalidRequestError(f"k={ids.shape[1]} exceeds the {self.adapter.num_experts} experts")
+        if not np.isfinite(weights).all():
+            raise InvalidRequestError("weights contain NaN or inf")
+        tok, slot = np.nonzero(ids >= 0)
+        gids = ids[tok, slot]
+        if (ids < -1).any() or (gids >= self.adapter.num_experts).any():
+            raise InvalidRequestError(f"expert ids must lie in [-1, {self.adapter.num_experts})")
+        lids = held.local[gids]
+        if (lids < 0).any():
+            missing = sorted(set(gids[lids < 0].tolist()))
+            raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
+        if tok.size == 0:
+            return mx.zeros(hidden.shape, dtype=hidden.dtype)
+        tok_mx = mx.array(tok.astype(np.int32))
+        y = held.mlp(hidden[tok_mx], mx.array(lids)[:, None])[:, 0, :]  # [P, H]
+        w = mx.array(weights[tok, slot].astype(np.float32))[:, None]
+        # accumulate in float32 like mlx-lm's weighted sum, then cast once
+        out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok_mx].add(y * w)
+        out = out.astype(hidden.dtype)
+        mx.eval(out)
+        return out
