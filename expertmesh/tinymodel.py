@@ -1,0 +1,346 @@
+"""Write tiny random-weight MoE checkpoints in the real on-disk layouts.
+
+The checkpoints load with ``mlx_lm.load`` and decode greedily without ties, so
+tests and demos can compare outputs token for token without any model hub.
+"""
+
+import argparse
+import bisect
+import contextlib
+import copy
+import importlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import quantize_model, save_config
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import processors, trainers
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_VOCAB_SIZE = 480
+LOGIT_STD = 200.0
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' "
+    "+ message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts routes every
+token to a few small networks, and only those networks run.
+
+Once upon a time there was a little model that lived on a laptop. It wanted to
+talk to other machines, so it sent its hidden states over the network and
+waited for the experts to answer.
+
+Hello! How are you today? I am fine, thank you. What would you like to know
+about the world, about science, or about the history of computers?
+
+The router looks at each token and picks the two experts with the highest
+scores. Their outputs are weighted by the normalized scores and added together
+before the next layer reads them.
+
+Numbers like 1, 2, 3, 10, 42, 100 and 2024 appear in text too, as do names such
+as Alice, Bob, Carol and Dave, who send messages to each other in examples.
+""".split("\n\n")
+
+_SHARED = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts_per_tok": 2,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+}
+
+DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **_SHARED,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_experts": 8,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "rms_norm_eps": 1e-6,
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **_SHARED,
+        "intermediate_size": 64,
+        "num_local_experts": 8,
+        "rms_norm_eps": 1e-5,
+    },
+}
+
+# Hugging Face names of the per-expert projections, keyed by model_type and
+# by the name of the stacked SwitchGLU projection they come from.
+HF_EXPERT_NAMES: Dict[str, Dict[str, str]] = {
+    "qwen3_moe": {p: p for p in ("gate_proj", "up_proj", "down_proj")},
+    "mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+}
+
+
+def write_tokenizer(path: Union[str, Path]) -> int:
+    """Train a small byte-level BPE tokenizer and write it in Hugging Face format.
+
+    Writes ``tokenizer.json``, ``tokenizer_config.json`` (with a ChatML chat
+    template) and ``special_tokens_map.json``.
+
+    Args:
+        path: Directory to write into; created if missing.
+
+    Returns:
+        The number of tokens in the vocabulary.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+    specials = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": _SHARED["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+        **specials,
+    }
+    _write_json(path / "tokenizer_config.json", tok_config)
+    _write_json(path / "special_tokens_map.json", specials)
+    return tok.get_vocab_size()
+
+
+def _write_json(path: Path, obj: Any):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _printable_ids(path: Path) -> list:
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = range(len(SPECIAL_TOKENS), tok.get_vocab_size())
+    return [i for i in ids if (t := tok.decode([i])).isascii() and t.isprintable()]
+
+
+def _randomise(model: nn.Module, config: dict, allowed: list):
+    """Perturb the norms and sharpen the logits so greedy decoding has no ties."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            m.weight = 1.0 + 0.1 * mx.random.normal(m.weight.shape)
+    # Only printable, non-special tokens keep a nonzero head row. The top logit
+    # of a few hundred random logits is positive with overwhelming probability,
+    # so the zero rows never win the argmax.
+    tied = config.get("tie_word_embeddings", False)
+    head = model.model.embed_tokens if tied else model.lm_head
+    keep = mx.zeros((head.weight.shape[0], 1))
+    keep[mx.array(allowed)] = 1.0
+    head.weight = head.weight * keep
+    # Scaling the final norm (not the head) leaves tied input embeddings alone.
+    rms = mx.sqrt(mx.sum(head.weight**2) / (len(allowed) * head.weight.shape[1]))
+    scale = LOGIT_STD / (rms * math.sqrt(head.weight.shape[1]))
+    model.model.norm.weight = model.model.norm.weight * scale
+
+
+def _to_hf(weights: Dict[str, mx.array], model_type: str) -> Dict[str, mx.array]:
+    names = HF_EXPERT_NAMES.get(model_type)
+    if names is None:
+        raise ValueError(f"No Hugging Face expert names for {model_type}.")
+    out = {}
+    for k, v in weights.items():
+        parent, sep, rest = k.partition(".switch_mlp.")
+        if not sep:
+            out[k] = v
+            continue
+        proj, param = rest.split(".", 1)
+        for e in range(v.shape[0]):
+            out[f"{parent}.experts.{e}.{names[proj]}.{param}"] = v[e]
+    return out
+
+
+def _shard_names(weights: Dict[str, mx.array], num_shards: int):
+    names = sorted(weights)
+    if not 1 <= num_shards <= len(names):
+        raise ValueError(f"num_shards must be in [1, {len(names)}]: {num_shards}")
+    before = list(itertools.accumulate((weights[n].nbytes for n in names), initial=0))
+    bounds = [0]
+    for s in range(1, num_shards):
+        b = bisect.bisect_left(before, before[-1] * s / num_shards, hi=len(names))
+        bounds.append(min(max(b, bounds[-1] + 1), len(names) - (num_shards - s)))
+    bounds.append(len(names))
+    return [names[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def write_tiny_model(
+    path: Union[str, Path],
+    *,
+    model_type: str = "qwen3_moe",
+    layout: str = "mlx",
+    quantize: Optional[Dict[str, int]] = None,
+    seed: int = 0,
+    num_shards: int = 3,
+    config_overrides: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write a tiny random-weight checkpoint that ``mlx_lm.load`` can read.
+
+    Args:
+        path: Output directory; created if missing. Files are overwritten and
+            stale ``model*.safetensors`` shards removed.
+        model_type: An mlx-lm model family with an entry in ``DEFAULT_CONFIGS``.
+        layout: ``"mlx"`` for stacked ``switch_mlp`` experts ``[E, out, in]``
+            (mlx-community layout) or ``"hf"`` for per-expert tensors.
+        quantize: ``None`` or ``{"bits": b, "group_size": g}``; quantizes with
+            ``mlx_lm.utils.quantize_model`` (mlx layout only).
+        seed: Seed for all weights (reseeds mlx's global PRNG); the same
+            seed writes the same bytes.
+        num_shards: Number of ``model-*.safetensors`` files.
+        config_overrides: Merged into the default config before building.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError: On an unknown model type or layout, quantizing an ``hf``
+            layout, or a ``num_shards`` out of range.
+    """
+    if model_type not in DEFAULT_CONFIGS:
+        raise ValueError(f"Model type {model_type} not supported.")
+    if layout not in ("mlx", "hf"):
+        raise ValueError(f"Unknown layout {layout!r}, expected 'mlx' or 'hf'.")
+    if quantize is not None and layout != "mlx":
+        raise ValueError("Quantized checkpoints are written in the mlx layout only.")
+    path = Path(path)
+    n_tokens = write_tokenizer(path)
+    allowed = _printable_ids(path)
+    config = copy.deepcopy(DEFAULT_CONFIGS[model_type])
+    config.update(
+        vocab_size=-(-n_tokens // 64) * 64,
+        bos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
+        eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
+    )
+    config.update(copy.deepcopy(config_overrides or {}))
+
+    arch = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(seed)
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    _randomise(model, config, allowed)
+    if quantize is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(
+                model, config, quantize["group_size"], quantize["bits"]
+            )
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    if layout == "hf":
+        weights = _to_hf(weights, model_type)
+
+    shards = _shard_names(weights, num_shards)
+    for stale in path.glob("model*.safetensors"):
+        stale.unlink()
+    fmt = "model-{:05d}-of-{:05d}.safetensors"
+    metadata = {"format": "pt" if layout == "hf" else "mlx"}
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = fmt.format(i + 1, num_shards)
+        shard = {k: weights[k] for k in names}
+        mx.save_safetensors(str(path / fname), shard, metadata=metadata)
+        weight_map.update((k, fname) for k in names)
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    _write_json(path / "model.safetensors.index.json", index)
+    save_config(config, config_path=path / "config.json")
+    logger.info("Wrote %s %s checkpoint to %s", model_type, layout, path)
+    return path
+
+
+def default_model_dir() -> Path:
+    """The demo model directory: ``$EXPERTMESH_HOME/models/tiny-qwen3-moe``.
+
+    ``EXPERTMESH_HOME`` defaults to ``~/.cache/expertmesh``.
+    """
+    home = os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache/expertmesh"
+    return Path(home) / "models" / "tiny-qwen3-moe"
+
+
+def ensure_demo_model(path: Optional[Union[str, Path]] = None) -> Path:
+    """Write the float32 mlx-layout tiny model unless ``config.json`` exists.
+
+    Args:
+        path: Checkpoint directory; defaults to :func:`default_model_dir`.
+
+    Returns:
+        The checkpoint directory.
+    """
+    path = Path(path) if path is not None else default_model_dir()
+    if not (path / "config.json").exists():
+        write_tiny_model(path)
+    return path
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description="Write a tiny random MoE checkpoint.")
+    parser.add_argument("out_dir", type=Path, help="Checkpoint directory.")
+    parser.add_argument("--model-type", default="qwen3_moe", choices=[*DEFAULT_CONFIGS])
+    parser.add_argument("--layout", default="mlx", choices=["mlx", "hf"])
+    parser.add_argument("--bits", type=int, help="Quantize to this many bits.")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=3)
+    return parser
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    logging.basicConfig(level=logging.INFO)
+    quantize = {"bits": args.bits, "group_size": args.group_size}
+    path = write_tiny_model(
+        args.out_dir,
+        model_type=args.model_type,
+        layout=args.layout,
+        quantize=quantize if args.bits else None,
+        seed=args.seed,
+        num_shards=args.num_shards,
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

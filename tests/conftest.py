@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny checkpoints written at test time, real servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertmesh.nodes import Node, NodeConfig
+from expertmesh.router import Router, RouterConfig
+from expertmesh.tinymodel import write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "hf-f32": dict(layout="hf"),
+    "mlx-f32": dict(layout="mlx"),
+    "mlx-4bit": dict(layout="mlx", quantize={"bits": 4, "group_size": 64}),
+    "sparse-step": dict(layout="hf", config_overrides={"decoder_sparse_step": 2, "mlp_only_layers": [1]}),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_tiny_model(root / name, seed=1, **kw) for name, kw in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoints) -> Path:
+    return checkpoints["mlx-f32"]
+
+
+@contextlib.contextmanager
+def running_nodes(model: Path, count: int, memory_gb: float = 1.0):
+    nodes = [Node(NodeConfig(model=model, name=f"n{i}", memory_gb=memory_gb)).start() for i in range(count)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop(grace=0)
+
+
+@contextlib.contextmanager
+def running_router(model: Path, peers: list[str], **kw):
+    router = Router(RouterConfig(model=model, peers=peers, port=0, **kw))
+    try:
+        router.connect()
+        router.start()
+        yield router
+    finally:
+        router.stop(grace=0)
+
+
+def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the ``expertmesh`` CLI in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
