@@ -7,6 +7,7 @@ it to size a model from headers alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -79,11 +80,16 @@ class Checkpoint:
             raise ModelError(f"{config_file} is not valid JSON: {e}") from None
         self.model_id = self.path.name
         self.config_hash = config_hash(self.config)
-        self.tensors: dict[str, TensorInfo] = {}
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's header entry (read on first use)."""
+        tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
-            self.tensors.update(_read_header(file))
-        if not self.tensors:
-            raise ModelError(f"{path} has no safetensors weights")
+            tensors.update(_read_header(file))
+        if not tensors:
+            raise ModelError(f"{self.path} has no safetensors weights")
+        return tensors
 
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"

@@ -46,6 +46,7 @@ class Node:
         self.name = config.name or socket.gethostname()
         checkpoint = Checkpoint(config.model)
         self.store = ExpertStore(checkpoint, get_adapter(checkpoint.config))
+        checkpoint.tensors  # fail now, not at the first Assign, on missing weights
         budget = config.memory_gb * 1e9 if config.memory_gb else 0.75 * physical_memory()
         self.worker = MLXWorker(f"mlx-{self.name}")
         self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker)

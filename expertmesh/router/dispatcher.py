@@ -42,7 +42,7 @@ class NodeLink:
         self._reader: threading.Thread | None = None
 
     def __repr__(self):
-        return f"node {self.name} ({self.address})"
+        return f"node {self.address}" if self.name == self.address else f"node {self.name} ({self.address})"
 
     def get_info(self) -> pb.NodeInfo:
         try:

@@ -1,0 +1,107 @@
+"""The CLI as a user runs it: real processes, one clear line on every error."""
+
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from expertmesh.demo import Process
+from expertmesh.tinymodel import write_tiny_model
+
+from conftest import cli
+
+
+@dataclass
+class Mesh:
+    address: str      # the router
+    nodes: list[str]  # the nodes' addresses
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    nodes = [Process(["node", "--model", str(tiny), "--port", "0", "--name", f"mini{i}", "--memory-gb", "1"],
+                     logs / f"node{i}.log") for i in range(2)]
+    procs = list(nodes)
+    try:
+        peers = [n.address(timeout=120) for n in nodes]
+        router = Process(["router", "--model", str(tiny), "--port", "0", "--peer", peers[0], "--peer", peers[1]],
+                         logs / "router.log")
+        procs.append(router)
+        yield Mesh(router.address(timeout=120), peers)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def one_line_error(result, command):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith(f"expertmesh {command}: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_generate_streams_text_and_cluster_shows_the_nodes(mesh):
+    address = mesh.address
+    out = cli("generate", "--router", address, "Hello", "--max-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "[16 tokens" in out.stderr
+    table = cli("cluster", "--router", address)
+    assert table.returncode == 0, table.stderr
+    assert "mini0" in table.stdout and "mini1" in table.stdout
+    assert "0-3 (every layer)" in table.stdout and "4-7 (every layer)" in table.stdout
+    assert table.stdout.count("ready") == 2
+
+
+def test_prompt_longer_than_the_context_is_one_line(mesh):
+    address = mesh.address
+    out = cli("generate", "--router", address, "word " * 600)
+    assert "the model's context is 512" in one_line_error(out, "generate")
+
+
+def test_generate_without_a_router_is_one_line():
+    out = cli("generate", "--router", "127.0.0.1:1", "hi")
+    assert "cannot reach router 127.0.0.1:1" in one_line_error(out, "generate")
+
+
+def test_router_without_reachable_peer_is_one_line(tiny):
+    out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1")
+    assert "no reachable node" in one_line_error(out, "router")
+
+
+def test_missing_and_unsupported_checkpoints_are_one_line(tmp_path):
+    out = cli("node", "--model", str(tmp_path / "nope"))
+    assert "does not exist" in one_line_error(out, "node")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    out = cli("router", "--model", str(tmp_path), "--peer", "127.0.0.1:1")
+    line = one_line_error(out, "router")
+    assert "'llama' is not supported" in line and "qwen3_moe" in line
+
+
+def test_router_refuses_a_node_with_another_checkpoint(tiny, tmp_path):
+    other = write_tiny_model(tmp_path / "other", seed=5, config_overrides={"num_hidden_layers": 2})
+    node = Process(["node", "--model", str(other), "--port", "0", "--name", "odd"], tmp_path / "odd.log")
+    try:
+        out = cli("router", "--model", str(tiny), "--port", "0", "--peer", node.address(timeout=120))
+        line = one_line_error(out, "router")
+        assert "serves model other" in line and "same checkpoint" in line
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("role", ["node", "router"])
+def test_ctrl_c_stops_a_process_cleanly(mesh, tiny, tmp_path, role):
+    args = ["node", "--model", str(tiny), "--port", "0"]
+    if role == "router":
+        args = ["router", "--model", str(tiny), "--port", "0", "--peer", mesh.nodes[0]]
+    p = Process(args, tmp_path / f"{role}.log")
+    try:
+        p.address(timeout=120)
+        p.proc.send_signal(signal.SIGINT)
+        assert p.proc.wait(timeout=30) == 130
+        assert "Traceback" not in p.log.read_text()
+    finally:
+        p.stop()
+

@@ -1,0 +1,50 @@
+"""`make demo`'s program: runs end to end and never leaves processes behind."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def start_demo(home: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "EXPERTMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "expertmesh.demo", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_demo_generates_through_two_nodes_and_stops_them(tmp_path):
+    demo = start_demo(tmp_path)
+    out, err = demo.communicate(timeout=300)
+    assert demo.returncode == 0, err
+    assert "router on 127.0.0.1:" in out
+    assert "48 tokens at" in out
+    assert "node-a" in out and "node-b" in out
+    assert "stopped the router and the nodes" in out
+    assert (tmp_path / "models/tiny-qwen3-moe/config.json").exists()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_ctrl_c_during_the_demo_leaves_no_process(tmp_path):
+    demo = start_demo(tmp_path, "--max-tokens", "400")
+    for line in demo.stdout:
+        if line.startswith("prompt:"):
+            break
+    os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode in (1, 130), err
+    assert "Traceback" not in err
+    assert processes_mentioning(str(tmp_path)) == []

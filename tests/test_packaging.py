@@ -1,0 +1,38 @@
+"""What ships: fresh stubs, an expertmesh-only wheel, a small public API."""
+
+import subprocess
+import sys
+import zipfile
+
+import expertmesh
+
+from conftest import REPO
+
+
+def test_generated_stubs_match_the_protos(tmp_path):
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "protos"),
+                    f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                    str(REPO / "protos/expertmesh/v1/expertmesh.proto")], check=True)
+    for name in ("expertmesh_pb2.py", "expertmesh_pb2.pyi", "expertmesh_pb2_grpc.py"):
+        fresh = (tmp_path / "expertmesh/v1" / name).read_text()
+        committed = (REPO / "expertmesh/v1" / name).read_text()
+        assert fresh == committed, f"expertmesh/v1/{name} is stale: run `make proto`"
+
+
+def test_wheel_installs_nothing_but_the_expertmesh_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("expertmesh-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert tops == {"expertmesh", next(t for t in tops if t.endswith(".dist-info"))}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "expertmesh/nodes/daemon.py" in names
+    assert "expertmesh/discovery/__init__.py" in names
+
+
+def test_public_api_is_exactly_all():
+    public = {n for n in dir(expertmesh) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(expertmesh, n)).__name__ == "module"}
+    assert public - modules == set(expertmesh.__all__) - {"__version__"}
+    for name in expertmesh.__all__:
+        assert hasattr(expertmesh, name)
