@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-import mlx.core as mx
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 from .. import placement as planner
 from ..checkpoint import Checkpoint
-from ..errors import ConfigMismatchError, ExpertmeshError, InvalidRequestError, UnavailableError
+from ..errors import ConfigMismatchError, ExpertmeshError, UnavailableError
 from ..serving import PROTOCOL_VERSION, create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
-from ..worker import MLXWorker
 from .dense import load_dense
 from .dispatcher import Dispatcher, NodeLink
+from .engine import Engine, Piece
 from .service import InferenceServicer
 
 logger = logging.getLogger(__name__)
@@ -39,16 +35,6 @@ class RouterConfig:
     default_max_tokens: int = 256
 
 
-@dataclass
-class Piece:
-    text: str
-    token: int
-    finish_reason: str | None
-    prompt_tokens: int
-    generation_tokens: int
-    generation_tps: float
-
-
 class Router:
     """A running router: ``Router(config)``, ``connect()``, ``start()``, ``stop()``.
 
@@ -63,18 +49,15 @@ class Router:
         self.config = config
         self.checkpoint = Checkpoint(config.model)
         self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
+        self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens)
+        self.worker = self.engine.worker
         self.links: list[NodeLink] = []
         self.placement: planner.Placement | None = None
-        self.worker = MLXWorker("mlx-router")
         self.server, self.port, self._health = create_server(
             f"{config.host}:{config.port}",
             lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
             ["InferenceService"],
         )
-
-    @property
-    def context_length(self) -> int:
-        return int(self.checkpoint.config.get("max_position_embeddings") or 1 << 31)
 
     # --- bringing the mesh up -------------------------------------------------
     def connect(self) -> None:
@@ -139,7 +122,7 @@ class Router:
     def stop(self, grace: float = 1.0) -> None:
         set_serving(self._health, False)
         self.server.stop(grace).wait()
-        self.worker.close()
+        self.engine.close()
         for link in self.links:
             link.close()
 
@@ -147,62 +130,16 @@ class Router:
         self.server.wait_for_termination()
 
     # --- serving --------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
-        return tok.encode(prompt, add_special_tokens=add_special)
-
-    def generate(self, prompt: str, max_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 0.0, seed: int | None = None,
-                 is_active: Callable[[], bool] = lambda: True) -> Iterator[Piece]:
-        """Stream the completion of ``prompt``.
+    def generate(self, prompt: str, **kw) -> Iterator[Piece]:
+        """Stream the completion of ``prompt`` (see ``Engine.generate``).
 
         Raises:
-            InvalidRequestError: empty prompt, or one longer than the context.
-            UnavailableError: a node went down.
+            UnavailableError: not connected, or a node went down.
+            InvalidRequestError: a bad request.
         """
         if self.placement is None:
             raise UnavailableError("the router is not connected to any node")
-        tokens = self.encode(prompt)
-        if not tokens:
-            raise InvalidRequestError("the prompt is empty")
-        if len(tokens) >= self.context_length:
-            raise InvalidRequestError(
-                f"the prompt is {len(tokens)} tokens; the model's context is {self.context_length}")
-        max_tokens = max_tokens or self.config.default_max_tokens
-        if max_tokens < 0:
-            raise InvalidRequestError("max_tokens must be positive")
-        max_tokens = min(max_tokens, self.context_length - len(tokens))
-        if temperature < 0 or not 0 <= top_p <= 1:
-            raise InvalidRequestError("temperature must be >= 0 and top_p in [0, 1]")
-        sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()
-        self.worker.submit(self._generate, tokens, max_tokens, sampler, seed, pieces, stop)
-        try:
-            while (item := pieces.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if not is_active():
-                    break
-        finally:
-            stop.set()
-
-    def _generate(self, tokens, max_tokens, sampler, seed, pieces, stop) -> None:
-        """Runs on the MLX worker: one generation, pieces into ``pieces``."""
-        try:
-            if seed is not None:
-                mx.random.seed(seed)
-            for r in stream_generate(self.model, self.tokenizer, tokens, max_tokens, sampler=sampler):
-                if stop.is_set():
-                    logger.info("client went away; generation stopped")
-                    break
-                pieces.put(Piece(r.text, r.token, r.finish_reason, r.prompt_tokens,
-                                 r.generation_tokens, r.generation_tps))
-        except Exception as e:
-            pieces.put(e)
-        pieces.put(None)
+        return self.engine.generate(prompt, **kw)
 
     def cluster(self) -> pb.ClusterInfo:
         nodes = []

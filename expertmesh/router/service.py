@@ -18,9 +18,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def Generate(self, request, context):
         seed = request.seed if request.HasField("seed") else None
         try:
-            for r in self.router.generate(request.prompt, request.max_tokens or None,
-                                          request.temperature, request.top_p, seed,
-                                          is_active=context.is_active):
+            for r in self.router.generate(request.prompt, max_tokens=request.max_tokens or None,
+                                          temperature=request.temperature, top_p=request.top_p,
+                                          seed=seed, is_active=context.is_active):
                 yield pb.GenerateResponse(
                     text=r.text, token=r.token, finish_reason=r.finish_reason or "",
                     prompt_tokens=r.prompt_tokens, generation_tokens=r.generation_tokens,
