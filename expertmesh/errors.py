@@ -75,6 +75,13 @@ def from_rpc_error(err: grpc.RpcError, target: str) -> ExpertmeshError:
     """Turn a failed call into the matching public error, naming the peer."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
+    return from_status(code, details, target)
+
+
+def from_status(code: grpc.StatusCode | int | None, details: str, target: str) -> ExpertmeshError:
+    """The public error for a status (a StatusCode or its integer value)."""
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
     cls = _BY_CODE.get(code, ExpertmeshError)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {target}: {details}"

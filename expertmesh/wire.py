@@ -8,11 +8,15 @@ the shape and dtype before anything touches the data.
 from __future__ import annotations
 
 import math
+import socket
+import struct
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidRequestError
+from google.protobuf.message import DecodeError
+
+from .errors import InvalidRequestError, RequestTooLargeError
 from .v1 import expertmesh_pb2 as pb
 
 # DType -> (mlx dtype, numpy dtype used to carry the bytes)
@@ -30,16 +34,54 @@ assert not _missing, f"no codec for wire dtypes {_missing}"
 MAX_DIM = 1 << 31
 
 
+def wire_dtype(dtype) -> "pb.DType":
+    code = _TO_WIRE.get(dtype)
+    if code is None:
+        raise TypeError(f"dtype {dtype} has no wire encoding")
+    return code
+
+
+def carrier(array: mx.array) -> mx.array:
+    """A lazy view numpy can read (bfloat16 as uint16). Evaluate it together
+    with the rest of the graph, then ``np.asarray`` it without another eval."""
+    return array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+
+
+def to_numpy(array: mx.array) -> np.ndarray:
+    """An evaluated array's memory as numpy, without an MLX op when it is
+    row-contiguous (bfloat16 as uint16 bits)."""
+    carrier_dtype = _CODECS[wire_dtype(array.dtype)][1]
+    try:
+        return np.frombuffer(memoryview(array), dtype=carrier_dtype).reshape(array.shape)
+    except (ValueError, BufferError, TypeError):  # strided view: let mlx copy it
+        return np.asarray(carrier(array))
+
+
+def to_float32(values: np.ndarray, code: "pb.DType") -> np.ndarray:
+    """Wire-carrier numpy values -> float32 (bfloat16 bits widened exactly)."""
+    if code == pb.BFLOAT16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def from_float32(values: np.ndarray, code: "pb.DType") -> np.ndarray:
+    """float32 -> wire-carrier numpy values of ``code``, rounding to nearest even."""
+    if code == pb.BFLOAT16:
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return values.astype(_CODECS[code][1], copy=False)
+
+
+def from_numpy(values: np.ndarray, code: "pb.DType") -> mx.array:
+    """Wire-carrier numpy values -> ``mx.array`` of ``code``'s dtype (one copy)."""
+    array = mx.array(values)
+    return array.view(mx.bfloat16) if code == pb.BFLOAT16 else array
+
+
 def encode(array: mx.array) -> pb.Tensor:
     """Serialize an array (one copy: MLX buffer -> bytes)."""
-    code = _TO_WIRE.get(array.dtype)
-    if code is None:
-        raise TypeError(f"dtype {array.dtype} has no wire encoding")
-    _, carrier = _CODECS[code]
-    if array.dtype == mx.bfloat16:
-        array = array.view(mx.uint16)
-    data = np.asarray(array, dtype=carrier)  # a view of MLX memory when contiguous
-    return pb.Tensor(data=data.tobytes(), shape=array.shape, dtype=code)
+    code = wire_dtype(array.dtype)
+    return encode_numpy(np.asarray(carrier(array)), code)
 
 
 def encode_numpy(array: np.ndarray, dtype: "pb.DType") -> pb.Tensor:
@@ -72,11 +114,51 @@ def decode_numpy(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
 
 def decode(tensor: pb.Tensor, name: str = "tensor") -> mx.array:
     """Validate a Tensor and turn it into an ``mx.array`` (one copy)."""
-    array = mx.array(decode_numpy(tensor, name))
-    if tensor.dtype == pb.BFLOAT16:
-        array = array.view(mx.bfloat16)
-    return array
+    return from_numpy(decode_numpy(tensor, name), tensor.dtype)
 
 
 def mlx_dtype(code: "pb.DType"):
     return _CODECS[code][0]
+
+
+# --- data-plane framing: 4-byte little-endian length, then the message ------
+_LEN = struct.Struct("<I")
+
+
+def send_frame(sock: socket.socket, message) -> None:
+    data = message.SerializeToString()
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def recv_frame(sock: socket.socket, cls, max_bytes: int):
+    """Read one frame and parse it as ``cls``; ``None`` when the peer closed.
+
+    Raises:
+        RequestTooLargeError: the frame is longer than ``max_bytes``.
+        InvalidRequestError: the bytes do not parse as ``cls``.
+    """
+    head = _recv_exact(sock, _LEN.size)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > max_bytes:
+        raise RequestTooLargeError(f"frame of {n} bytes exceeds the {max_bytes}-byte limit")
+    data = _recv_exact(sock, n)
+    if data is None:
+        return None
+    try:
+        return cls.FromString(data)
+    except DecodeError:
+        raise InvalidRequestError(f"frame is not a valid {cls.DESCRIPTOR.name}") from None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)

@@ -14,6 +14,7 @@ from ..models import get_adapter
 from ..serving import create_server, set_serving
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
+from .dataplane import DataPlane
 from .service import ExpertServicer
 from .store import ExpertStore
 
@@ -55,6 +56,8 @@ class Node:
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
             ["ExpertService"],
         )
+        self.dataplane = DataPlane(config.host, self.servicer.forward)
+        self.servicer.data_port = self.dataplane.port
         self.ready = threading.Event()
 
     @property
@@ -64,6 +67,7 @@ class Node:
 
     def start(self) -> "Node":
         self.server.start()
+        self.dataplane.start()
         set_serving(self._health, True)
         self.ready.set()
         logger.info("node %s serving %s on %s", self.name, self.store.checkpoint.model_id, self.address)
@@ -72,6 +76,7 @@ class Node:
     def stop(self, grace: float = 1.0) -> None:
         set_serving(self._health, False)
         self.server.stop(grace).wait()
+        self.dataplane.stop()
         self.worker.close()
         self.ready.clear()
 

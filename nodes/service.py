@@ -7,6 +7,8 @@ import threading
 import time
 
 import grpc
+import mlx.core as mx
+import numpy as np
 
 from .. import __version__, wire
 from ..errors import ExpertmeshError, InvalidRequestError, status_code
@@ -25,6 +27,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.store = store
         self.memory_budget = memory_budget
         self.state = pb.IDLE
+        self.data_port = 0  # set by the Node once its data plane listens
         self.stats = pb.NodeStats()
         self._assign_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -35,7 +38,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
             model_id=ck.model_id, config_hash=ck.config_hash,
             memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes,
-            state=self.state, held=layer_experts(self.store.held()),
+            state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
         )
 
     def Assign(self, request, context):
@@ -78,21 +81,19 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def Forward(self, request_iterator, context):
         for req in request_iterator:
-            start = time.perf_counter()
             try:
-                resp = self.worker.run(self._forward, req)
+                resp = self.worker.run(self.forward, req)
             except ExpertmeshError as e:
                 context.abort(status_code(e), f"request {req.request_id}: {e}")
-            with self._stats_lock:
-                s = self.stats
-                s.forward_requests += 1
-                s.forward_tokens += req.hidden.shape[0]
-                s.bytes_received += req.ByteSize()
-                s.bytes_sent += resp.ByteSize()
-                s.compute_seconds += time.perf_counter() - start
             yield resp
 
-    def _forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
+    def forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
+        """One Forward request, on a thread allowed to use mlx.
+
+        Raises:
+            InvalidRequestError: malformed tensors, or layers/experts not held.
+        """
+        start = time.perf_counter()
         if req.expert_ids.dtype != pb.INT32:
             raise InvalidRequestError("expert_ids must be INT32")
         if req.weights.dtype != pb.FLOAT32:
@@ -102,8 +103,19 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         hidden = wire.decode(req.hidden, "hidden")
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
-        out = self.store.forward(req.layer, hidden, ids, weights)
-        return pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
+        out = wire.carrier(self.store.forward(req.layer, hidden, ids, weights))
+        mx.eval(out)
+        resp = pb.ForwardResponse(request_id=req.request_id,
+                                  output=wire.encode_numpy(np.asarray(out), req.hidden.dtype))
+        resp.compute_seconds = time.perf_counter() - start
+        with self._stats_lock:
+            s = self.stats
+            s.forward_requests += 1
+            s.forward_tokens += req.hidden.shape[0]
+            s.bytes_received += req.ByteSize()
+            s.bytes_sent += resp.ByteSize()
+            s.compute_seconds += resp.compute_seconds
+        return resp
 
     def GetStats(self, request, context):
         with self._stats_lock:

@@ -146,7 +146,7 @@ class ExpertStore:
         return _Layer(experts, local, mlp, nbytes)
 
     def forward(self, layer: int, hidden: mx.array, ids: np.ndarray, weights: np.ndarray) -> mx.array:
-        """``sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t])`` over slots with id >= 0.
+        """``sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t])`` over slots with id >= 0 (lazy).
 
         Raises:
             InvalidRequestError: shapes disagree, or a layer or expert is not held.
@@ -183,6 +183,4 @@ class ExpertStore:
         w = mx.array(weights[tok, slot].astype(np.float32))[:, None]
         # accumulate in float32 like mlx-lm's weighted sum, then cast once
         out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok_mx].add(y * w)
-        out = out.astype(hidden.dtype)
-        mx.eval(out)
-        return out
+        return out.astype(hidden.dtype)

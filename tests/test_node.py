@@ -1,5 +1,8 @@
 """A node answers good requests, rejects bad ones clearly, and keeps serving."""
 
+import socket
+import struct
+
 import grpc
 import mlx.core as mx
 import numpy as np
@@ -140,3 +143,43 @@ def test_health_and_reflection_are_served(node):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
         names = {s.name for s in reply.list_services_response.service}
         assert {"expertmesh.v1.ExpertService", "grpc.health.v1.Health"} <= names
+
+
+def data_plane(node):
+    n, stub = node
+    port = stub.GetInfo(pb.GetInfoRequest(), timeout=5).data_port
+    assert port > 0
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def test_data_plane_answers_like_grpc_forward(node):
+    n, stub = node
+    with data_plane(node) as sock:
+        wire.send_frame(sock, request(rid=41))
+        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+    (expected,) = forward(stub, request(rid=41))
+    assert resp.request_id == 41 and resp.error_code == 0
+    assert resp.output.data == expected.output.data
+    assert resp.compute_seconds > 0
+
+
+def test_data_plane_reports_bad_requests_and_keeps_the_connection(node):
+    with data_plane(node) as sock:
+        wire.send_frame(sock, request(layer=3, rid=5))
+        bad = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        assert bad.request_id == 5
+        assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "layer 3 is not held" in bad.error
+        wire.send_frame(sock, request(rid=6))
+        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20).error_code == 0
+
+
+def test_data_plane_refuses_oversized_frames_and_keeps_serving(node):
+    with data_plane(node) as sock:
+        sock.sendall(struct.pack("<I", (64 << 20) + 1))
+        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        assert resp.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20) is None  # that stream is closed
+    with data_plane(node) as sock:  # others are served
+        wire.send_frame(sock, request(rid=9))
+        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20).request_id == 9

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import socket
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -15,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from .. import wire
-from ..errors import ExpertmeshError, UnavailableError, from_rpc_error
+from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement
-from ..serving import channel, layer_experts
+from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -40,6 +41,7 @@ class NodeLink:
         self._lock = threading.Lock()
         self._broken: ExpertmeshError | None = None
         self._reader: threading.Thread | None = None
+        self._sock: socket.socket | None = None
 
     def __repr__(self):
         return f"node {self.address}" if self.name == self.address else f"node {self.name} ({self.address})"
@@ -62,10 +64,20 @@ class NodeLink:
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
 
-    # --- the Forward stream ---------------------------------------------------
+    # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:
-        self._requests = queue.SimpleQueue()
+        """Connect the data plane (a socket), or a gRPC Forward stream when the
+        node offers no data port."""
         self._broken = None
+        if self.info.data_port:
+            host = self.address.rpartition(":")[0].strip("[]")
+            try:
+                self._sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
+            except OSError as e:
+                raise UnavailableError(f"{self!r}: cannot open the data plane: {e}") from None
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return
+        self._requests = queue.SimpleQueue()
         call = self.stub.Forward(iter(self._requests.get, None))
         self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
                                         name=f"forward-{self.address}")
@@ -81,28 +93,67 @@ class NodeLink:
             err = UnavailableError(f"{self!r} closed its Forward stream")
         except grpc.RpcError as e:
             err = from_rpc_error(e, repr(self))
+        self._fail(err)
+
+    def _fail(self, err: ExpertmeshError) -> ExpertmeshError:
         with self._lock:
             self._broken = err
             pending, self._pending = self._pending, {}
         for fut in pending.values():
             fut.set_exception(err)
         self.error = str(err)
+        return err
 
-    def submit(self, request: pb.ForwardRequest) -> Future:
+    def submit(self, request: pb.ForwardRequest):
+        """Send one request; the returned object's ``result(timeout)`` is the reply."""
+        if self._broken is not None:
+            raise self._broken
+        if self._sock is not None:
+            try:
+                wire.send_frame(self._sock, request)
+            except OSError as e:
+                raise self._fail(UnavailableError(f"{self!r} is unreachable: {e}")) from None
+            return _SocketReply(self, request.request_id)
         fut: Future = Future()
         with self._lock:
-            if self._broken is not None:
-                raise self._broken
             self._pending[request.request_id] = fut
         self._requests.put(request)
         return fut
 
+    def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
+        try:
+            self._sock.settimeout(timeout)
+            resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
+        except socket.timeout:
+            raise self._fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
+        except (OSError, ExpertmeshError) as e:
+            raise self._fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
+        if resp is None:
+            raise self._fail(UnavailableError(f"{self!r} closed the data plane"))
+        if resp.error_code:
+            raise from_status(resp.error_code, resp.error, repr(self))
+        if resp.request_id != request_id:
+            raise self._fail(UnavailableError(f"{self!r} answered request {resp.request_id}, expected {request_id}"))
+        return resp
+
     def close(self) -> None:
-        """End the Forward stream (letting the node finish it), then the channel."""
+        """End the Forward exchange (letting the node finish it), then the channel."""
+        if self._sock is not None:
+            self._sock.close()
         if self._requests is not None:
             self._requests.put(None)
             self._reader.join(timeout=self.timeout)
         self._channel.close()
+
+
+class _SocketReply:
+    __slots__ = ("link", "request_id")
+
+    def __init__(self, link: NodeLink, request_id: int):
+        self.link, self.request_id = link, request_id
+
+    def result(self, timeout: float) -> pb.ForwardResponse:
+        return self.link.receive(self.request_id, timeout)
 
 
 class Dispatcher:
@@ -116,13 +167,12 @@ class Dispatcher:
         self._ids = itertools.count(1)
 
     def __call__(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        k = inds.shape[-1]
-        inds = inds.reshape(-1, k).astype(mx.int32)
-        scores = scores.reshape(-1, k).astype(mx.float32)
-        mx.eval(x, inds, scores)
-        ids, weights = np.asarray(inds), np.asarray(scores)
+        shape, k = x.shape, inds.shape[-1]
+        mx.eval(x, inds, scores)  # the one sync point of the layer; the rest is numpy
+        code = wire.wire_dtype(x.dtype)
+        hidden = wire.to_numpy(x).reshape(-1, shape[-1])
+        ids = np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False)
+        weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
         owner = self.placement.owners[layer][ids]
         T = ids.shape[0]
         calls = []
@@ -130,21 +180,25 @@ class Dispatcher:
             mine = owner == n
             rows = np.flatnonzero(mine.any(axis=1))
             if rows.size == 0:
-                continue
+                continue  # nothing for this node: no message at all
             every = rows.size == T
             req = pb.ForwardRequest(
                 request_id=next(self._ids), layer=layer,
-                hidden=wire.encode(x if every else x[mx.array(rows.astype(np.int32))]),
+                hidden=wire.encode_numpy(hidden if every else hidden[rows], code),
                 expert_ids=wire.encode_numpy(np.where(mine, ids, -1)[rows], pb.INT32),
                 weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),
             )
             calls.append((link, None if every else rows, link.submit(req)))
-        out = mx.zeros(x.shape, dtype=mx.float32)
-        for link, rows, fut in calls:
+        out = None
+        for link, rows, pending in calls:
             try:
-                resp = fut.result(timeout=self.timeout)
+                resp = pending.result(timeout=self.timeout)
             except FutureTimeout:
                 raise UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s") from None
-            part = wire.decode(resp.output, "output")
-            out = out + part if rows is None else out.at[mx.array(rows.astype(np.int32))].add(part)
-        return out.astype(x.dtype).reshape(shape)
+            part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
+            if out is None and rows is None:
+                out = part.copy()
+            else:
+                out = np.zeros((T, shape[-1]), np.float32) if out is None else out
+                out[slice(None) if rows is None else rows] += part
+        return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)

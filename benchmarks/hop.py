@@ -1,0 +1,133 @@
+"""One MoE-layer round trip through the real data path vs. a raw-TCP floor.
+
+hop: Dispatcher -> node Forward -> back, 1 token, hidden 2048 bfloat16, k=8,
+experts trivially small. floor: a Python socket ping-pong of the same bytes
+on loopback, server in another process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import statistics
+import struct
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+H, K, E = 2048, 8, 16
+
+
+def _pingpong_server(port_queue, reply_bytes: int) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port_queue.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reply = b"\0" * reply_bytes
+    while True:
+        head = _recv_exact(conn, 4)
+        if not head:
+            return
+        (n,) = struct.unpack("<I", head)
+        _recv_exact(conn, n)
+        conn.sendall(struct.pack("<I", len(reply)) + reply)
+
+
+def _recv_exact(conn, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return b""
+        buf += chunk
+    return bytes(buf)
+
+
+def tcp_floor_us(request_bytes: int, reply_bytes: int, trials: int) -> float:
+    q = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_pingpong_server, args=(q, reply_bytes), daemon=True)
+    proc.start()
+    conn = socket.create_connection(("127.0.0.1", q.get(timeout=30)))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = struct.pack("<I", request_bytes) + b"\1" * request_bytes
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        conn.sendall(payload)
+        (n,) = struct.unpack("<I", _recv_exact(conn, 4))
+        _recv_exact(conn, n)
+        times.append(time.perf_counter() - t)
+    conn.close()
+    proc.join(timeout=5)
+    proc.kill()
+    return statistics.median(times) * 1e6
+
+
+def hop_model(root: Path) -> Path:
+    from expertmesh.tinymodel import write_tiny_model
+
+    return write_tiny_model(root / "hop-model", seed=0, num_shards=1, config_overrides=dict(
+        hidden_size=H, num_hidden_layers=1, num_experts=E, num_experts_per_tok=K,
+        moe_intermediate_size=8, intermediate_size=64))
+
+
+def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
+    """Median µs of one Dispatcher call to a node in its own process; also the
+    node's mean compute µs per request and request/reply bytes."""
+    from expertmesh.checkpoint import Checkpoint
+    from expertmesh.demo import Process
+    from expertmesh.models import get_adapter
+    from expertmesh.placement import NodeBudget, contiguous
+    from expertmesh.router.dispatcher import Dispatcher, NodeLink
+    from expertmesh.v1 import expertmesh_pb2 as pb
+    from expertmesh.worker import MLXWorker
+
+    node = Process(["node", "--model", str(model), "--name", "hop", "--memory-gb", "1"], model / "node.log")
+    worker = MLXWorker("bench")
+    link = None
+    try:
+        link = NodeLink(node.address(timeout=120), 10)
+        link.get_info()
+        ck = Checkpoint(model)
+        adapter = get_adapter(ck.config)
+        placement = contiguous([NodeBudget("hop", 10**9)], E, {0: adapter.expert_bytes(ck.tensors, 0)})
+        link.assign(ck.config_hash, placement.experts_of("hop"), 60)
+        link.open_stream()
+        dispatch = Dispatcher([link], placement, 10)
+
+        def run():
+            x = mx.random.normal((1, 1, H)).astype(mx.bfloat16)
+            inds = mx.array(np.random.default_rng(0).permutation(E)[:K].reshape(1, 1, K).astype(np.int32))
+            scores = mx.full((1, 1, K), 1.0 / K)
+            mx.eval(x, inds, scores)
+            times = []
+            for _ in range(trials):
+                t = time.perf_counter()
+                dispatch(0, x, inds, scores)  # its result joins the next layer's graph
+                times.append(time.perf_counter() - t)
+            return statistics.median(times) * 1e6
+
+        run_us = worker.run(run)
+        stats = link.stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        n = stats.forward_requests
+        return run_us, stats.compute_seconds / n * 1e6, stats.bytes_received // n, stats.bytes_sent // n
+    finally:
+        worker.close()
+        if link is not None:
+            link.close()
+        node.stop()
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        m = hop_model(Path(d))
+        hop, compute, req, rep = hop_us(m, 2000)
+    floor = tcp_floor_us(req, rep, 2000)
+    print(f"hop {hop:.0f} us (node compute {compute:.0f} us), floor {floor:.0f} us, "
+          f"ratio {hop / floor:.2f}, without compute {(hop - compute) / floor:.2f} (request {req} B, reply {rep} B)")
