@@ -25,3 +25,6 @@ proto: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+bench: install
+	$(PY) benchmarks/run.py

@@ -122,12 +122,22 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
         node.stop()
 
 
+def measure(model: Path, trials: int) -> dict:
+    """hop and floor, measured in alternating rounds so both see the same machine."""
+    hops, computes, floors = [], [], []
+    for _ in range(3):
+        h, c, req, rep = hop_us(model, trials // 3)
+        hops.append(h)
+        computes.append(c)
+        floors.append(tcp_floor_us(req, rep, trials // 3))
+    hop_total, compute, floor = (statistics.median(v) for v in (hops, computes, floors))
+    return {"hop_total_us": hop_total, "node_compute_us": compute, "hop_us": hop_total - compute,
+            "tcp_floor_us": floor, "hop_ratio": (hop_total - compute) / floor,
+            "request_bytes": req, "reply_bytes": rep}
+
+
 if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        m = hop_model(Path(d))
-        hop, compute, req, rep = hop_us(m, 2000)
-    floor = tcp_floor_us(req, rep, 2000)
-    print(f"hop {hop:.0f} us (node compute {compute:.0f} us), floor {floor:.0f} us, "
-          f"ratio {hop / floor:.2f}, without compute {(hop - compute) / floor:.2f} (request {req} B, reply {rep} B)")
+        print(measure(hop_model(Path(d)), 1500))

@@ -1,32 +1,18 @@
-"""Engine: token generation on the router's dense model, on one MLX thread."""
+"""Engine: requests in, token pieces out; generation batched by the Scheduler."""
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ..errors import InvalidRequestError
 from ..worker import MLXWorker
+from .batching import Piece, Request, Scheduler
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Piece:
-    text: str
-    token: int
-    finish_reason: str | None
-    prompt_tokens: int
-    generation_tokens: int
-    generation_tps: float
 
 
 class Engine:
@@ -38,6 +24,7 @@ class Engine:
         self.context_length = int(config.get("max_position_embeddings") or 1 << 31)
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
+        self.scheduler = Scheduler(model, tokenizer, self.worker)
 
     def close(self) -> None:
         self.worker.close()
@@ -69,33 +56,16 @@ class Engine:
         if temperature < 0 or not 0 <= top_p <= 1:
             raise InvalidRequestError("temperature must be >= 0 and top_p in [0, 1]")
         sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        return self._stream(tokens, max_tokens, sampler, seed, is_active)
+        return self._stream(Request(tokens, max_tokens, sampler, seed=seed), is_active)
 
-    def _stream(self, tokens, max_tokens, sampler, seed, is_active) -> Iterator[Piece]:
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()
-        self.worker.submit(self._generate, tokens, max_tokens, sampler, seed, pieces, stop)
+    def _stream(self, request: Request, is_active) -> Iterator[Piece]:
+        self.scheduler.submit(request)
         try:
-            while (item := pieces.get()) is not None:
+            while (item := request.pieces.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if not is_active():
                     break
         finally:
-            stop.set()
-
-    def _generate(self, tokens, max_tokens, sampler, seed, pieces, stop) -> None:
-        """Runs on the MLX worker: one generation, pieces into ``pieces``."""
-        try:
-            if seed is not None:
-                mx.random.seed(seed)
-            for r in stream_generate(self.model, self.tokenizer, tokens, max_tokens, sampler=sampler):
-                if stop.is_set():
-                    logger.info("client went away; generation stopped")
-                    break
-                pieces.put(Piece(r.text, r.token, r.finish_reason, r.prompt_tokens,
-                                 r.generation_tokens, r.generation_tps))
-        except Exception as e:
-            pieces.put(e)
-        pieces.put(None)
+            request.cancelled.set()

@@ -1,0 +1,169 @@
+"""``make bench``: the hot path and end-to-end throughput, as ratios measured
+side by side in one run. Writes benchmarks/results/latest.json and prints a table.
+
+    python benchmarks/run.py [--quick] [--nodes 2] [--scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import hop  # noqa: E402
+
+from expertmesh import Client  # noqa: E402
+from expertmesh.demo import Process  # noqa: E402
+from expertmesh.tinymodel import write_tiny_model  # noqa: E402
+
+PROMPT = "Once upon a time"
+
+
+def bench_model(root: Path, layers: int) -> Path:
+    return write_tiny_model(root / f"bench-{layers}", seed=0, config_overrides=dict(
+        num_hidden_layers=layers, max_position_embeddings=2048))
+
+
+def long_prompt(model: Path, tokens: int) -> str:
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(model)
+    words, text = "the router looks at each token and picks two experts".split(), ""
+    i = 0
+    while len(tok.encode(text)) < tokens:
+        text += words[i % len(words)] + " "
+        i += 1
+    return text
+
+
+class Mesh:
+    """Node processes and a router process on loopback."""
+
+    def __init__(self, model: Path, nodes: int, logs: Path):
+        self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4"],
+                              logs / f"node{i}.log") for i in range(nodes)]
+        peers = [p.address(timeout=300) for p in self.procs]
+        router = Process(["router", "--model", str(model), "--port", "0",
+                          *[a for peer in peers for a in ("--peer", peer)]], logs / "router.log")
+        self.procs.append(router)
+        self.address = router.address(timeout=300)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def local_runs(model: Path, max_tokens: int, prompt_512: str, repeats: int) -> dict:
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    m, tok = load(str(model))
+    decode, prefill = [], []
+    for _ in range(repeats):
+        for r in stream_generate(m, tok, PROMPT, max_tokens=max_tokens):
+            pass
+        decode.append(r.generation_tps)
+        t = time.perf_counter()
+        next(iter(stream_generate(m, tok, prompt_512, max_tokens=1)))
+        prefill.append(len(tok.encode(prompt_512)) / (time.perf_counter() - t))
+    return {"decode_tps_local": statistics.median(decode), "prefill_tps_local": statistics.median(prefill)}
+
+
+def mesh_runs(address: str, max_tokens: int, prompt_512: str, repeats: int, tokens_512: int) -> dict:
+    decode, prefill = [], []
+    with Client(address) as c:
+        for _ in range(repeats):
+            *_, last = c.generate(PROMPT, max_tokens=max_tokens)
+            decode.append(last.generation_tps)
+            t = time.perf_counter()
+            next(iter(c.generate(prompt_512, max_tokens=1)))
+            prefill.append(tokens_512 / (time.perf_counter() - t))
+    return {"decode_tps_mesh": statistics.median(decode), "prefill_tps_mesh": statistics.median(prefill)}
+
+
+def concurrent_tps(address: str, streams: int, max_tokens: int) -> float:
+    counts = [0] * streams
+
+    def one(i):
+        with Client(address) as c:
+            for _ in c.generate(f"{PROMPT} {i}", max_tokens=max_tokens):
+                counts[i] += 1
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(counts) / (time.perf_counter() - t)
+
+
+def pipeline_tps(model: Path, max_tokens: int) -> float | None:
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    out = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--python", sys.executable,
+                          "--hosts", "127.0.0.1", str(HERE / "pipeline_peer.py"), str(model), str(max_tokens)],
+                         capture_output=True, text=True, timeout=600)
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)["decode_tps"]
+    print(f"pipeline peer failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer trials (a smoke run)")
+    parser.add_argument("--nodes", type=int, default=2, help="node processes in the mesh")
+    parser.add_argument("--layers", type=int, default=24, help="MoE layers of the bench model")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    args = parser.parse_args()
+    trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 3, 64)
+    results: dict = {"nodes": args.nodes, "layers": args.layers, "cpus": os.cpu_count()}
+    root = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
+    try:
+        hop_model = hop.hop_model(root)
+        h = hop.measure(hop_model, trials)
+        results.update(h)
+        model = bench_model(root, args.layers)
+        prompt_512 = long_prompt(model, 512)
+        from mlx_lm.utils import load_tokenizer
+        tokens_512 = len(load_tokenizer(model).encode(prompt_512))
+        results.update(local_runs(model, tokens, prompt_512, repeats))
+        mesh = Mesh(model, args.nodes, root)
+        try:
+            results.update(mesh_runs(mesh.address, tokens, prompt_512, repeats, tokens_512))
+            results["batch_tps_1"] = concurrent_tps(mesh.address, 1, tokens)
+            results["batch_tps_8"] = concurrent_tps(mesh.address, 8, tokens)
+        finally:
+            mesh.close()
+        runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
+        results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    r = results
+    r["decode_ratio"] = r["decode_tps_mesh"] / r["decode_tps_local"]
+    r["prefill_ratio"] = r["prefill_tps_mesh"] / r["prefill_tps_local"]
+    r["batch_gain"] = r["batch_tps_8"] / r["batch_tps_1"]
+    r["peer_ratio"] = r["decode_tps_mesh"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"{'figure':<24} value")
+    for k, v in r.items():
+        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Concurrent requests share forward passes and still get their own output."""
+
+import threading
+
+from mlx_lm import load
+from mlx_lm.generate import stream_generate
+
+from expertmesh import Client
+
+from conftest import running_nodes, running_router
+
+PROMPTS = ["Once upon a time", "Hello! How are you", "The router looks at each token", "Numbers like 1, 2"]
+
+
+def test_concurrent_streams_share_steps_and_match_single_requests(tiny):
+    model, tok = load(str(tiny))
+    expected = [[r.token for r in stream_generate(model, tok, p, max_tokens=24)] for p in PROMPTS]
+    got = [None] * len(PROMPTS)
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+        start = threading.Barrier(len(PROMPTS))
+
+        def one(i):
+            with Client(f"127.0.0.1:{router.port}") as c:
+                start.wait()
+                got[i] = [p.token for p in c.generate(PROMPTS[i], max_tokens=24)]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        steps = router.engine.scheduler.steps
+    assert got == expected
+    assert steps < sum(len(e) for e in expected)  # streams were batched together
+
+
+def test_a_cancelled_stream_stops_and_others_finish(tiny):
+    with running_nodes(tiny, 1) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+        with Client(f"127.0.0.1:{router.port}") as c:
+            stream = c.generate("Once upon a time", max_tokens=400)
+            next(stream)
+            stream.close()  # the client walks away
+            pieces = list(c.generate("Hello", max_tokens=8))
+        assert len(pieces) == 8
+        assert router.engine.scheduler.steps < 100  # the abandoned request did not run to 400
