@@ -1,7 +1,7 @@
 """``make bench``: the hot path and end-to-end throughput, as ratios measured
 side by side in one run. Writes benchmarks/results/latest.json and prints a table.
 
-    python benchmarks/run.py [--quick] [--nodes 2] [--scale]
+    python benchmarks/run.py [--quick] [--nodes 2] [--layers N] [--scale]
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ from expertmesh.tinymodel import write_tiny_model  # noqa: E402
 PROMPT = "Once upon a time"
 
 
-def bench_model(root: Path, layers: int) -> Path:
-    return write_tiny_model(root / f"bench-{layers}", seed=0, config_overrides=dict(
-        num_hidden_layers=layers, max_position_embeddings=2048))
+# Qwen3-30B-A3B's widths (its vocabulary and layer count aside)
+SCALE = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+             num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144)
+
+
+def bench_model(root: Path, layers: int, scale: bool) -> Path:
+    return write_tiny_model(
+        root / f"bench-{layers}", seed=0, quantize={"bits": 4, "group_size": 64} if scale else None,
+        config_overrides=dict(num_hidden_layers=layers, max_position_embeddings=2048, **(SCALE if scale else {})))
 
 
 def long_prompt(model: Path, tokens: int) -> str:
@@ -125,17 +131,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer trials (a smoke run)")
     parser.add_argument("--nodes", type=int, default=2, help="node processes in the mesh")
-    parser.add_argument("--layers", type=int, default=24, help="MoE layers of the bench model")
+    parser.add_argument("--layers", type=int, default=None, help="MoE layers (default 24; 2 with --scale)")
+    parser.add_argument("--scale", action="store_true",
+                        help="Qwen3-30B-A3B widths: hidden 2048, 128 experts, top-8, 4-bit (fewer layers)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
     trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 3, 64)
-    results: dict = {"nodes": args.nodes, "layers": args.layers, "cpus": os.cpu_count()}
+    args.layers = args.layers or (2 if args.scale else 24)
+    results: dict = {"nodes": args.nodes, "layers": args.layers, "scale": args.scale, "cpus": os.cpu_count()}
     root = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
     try:
         hop_model = hop.hop_model(root)
         h = hop.measure(hop_model, trials)
         results.update(h)
-        model = bench_model(root, args.layers)
+        model = bench_model(root, args.layers, args.scale)
         prompt_512 = long_prompt(model, 512)
         from mlx_lm.utils import load_tokenizer
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
