@@ -28,22 +28,29 @@ class RemoteExperts:
         self.layer = layer
         self.call: ExpertCall | None = None
 
-    def __call__(self, x, inds, scores):
+    def __call__(self, x, inds, scores, shared: mx.array | None = None):
+        """``sum_j scores_j * expert_{inds_j}(x)``, plus ``shared`` (the block's
+        shared experts), which computes here while the nodes compute."""
         if self.call is None:
             raise RuntimeError("no dispatcher attached to the remote experts")
-        return self.call(self.layer, x, inds, scores)
+        if shared is None:
+            return self.call(self.layer, x, inds, scores)
+        mx.async_eval(shared)
+        return self.call(self.layer, x, inds, scores) + shared
 
 
 class Adapter:
     """Family-specific knowledge about an mlx-lm MoE model.
 
     Subclasses set ``block_attr`` (the attribute of a decoder layer holding
-    the MoE block), ``hf_names`` (HF per-expert projection names for
-    gate/up/down) and implement ``remote_block``.
+    the MoE block), ``num_experts_field`` (the config field counting routed
+    experts), ``hf_names`` (HF per-expert projection names for gate/up/down)
+    and implement ``is_moe_layer`` and ``remote_block``.
     """
 
     model_type: str = ""
     block_attr = "mlp"
+    num_experts_field = "num_experts"
     hf_names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
     hf_experts = "experts"
 
@@ -59,7 +66,7 @@ class Adapter:
     # --- shape of the model -------------------------------------------------
     @property
     def num_experts(self) -> int:
-        return self.args.num_experts
+        return getattr(self.args, self.num_experts_field) or 0
 
     @property
     def top_k(self) -> int:
