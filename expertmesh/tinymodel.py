@@ -122,7 +122,7 @@ def _printable_ids(path: Path) -> list:
     return [i for i in ids if (t := tok.decode([i])).isascii() and t.isprintable()]
 
 
-def _randomise(model: nn.Module, config: dict, allowed: list):
+def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     """Perturb the norms and sharpen the logits so greedy decoding has no ties."""
     for _, m in model.named_modules():
         if isinstance(m, nn.RMSNorm):
@@ -143,7 +143,7 @@ def _randomise(model: nn.Module, config: dict, allowed: list):
     head.weight = head.weight * keep
     # Scaling the final norm (not the head) leaves tied input embeddings alone.
     rms = mx.sqrt(mx.sum(head.weight**2) / (len(allowed) * head.weight.shape[1]))
-    scale = LOGIT_STD / (rms * math.sqrt(head.weight.shape[1]))
+    scale = logit_std / (rms * math.sqrt(head.weight.shape[1]))
     model.model.norm.weight = model.model.norm.weight * scale
 
 
@@ -187,6 +187,7 @@ def write_tiny_model(
     seed: int = 0,
     num_shards: int = 3,
     config_overrides: Optional[Dict[str, Any]] = None,
+    logit_std: float = LOGIT_STD,
 ) -> Path:
     """Write a tiny random-weight checkpoint that ``mlx_lm.load`` can read.
 
@@ -205,6 +206,8 @@ def write_tiny_model(
             seed writes the same bytes.
         num_shards: Number of ``model-*.safetensors`` files.
         config_overrides: Merged into the default config before building.
+        logit_std: Spread of the logits. The default is large, so greedy
+            decoding never meets a near-tie; real models' logits are tens.
 
     Returns:
         The checkpoint directory.
@@ -233,7 +236,7 @@ def write_tiny_model(
     arch = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
-    _randomise(model, config, allowed)
+    _randomise(model, config, allowed, logit_std)
     if quantize is not None:
         predicate = None
         if quantize.get("recipe"):

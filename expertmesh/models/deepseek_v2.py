@@ -3,22 +3,16 @@ group-limited greedy top-k and the routed scaling; the first
 ``first_k_dense_replace`` layers are dense; shared experts stay on the router."""
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .base import Adapter as BaseAdapter
-from .base import RemoteExperts
+from .base import RemoteBlock
 
 
-class RemoteMoE(nn.Module):
+class RemoteMoE(RemoteBlock):
     """A DeepSeek MoE block: its gate and shared experts here, routed experts
     on the mesh."""
 
-    def __init__(self, block: nn.Module, layer: int):
-        super().__init__()
-        self.gate = block.gate  # mlx-lm's MoEGate: (inds, scaled scores)
-        if "shared_experts" in block:
-            self.shared_experts = block.shared_experts
-        self.experts = RemoteExperts(layer)
+    keep = ("gate", "shared_experts")  # gate: mlx-lm's MoEGate -> (inds, scaled scores)
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.gate(x)
@@ -28,6 +22,7 @@ class RemoteMoE(nn.Module):
 
 class Adapter(BaseAdapter):
     model_type = "deepseek_v2"
+    remote_class = RemoteMoE
     num_experts_field = "n_routed_experts"
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -37,6 +32,3 @@ class Adapter(BaseAdapter):
             and layer >= a.first_k_dense_replace
             and layer % a.moe_layer_freq == 0
         )
-
-    def remote_block(self, block, layer):
-        return RemoteMoE(block, layer)

@@ -2,21 +2,15 @@
 renormalisation of the k scores (``norm_topk_prob=False``)."""
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .base import Adapter as BaseAdapter
-from .base import RemoteExperts
+from .base import RemoteBlock
 
 
-class RemoteSparseMoeBlock(nn.Module):
+class RemoteSparseMoeBlock(RemoteBlock):
     """mlx-lm's ``OlmoeSparseMoeBlock`` gating, experts on the mesh."""
 
-    def __init__(self, block: nn.Module, layer: int):
-        super().__init__()
-        self.gate = block.gate
-        self.top_k = block.top_k
-        self.norm_topk_prob = block.norm_topk_prob
-        self.experts = RemoteExperts(layer)
+    keep = ("gate", "top_k", "norm_topk_prob")
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, D = x.shape
@@ -32,9 +26,4 @@ class RemoteSparseMoeBlock(nn.Module):
 
 class Adapter(BaseAdapter):
     model_type = "olmoe"
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return self.num_experts > 0
-
-    def remote_block(self, block, layer):
-        return RemoteSparseMoeBlock(block, layer)
+    remote_class = RemoteSparseMoeBlock

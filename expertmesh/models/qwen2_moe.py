@@ -2,23 +2,16 @@
 sigmoid gate, which stays on the router."""
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .base import Adapter as BaseAdapter
-from .base import RemoteExperts
+from .base import RemoteBlock
 
 
-class RemoteSparseMoeBlock(nn.Module):
+class RemoteSparseMoeBlock(RemoteBlock):
     """mlx-lm's ``Qwen2MoeSparseMoeBlock`` gating and shared expert, routed
     experts on the mesh."""
 
-    def __init__(self, block: nn.Module, layer: int):
-        super().__init__()
-        self.gate = block.gate
-        self.top_k = block.top_k
-        self.shared_expert = block.shared_expert
-        self.shared_expert_gate = block.shared_expert_gate
-        self.experts = RemoteExperts(layer)
+    keep = ("gate", "top_k", "shared_expert", "shared_expert_gate")
 
     def __call__(self, x: mx.array) -> mx.array:
         gates = mx.softmax(self.gate(x), axis=-1, precise=True)
@@ -31,9 +24,4 @@ class RemoteSparseMoeBlock(nn.Module):
 
 class Adapter(BaseAdapter):
     model_type = "qwen2_moe"
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return self.num_experts > 0  # mlx-lm builds every layer sparse
-
-    def remote_block(self, block, layer):
-        return RemoteSparseMoeBlock(block, layer)
+    remote_class = RemoteSparseMoeBlock
