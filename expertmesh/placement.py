@@ -9,6 +9,11 @@ import numpy as np
 from .errors import PlacementError
 
 
+def size(n: float) -> str:
+    """Bytes for people: "16.13 GB", "0.34 MB"."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 @dataclass(frozen=True)
 class NodeBudget:
     name: str
@@ -47,8 +52,8 @@ def contiguous(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int
     need = num_experts * sum(expert_bytes.values())
     if budgets.sum() <= 0 or need > budgets.sum():
         raise PlacementError(
-            f"the routed experts need {need / 1e9:.2f} GB but the nodes offer "
-            f"{budgets.sum() / 1e9:.2f} GB ({', '.join(f'{n.name}: {n.memory_bytes / 1e9:.2f} GB' for n in nodes)})")
+            f"the routed experts need {size(need)} but the nodes offer "
+            f"{size(budgets.sum())} ({', '.join(f'{n.name}: {size(n.memory_bytes)}' for n in nodes)})")
     bounds = np.rint(np.cumsum(budgets) / budgets.sum() * num_experts).astype(int)
     owner = np.searchsorted(bounds, np.arange(num_experts), side="right").astype(np.int32)
     placement = Placement([n.name for n in nodes], {l: owner.copy() for l in expert_bytes})
@@ -56,6 +61,6 @@ def contiguous(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int
         used = placement.bytes_of(n.name, expert_bytes)
         if used > n.memory_bytes:
             raise PlacementError(
-                f"node {n.name} would hold {used / 1e9:.2f} GB of experts, over its "
-                f"{n.memory_bytes / 1e9:.2f} GB budget")
+                f"node {n.name} would hold {size(used)} of experts, over its "
+                f"{size(n.memory_bytes)} budget")
     return placement

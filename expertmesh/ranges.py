@@ -21,3 +21,13 @@ def expand(text: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def per_layer(experts: dict[int, list[int]]) -> str:
+    """``{0: [0, 1], 1: [0, 1]}`` -> "0-1 (every layer)"; else "L0: 0-1; L1: 2"; "none"."""
+    ranges = {compact(e) for e in experts.values()}
+    if not any(ranges):
+        return "none"
+    if len(ranges) == 1:
+        return ranges.pop() + " (every layer)"
+    return "; ".join(f"L{l}: {compact(e)}" for l, e in sorted(experts.items()))

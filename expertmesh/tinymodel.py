@@ -21,9 +21,12 @@ from typing import Any, Dict, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model, save_config
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
+
+from . import tinyfamilies
 
 logger = logging.getLogger(__name__)
 
@@ -56,49 +59,9 @@ Numbers like 1, 2, 3, 10, 42, 100 and 2024 appear in text too, as do names such
 as Alice, Bob, Carol and Dave, who send messages to each other in examples.
 """.split("\n\n")
 
-_SHARED = {
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_experts_per_tok": 2,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "torch_dtype": "float32",
-}
-
-DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "qwen3_moe": {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        **_SHARED,
-        "head_dim": 16,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 64,
-        "num_experts": 8,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "norm_topk_prob": True,
-        "rms_norm_eps": 1e-6,
-    },
-    "mixtral": {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        **_SHARED,
-        "intermediate_size": 64,
-        "num_local_experts": 8,
-        "rms_norm_eps": 1e-5,
-    },
-}
-
-# Hugging Face names of the per-expert projections, keyed by model_type and
-# by the name of the stacked SwitchGLU projection they come from.
-HF_EXPERT_NAMES: Dict[str, Dict[str, str]] = {
-    "qwen3_moe": {p: p for p in ("gate_proj", "up_proj", "down_proj")},
-    "mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
-}
+# the per-family data lives in its own module; re-exported here
+DEFAULT_CONFIGS = tinyfamilies.DEFAULT_CONFIGS
+HF_EXPERT_NAMES = tinyfamilies.HF_EXPERT_NAMES
 
 
 def write_tokenizer(path: Union[str, Path]) -> int:
@@ -138,7 +101,7 @@ def write_tokenizer(path: Union[str, Path]) -> int:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": _SHARED["max_position_embeddings"],
+        "model_max_length": tinyfamilies.SHARED["max_position_embeddings"],
         "chat_template": CHAT_TEMPLATE,
         **specials,
     }
@@ -159,11 +122,17 @@ def _printable_ids(path: Path) -> list:
     return [i for i in ids if (t := tok.decode([i])).isascii() and t.isprintable()]
 
 
-def _randomise(model: nn.Module, config: dict, allowed: list):
+def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     """Perturb the norms and sharpen the logits so greedy decoding has no ties."""
     for _, m in model.named_modules():
         if isinstance(m, nn.RMSNorm):
             m.weight = 1.0 + 0.1 * mx.random.normal(m.weight.shape)
+        # DeepSeek's MoEGate starts at zero: every score would tie
+        if "weight" in m and not isinstance(m, nn.RMSNorm) and not mx.any(m.weight).item():
+            m.weight = mx.random.normal(m.weight.shape) * m.weight.shape[-1] ** -0.5
+        # DeepSeek-V3 selects with a correction bias, but weights without it
+        if "e_score_correction_bias" in m:
+            m.e_score_correction_bias = 0.1 * mx.random.normal(m.e_score_correction_bias.shape)
     # Only printable, non-special tokens keep a nonzero head row. The top logit
     # of a few hundred random logits is positive with overwhelming probability,
     # so the zero rows never win the argmax.
@@ -174,14 +143,16 @@ def _randomise(model: nn.Module, config: dict, allowed: list):
     head.weight = head.weight * keep
     # Scaling the final norm (not the head) leaves tied input embeddings alone.
     rms = mx.sqrt(mx.sum(head.weight**2) / (len(allowed) * head.weight.shape[1]))
-    scale = LOGIT_STD / (rms * math.sqrt(head.weight.shape[1]))
+    scale = logit_std / (rms * math.sqrt(head.weight.shape[1]))
     model.model.norm.weight = model.model.norm.weight * scale
 
 
-def _to_hf(weights: Dict[str, mx.array], model_type: str) -> Dict[str, mx.array]:
+def _to_hf(weights: Dict[str, mx.array], model_type: str, config: dict) -> Dict[str, mx.array]:
     names = HF_EXPERT_NAMES.get(model_type)
     if names is None:
         raise ValueError(f"No Hugging Face expert names for {model_type}.")
+    if model_type in tinyfamilies.HF_OTHER_NAMES:
+        weights = tinyfamilies.HF_OTHER_NAMES[model_type](weights, config)
     out = {}
     for k, v in weights.items():
         parent, sep, rest = k.partition(".switch_mlp.")
@@ -216,6 +187,7 @@ def write_tiny_model(
     seed: int = 0,
     num_shards: int = 3,
     config_overrides: Optional[Dict[str, Any]] = None,
+    logit_std: float = LOGIT_STD,
 ) -> Path:
     """Write a tiny random-weight checkpoint that ``mlx_lm.load`` can read.
 
@@ -225,12 +197,17 @@ def write_tiny_model(
         model_type: An mlx-lm model family with an entry in ``DEFAULT_CONFIGS``.
         layout: ``"mlx"`` for stacked ``switch_mlp`` experts ``[E, out, in]``
             (mlx-community layout) or ``"hf"`` for per-expert tensors.
-        quantize: ``None`` or ``{"bits": b, "group_size": g}``; quantizes with
+        quantize: ``None`` or ``{"bits": b, "group_size": g}``, optionally
+            with ``"recipe"``: one of mlx-lm's mixed recipes (``"mixed_3_6"``
+            ...), which records per-layer bits in the config as
+            ``mlx_lm.convert`` does; quantizes with
             ``mlx_lm.utils.quantize_model`` (mlx layout only).
         seed: Seed for all weights (reseeds mlx's global PRNG); the same
             seed writes the same bytes.
         num_shards: Number of ``model-*.safetensors`` files.
         config_overrides: Merged into the default config before building.
+        logit_std: Spread of the logits. The default is large, so greedy
+            decoding never meets a near-tie; real models' logits are tens.
 
     Returns:
         The checkpoint directory.
@@ -259,16 +236,22 @@ def write_tiny_model(
     arch = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
-    _randomise(model, config, allowed)
+    _randomise(model, config, allowed, logit_std)
     if quantize is not None:
+        predicate = None
+        if quantize.get("recipe"):
+            predicate = mixed_quant_predicate_builder(
+                quantize["recipe"], model, quantize["group_size"]
+            )
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(
-                model, config, quantize["group_size"], quantize["bits"]
+                model, config, quantize["group_size"], quantize["bits"],
+                quant_predicate=predicate,
             )
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     if layout == "hf":
-        weights = _to_hf(weights, model_type)
+        weights = _to_hf(weights, model_type, config)
 
     shards = _shard_names(weights, num_shards)
     for stale in path.glob("model*.safetensors"):
@@ -322,6 +305,7 @@ def setup_arg_parser():
     parser.add_argument("--layout", default="mlx", choices=["mlx", "hf"])
     parser.add_argument("--bits", type=int, help="Quantize to this many bits.")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--recipe", help="mlx-lm mixed quantization recipe, e.g. mixed_3_6")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=3)
     return parser
@@ -330,12 +314,12 @@ def setup_arg_parser():
 def main():
     args = setup_arg_parser().parse_args()
     logging.basicConfig(level=logging.INFO)
-    quantize = {"bits": args.bits, "group_size": args.group_size}
+    quantize = {"bits": args.bits, "group_size": args.group_size, "recipe": args.recipe}
     path = write_tiny_model(
         args.out_dir,
         model_type=args.model_type,
         layout=args.layout,
-        quantize=quantize if args.bits else None,
+        quantize=quantize if args.bits or args.recipe else None,
         seed=args.seed,
         num_shards=args.num_shards,
     )

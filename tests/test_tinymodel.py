@@ -9,6 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from transformers import AutoTokenizer
 
 from expertmesh.tinymodel import (
+    DEFAULT_CONFIGS,
     SPECIAL_TOKENS,
     default_model_dir,
     ensure_demo_model,
@@ -242,3 +243,19 @@ def test_ensure_demo_model_writes_once_under_expertmesh_home(tmp_path, monkeypat
     mtime = config.stat().st_mtime_ns
     assert ensure_demo_model() == path
     assert config.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("model_type", list(DEFAULT_CONFIGS))
+def test_every_family_writes_hf_names_that_mlx_lm_loads_to_the_mlx_layout(tmp_path, model_type):
+    hf = write_tiny_model(tmp_path / "hf", model_type=model_type, layout="hf")
+    names = set(weight_map(hf))
+    assert not any("switch_mlp" in k or "embed_q" in k or "unembed_out" in k for k in names)
+    assert any(".experts.7." in k for k in names)
+    if model_type == "deepseek_v3":
+        assert "model.layers.0.self_attn.kv_b_proj.weight" in names
+        assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+    mlx_params = tree_flatten(load(str(write_tiny_model(tmp_path / "mlx", model_type=model_type)))[0].parameters())
+    hf_params = dict(tree_flatten(load(str(hf))[0].parameters()))
+    assert [k for k, _ in mlx_params] == list(hf_params)
+    for k, v in mlx_params:
+        assert mx.array_equal(v, hf_params[k]).item(), k

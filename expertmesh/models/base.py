@@ -28,22 +28,49 @@ class RemoteExperts:
         self.layer = layer
         self.call: ExpertCall | None = None
 
-    def __call__(self, x, inds, scores):
+    def __call__(self, x, inds, scores, shared: mx.array | None = None):
+        """``sum_j scores_j * expert_{inds_j}(x)``, plus ``shared`` (the block's
+        shared experts), which computes here while the nodes compute."""
         if self.call is None:
             raise RuntimeError("no dispatcher attached to the remote experts")
-        return self.call(self.layer, x, inds, scores)
+        if shared is None:
+            return self.call(self.layer, x, inds, scores)
+        mx.async_eval(shared)
+        return self.call(self.layer, x, inds, scores) + shared
+
+
+class RemoteBlock(nn.Module):
+    """A family's MoE block with its routed experts on the mesh.
+
+    Keeps the members of mlx-lm's block named in ``keep`` (gate, shared
+    experts, settings), at the same paths, so the checkpoint's weights load
+    into them; subclasses implement ``__call__`` with the family's gating.
+    """
+
+    keep: tuple[str, ...] = ("gate",)
+
+    def __init__(self, block: nn.Module, layer: int):
+        super().__init__()
+        for name in self.keep:
+            if hasattr(block, name):
+                setattr(self, name, getattr(block, name))
+        self.experts = RemoteExperts(layer)
 
 
 class Adapter:
     """Family-specific knowledge about an mlx-lm MoE model.
 
-    Subclasses set ``block_attr`` (the attribute of a decoder layer holding
-    the MoE block), ``hf_names`` (HF per-expert projection names for
-    gate/up/down) and implement ``remote_block``.
+    Subclasses set ``remote_class`` (their ``RemoteBlock``), and where the
+    family differs: ``block_attr`` (the attribute of a decoder layer holding
+    the MoE block), ``num_experts_field`` (the config field counting routed
+    experts), ``hf_names`` (HF per-expert projection names for gate/up/down)
+    and ``is_moe_layer``.
     """
 
     model_type: str = ""
     block_attr = "mlp"
+    num_experts_field = "num_experts"
+    remote_class: type[RemoteBlock]
     hf_names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
     hf_experts = "experts"
 
@@ -59,7 +86,7 @@ class Adapter:
     # --- shape of the model -------------------------------------------------
     @property
     def num_experts(self) -> int:
-        return self.args.num_experts
+        return getattr(self.args, self.num_experts_field) or 0
 
     @property
     def top_k(self) -> int:
@@ -70,7 +97,7 @@ class Adapter:
         return self.args.hidden_size
 
     def is_moe_layer(self, layer: int) -> bool:
-        raise NotImplementedError
+        return self.num_experts > 0  # most mlx-lm families make every layer sparse
 
     @property
     def moe_layers(self) -> list[int]:
@@ -102,7 +129,7 @@ class Adapter:
     # --- the dense model on the router ---------------------------------------
     def remote_block(self, block: nn.Module, layer: int) -> nn.Module:
         """A module computing ``block``'s output with remote routed experts."""
-        raise NotImplementedError
+        return self.remote_class(block, layer)
 
     def strip_experts(self, model: nn.Module) -> None:
         """Swap every MoE block of ``model`` for its remote twin, in place."""

@@ -1,21 +1,15 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B)."""
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .base import Adapter as BaseAdapter
-from .base import RemoteExperts
+from .base import RemoteBlock
 
 
-class RemoteSparseMoeBlock(nn.Module):
+class RemoteSparseMoeBlock(RemoteBlock):
     """mlx-lm's ``Qwen3MoeSparseMoeBlock`` gating, experts on the mesh."""
 
-    def __init__(self, block: nn.Module, layer: int):
-        super().__init__()
-        self.gate = block.gate
-        self.top_k = block.top_k
-        self.norm_topk_prob = block.norm_topk_prob
-        self.experts = RemoteExperts(layer)
+    keep = ("gate", "top_k", "norm_topk_prob")
 
     def __call__(self, x: mx.array) -> mx.array:
         gates = mx.softmax(self.gate(x), axis=-1, precise=True)
@@ -29,6 +23,7 @@ class RemoteSparseMoeBlock(nn.Module):
 
 class Adapter(BaseAdapter):
     model_type = "qwen3_moe"
+    remote_class = RemoteSparseMoeBlock
 
     def is_moe_layer(self, layer: int) -> bool:
         a = self.args
@@ -37,6 +32,3 @@ class Adapter(BaseAdapter):
             and a.num_experts > 0
             and (layer + 1) % a.decoder_sparse_step == 0
         )
-
-    def remote_block(self, block, layer):
-        return RemoteSparseMoeBlock(block, layer)

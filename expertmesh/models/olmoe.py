@@ -1,0 +1,29 @@
+"""OLMoE (OLMoE-1B-7B): softmax over all experts, top-k, and by default no
+renormalisation of the k scores (``norm_topk_prob=False``)."""
+
+import mlx.core as mx
+
+from .base import Adapter as BaseAdapter
+from .base import RemoteBlock
+
+
+class RemoteSparseMoeBlock(RemoteBlock):
+    """mlx-lm's ``OlmoeSparseMoeBlock`` gating, experts on the mesh."""
+
+    keep = ("gate", "top_k", "norm_topk_prob")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, D = x.shape
+        x_flat = x.reshape(-1, D)
+        routing_weights = mx.softmax(self.gate(x_flat), axis=1, precise=True)
+        k = self.top_k
+        inds = mx.argpartition(-routing_weights, kth=k - 1, axis=-1)[..., :k]
+        scores = mx.take_along_axis(routing_weights, inds, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        return self.experts(x_flat, inds, scores).reshape(B, L, D)
+
+
+class Adapter(BaseAdapter):
+    model_type = "olmoe"
+    remote_class = RemoteSparseMoeBlock
