@@ -116,8 +116,8 @@ def concurrent_tps(address: str, streams: int, max_tokens: int) -> float:
 
 
 def pipeline_tps(model: Path, max_tokens: int) -> float | None:
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    out = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--python", sys.executable,
+    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    out = subprocess.run([*launcher, "--backend", "ring", "-n", "2", "--python", sys.executable,
                           "--hosts", "127.0.0.1", str(HERE / "pipeline_peer.py"), str(model), str(max_tokens)],
                          capture_output=True, text=True, timeout=600)
     for line in out.stdout.splitlines():
