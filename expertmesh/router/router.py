@@ -144,20 +144,16 @@ class Router:
             UnavailableError: not connected, or a node went down.
             InvalidRequestError: a bad request.
         """
-        if self.placement is None:
-            raise UnavailableError("the router is not connected to any node")
-        return self.engine.generate(prompt, **kw)
+        return self._connected_engine().generate(prompt, **kw)
 
     def chat(self, messages: list[dict], **kw) -> Iterator[Piece]:
-        """Stream the reply to ``messages`` (see ``Engine.chat``).
+        """Stream the reply to ``messages`` (see ``Engine.chat``); raises as ``generate``."""
+        return self._connected_engine().chat(messages, **kw)
 
-        Raises:
-            UnavailableError: not connected, or a node went down.
-            InvalidRequestError: a bad request.
-        """
+    def _connected_engine(self) -> Engine:
         if self.placement is None:
             raise UnavailableError("the router is not connected to any node")
-        return self.engine.chat(messages, **kw)
+        return self.engine
 
     def cluster(self) -> pb.ClusterInfo:
         nodes = []
