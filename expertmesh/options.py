@@ -54,7 +54,7 @@ class GenerationOptions:
             if isinstance(value, bool) or not isinstance(value, types):
                 kind = "an integer" if types is int else "a number"
                 raise InvalidRequestError(f"{name} must be {kind}, not {value!r}", param=name)
-            if (low is not None and value < low) or (high is not None and value > high):
+            if value != value or (low is not None and value < low) or (high is not None and value > high):
                 span = f"in [{low}, {high}]" if high is not None else f">= {low}"
                 raise InvalidRequestError(f"{name} must be {span}, not {value!r}", param=name)
         if self.stop is None:
