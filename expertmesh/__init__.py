@@ -13,6 +13,7 @@ from .errors import (
     RequestTooLargeError,
     UnavailableError,
 )
+from .options import GenerationOptions
 
 __all__ = [
     "AuthError",
@@ -20,6 +21,7 @@ __all__ = [
     "ClusterView",
     "ConfigMismatchError",
     "ExpertmeshError",
+    "GenerationOptions",
     "InvalidRequestError",
     "ModelError",
     "NodeView",

@@ -7,7 +7,8 @@ from typing import Iterator
 
 import grpc
 
-from .errors import from_rpc_error
+from .errors import InvalidRequestError, from_rpc_error
+from .options import GenerationOptions
 from .serving import channel
 from .v1 import expertmesh_pb2 as pb
 from .v1 import expertmesh_pb2_grpc as pb_grpc
@@ -72,15 +73,51 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(self, prompt: str, max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Iterator[Piece]:
+    def generate(self, prompt: str, options: GenerationOptions | None = None, **changes) -> Iterator[Piece]:
         """Stream the completion of ``prompt``, one ``Piece`` per token.
 
-        ``temperature=0`` is greedy decoding; ``seed`` makes sampling repeatable.
+        Args:
+            prompt: the text to continue, as is (no chat template).
+            options: how to sample and when to stop; greedy by default.
+            **changes: fields of ``GenerationOptions`` that override ``options``,
+                e.g. ``max_tokens=32, temperature=0.7, seed=1, stop=["\\n"]``.
+
+        Raises:
+            InvalidRequestError: a bad option, or a prompt longer than the context.
         """
-        request = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seed)
-        call = self._stub.Generate(request, timeout=self.timeout)
+        options = (options or GenerationOptions()).replace(**changes).validate()
+        return self._stream(self._stub.Generate, pb.GenerateRequest(prompt=prompt, **options.to_fields()))
+
+    def chat(self, messages: list[dict], options: GenerationOptions | None = None,
+             chat_template_kwargs: dict | None = None, **changes) -> Iterator[Piece]:
+        """Stream the assistant's reply to a conversation, one ``Piece`` per token.
+
+        The router renders ``messages`` with the checkpoint's chat template, as
+        mlx-lm does (``add_generation_prompt=True``).
+
+        Args:
+            messages: ``{"role": ..., "content": ...}`` dicts, oldest first.
+            options: how to sample and when to stop; greedy by default.
+            chat_template_kwargs: passed to the template, e.g. ``{"enable_thinking": False}``.
+            **changes: fields of ``GenerationOptions`` that override ``options``.
+
+        Raises:
+            InvalidRequestError: a bad message or option, or a conversation
+                longer than the context.
+        """
+        options = (options or GenerationOptions()).replace(**changes).validate()
+        try:
+            request = pb.ChatRequest(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+                                     **options.to_fields())
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidRequestError(f"messages must be {{'role': str, 'content': str}} dicts: {e}",
+                                      param="messages") from None
+        if chat_template_kwargs:
+            request.chat_template_kwargs.update(chat_template_kwargs)
+        return self._stream(self._stub.Chat, request)
+
+    def _stream(self, method, request) -> Iterator[Piece]:
+        call = method(request, timeout=self.timeout)
         try:
             for r in call:
                 yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,

@@ -34,7 +34,16 @@ class PlacementError(ExpertmeshError):
 
 
 class InvalidRequestError(ExpertmeshError):
-    """A request was malformed: wrong shape, dtype, id, or a prompt too long."""
+    """A request was malformed: wrong shape, dtype, id, or a prompt too long.
+
+    ``param`` names the request field at fault and ``code`` says why in one
+    word (``"context_length_exceeded"``), where known; both may be None.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class RequestTooLargeError(InvalidRequestError):

@@ -87,6 +87,10 @@ class DataPlane:
         with self._lock:
             self._closed = True
             conns = list(self._conns)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass
         self._listener.close()
         for conn in conns:
             try:

@@ -60,3 +60,10 @@ def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the ``expertmesh`` CLI in a fresh process."""
     return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+@pytest.fixture(scope="session")
+def live_router(tiny):
+    """One mesh for tests that only talk to it: 2 nodes, a router with its HTTP API on."""
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], http_port=0) as router:
+        yield router

@@ -2,5 +2,32 @@
 
 Each module has ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args)``; ``expertmesh.cli`` finds them by name, so adding a command
-is adding a module.
+is adding a module. The sampling flags that ``generate`` and ``chat``
+share are defined here once.
 """
+
+from __future__ import annotations
+
+
+def add_sampling_arguments(p, max_tokens: int = 256) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeat for more)")
+
+
+def sampling_options(args):
+    """The ``GenerationOptions`` the sampling flags ask for.
+
+    Raises:
+        InvalidRequestError: a value out of range.
+    """
+    from ..options import GenerationOptions
+
+    return GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             seed=args.seed, stop=tuple(args.stop)).validate()

@@ -13,12 +13,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from ..options import GenerationOptions
 from ..worker import MLXWorker
+from .stops import StopStrings
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,7 @@ class Piece:
 class Request:
     tokens: list[int]
     max_tokens: int
-    sampler: Callable | None = None
-    logits_processors: list = field(default_factory=list)
-    stop_words: list[str] = field(default_factory=list)
-    seed: int | None = None  # reseeds mlx's global generator on admission
+    options: GenerationOptions = GenerationOptions()
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Piece | Exception | None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -49,6 +47,7 @@ class Request:
 class _Active:
     request: Request
     detokenizer: object
+    stops: StopStrings
     count: int = 0
     tic: float = 0.0
 
@@ -93,8 +92,9 @@ class Scheduler:
                     continue
                 _, responses = gen.next()
                 self.steps += 1
-                for r in responses:
-                    self._emit(active, r)
+                stopped = [r.uid for r in responses if self._emit(active, r)]
+                if stopped:  # a stop string ended them before mlx-lm would have
+                    gen.remove(stopped)
         except Exception as e:  # a node went down, ...: every waiting request hears it
             logger.warning("generation failed: %s", e)
             for a in active.values():
@@ -116,26 +116,34 @@ class Scheduler:
             if req.cancelled.is_set():
                 req.pieces.put(None)
                 continue
-            if req.seed is not None:
-                mx.random.seed(req.seed)
-            stop = make_stop_sequences(self.tokenizer, req.stop_words)
-            (uid,) = gen.insert([req.tokens], max_tokens=[req.max_tokens], samplers=[req.sampler],
-                                logits_processors=[req.logits_processors], stop_sequences=[stop])
-            active[uid] = _Active(req, copy.deepcopy(self.tokenizer.detokenizer), tic=time.perf_counter())
+            o = req.options  # samplers hold mlx arrays: build them here, on the MLX thread
+            sampler = make_sampler(temp=o.temperature, top_p=o.top_p, min_p=o.min_p, top_k=o.top_k)
+            processors = make_logits_processors(repetition_penalty=o.repetition_penalty,
+                                                repetition_context_size=o.repetition_context_size)
+            if o.seed is not None:  # mlx's generator is global: repeatable when the request runs alone
+                mx.random.seed(o.seed)
+            (uid,) = gen.insert([req.tokens], max_tokens=[req.max_tokens], samplers=[sampler],
+                                logits_processors=[processors],
+                                stop_sequences=[make_stop_sequences(self.tokenizer)])
+            active[uid] = _Active(req, copy.deepcopy(self.tokenizer.detokenizer),
+                                  StopStrings(self.tokenizer, o.stop), tic=time.perf_counter())
 
-    def _emit(self, active: dict, r) -> None:
+    def _emit(self, active: dict, r) -> bool:
+        """Hand one token to its request; True when a stop string ended it early."""
         a = active[r.uid]
         if a.count == 0:
             a.tic = time.perf_counter()  # decode speed counts from the first token, as mlx-lm does
         a.count += 1
-        eos = r.token in self.tokenizer.eos_token_ids
-        if not eos:
+        if r.token not in self.tokenizer.eos_token_ids:
             a.detokenizer.add_token(r.token)
         if r.finish_reason:
             a.detokenizer.finalize()
+        text, finish_reason = a.stops.feed(r.token, a.detokenizer.last_segment, r.finish_reason)
         elapsed = time.perf_counter() - a.tic
-        a.request.pieces.put(Piece(a.detokenizer.last_segment, r.token, r.finish_reason,
-                                   len(a.request.tokens), a.count, a.count / elapsed if elapsed > 0 else 0.0))
-        if r.finish_reason:
-            del active[r.uid]
-            a.request.pieces.put(None)
+        a.request.pieces.put(Piece(text, r.token, finish_reason, len(a.request.tokens), a.count,
+                                   a.count / elapsed if elapsed > 0 else 0.0))
+        if finish_reason is None:
+            return False
+        del active[r.uid]
+        a.request.pieces.put(None)
+        return r.finish_reason is None

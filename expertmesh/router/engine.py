@@ -1,4 +1,5 @@
-"""Engine: requests in, token pieces out; generation batched by the Scheduler."""
+"""Engine: prompts and conversations in, token pieces out; generation is
+batched across requests by the Scheduler on the router's MLX thread."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import logging
 from typing import Callable, Iterator
 
 import mlx.nn as nn
-from mlx_lm.sample_utils import make_sampler
 
 from ..errors import InvalidRequestError
+from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import Piece, Request, Scheduler
 
@@ -22,6 +23,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = int(config.get("max_position_embeddings") or 1 << 31)
+        self.vocab_size = int(config.get("vocab_size") or 0)
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
         self.scheduler = Scheduler(model, tokenizer, self.worker)
@@ -34,31 +36,63 @@ class Engine:
         add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
         return tok.encode(prompt, add_special_tokens=add_special)
 
-    def generate(self, prompt: str, max_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 0.0, seed: int | None = None,
+    def apply_chat_template(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+        """The tokens mlx-lm would generate from for this conversation.
+
+        Raises:
+            InvalidRequestError: no messages, a malformed one, no chat template,
+                or the template rejects the conversation.
+        """
+        if not self.tokenizer.has_chat_template:
+            raise InvalidRequestError("this checkpoint has no chat template: use Generate with your own prompt",
+                                      param="messages")
+        messages = [_message(m, i) for i, m in enumerate(messages or [])]
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, **(chat_template_kwargs or {})))
+        except Exception as e:  # jinja raises what the template says: the conversation's fault
+            raise InvalidRequestError(f"the chat template rejects these messages: {e}", param="messages") from None
+
+    def generate(self, prompt: str, options: GenerationOptions = GenerationOptions(),
                  is_active: Callable[[], bool] = lambda: True) -> Iterator[Piece]:
         """Stream the completion of ``prompt``.
 
         Raises:
-            InvalidRequestError: empty prompt, or one longer than the context.
+            InvalidRequestError: empty prompt, one longer than the context, or bad options.
             UnavailableError: a node went down.
         """
-        tokens = self.encode(prompt)
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a string", param="prompt")
+        return self._start(self.encode(prompt), options, "prompt", is_active)
+
+    def chat(self, messages: list[dict], options: GenerationOptions = GenerationOptions(),
+             chat_template_kwargs: dict | None = None,
+             is_active: Callable[[], bool] = lambda: True) -> Iterator[Piece]:
+        """Stream the assistant's reply to ``messages`` (``{"role", "content"}`` dicts).
+
+        Raises:
+            InvalidRequestError: see ``apply_chat_template`` and ``generate``.
+            UnavailableError: a node went down.
+        """
+        return self._start(self.apply_chat_template(messages, chat_template_kwargs), options, "messages", is_active)
+
+    def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active) -> Iterator[Piece]:
+        options.validate()
         if not tokens:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError(f"the {param} is empty", param=param)
         if len(tokens) >= self.context_length:
             raise InvalidRequestError(
-                f"the prompt is {len(tokens)} tokens; the model's context is {self.context_length}")
-        max_tokens = max_tokens or self.default_max_tokens
-        if max_tokens < 0:
-            raise InvalidRequestError("max_tokens must be positive")
-        max_tokens = min(max_tokens, self.context_length - len(tokens))
-        if temperature < 0 or not 0 <= top_p <= 1:
-            raise InvalidRequestError("temperature must be >= 0 and top_p in [0, 1]")
-        sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-        return self._stream(Request(tokens, max_tokens, sampler, seed=seed), is_active)
+                f"the prompt is {len(tokens)} tokens; the model's context is {self.context_length}",
+                param=param, code="context_length_exceeded")
+        if self.vocab_size and options.top_k >= self.vocab_size:
+            raise InvalidRequestError(f"top_k must be below the vocabulary size {self.vocab_size}", param="top_k")
+        max_tokens = min(options.max_tokens or self.default_max_tokens, self.context_length - len(tokens))
+        return self._stream(tokens, max_tokens, options, is_active)
 
-    def _stream(self, request: Request, is_active) -> Iterator[Piece]:
+    def _stream(self, tokens, max_tokens, options, is_active) -> Iterator[Piece]:
+        request = Request(tokens, max_tokens, options)
         self.scheduler.submit(request)
         try:
             while (item := request.pieces.get()) is not None:
@@ -69,3 +103,19 @@ class Engine:
                     break
         finally:
             request.cancelled.set()
+
+
+def _message(m, i: int) -> dict:
+    """An OpenAI-style message as the template wants it: text content only."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise InvalidRequestError(f"messages[{i}] must be an object with a string role", param="messages")
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise InvalidRequestError(f"messages[{i}]: only text content is supported", param="messages")
+        content = "".join(str(p.get("text", "")) for p in content)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
+    return {**m, "content": content}

@@ -18,6 +18,7 @@ from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .dense import load_dense
 from .dispatcher import Dispatcher, NodeLink
 from .engine import Engine, Piece
+from .openai import OpenAIServer
 from .service import InferenceServicer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class RouterConfig:
     assign_timeout: float = 600.0                  # a node loading its experts
     forward_timeout: float = 60.0                  # one MoE layer on one node
     default_max_tokens: int = 256
+    http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
 
 
 class Router:
@@ -53,6 +55,7 @@ class Router:
         self.worker = self.engine.worker
         self.links: list[NodeLink] = []
         self.placement: planner.Placement | None = None
+        self.http: OpenAIServer | None = None
         self.server, self.port, self._health = create_server(
             f"{config.host}:{config.port}",
             lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
@@ -116,11 +119,15 @@ class Router:
 
     def start(self) -> "Router":
         self.server.start()
+        if self.config.http_port is not None:
+            self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
         set_serving(self._health, True)
         return self
 
     def stop(self, grace: float = 1.0) -> None:
         set_serving(self._health, False)
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace).wait()
         self.engine.close()
         for link in self.links:
@@ -137,9 +144,16 @@ class Router:
             UnavailableError: not connected, or a node went down.
             InvalidRequestError: a bad request.
         """
+        return self._connected_engine().generate(prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw) -> Iterator[Piece]:
+        """Stream the reply to ``messages`` (see ``Engine.chat``); raises as ``generate``."""
+        return self._connected_engine().chat(messages, **kw)
+
+    def _connected_engine(self) -> Engine:
         if self.placement is None:
             raise UnavailableError("the router is not connected to any node")
-        return self.engine.generate(prompt, **kw)
+        return self.engine
 
     def cluster(self) -> pb.ClusterInfo:
         nodes = []

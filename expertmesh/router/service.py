@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from google.protobuf import json_format
+
 from ..errors import ExpertmeshError, status_code
+from ..options import GenerationOptions
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -16,17 +19,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.router = router
 
     def Generate(self, request, context):
-        seed = request.seed if request.HasField("seed") else None
+        return self._stream("Generate", context, self.router.generate, request.prompt,
+                            options=GenerationOptions.from_message(request), is_active=context.is_active)
+
+    def Chat(self, request, context):
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        kwargs = json_format.MessageToDict(request.chat_template_kwargs) if request.HasField("chat_template_kwargs") else None
+        return self._stream("Chat", context, self.router.chat, messages, options=GenerationOptions.from_message(request),
+                            chat_template_kwargs=kwargs, is_active=context.is_active)
+
+    def _stream(self, method, context, start, *args, **kw):
         try:
-            for r in self.router.generate(request.prompt, max_tokens=request.max_tokens or None,
-                                          temperature=request.temperature, top_p=request.top_p,
-                                          seed=seed, is_active=context.is_active):
+            for r in start(*args, **kw):
                 yield pb.GenerateResponse(
                     text=r.text, token=r.token, finish_reason=r.finish_reason or "",
                     prompt_tokens=r.prompt_tokens, generation_tokens=r.generation_tokens,
                     generation_tps=r.generation_tps)
         except ExpertmeshError as e:
-            logger.warning("Generate failed: %s", e)
+            logger.warning("%s failed: %s", method, e)
             context.abort(status_code(e), str(e))
 
     def GetCluster(self, request, context):

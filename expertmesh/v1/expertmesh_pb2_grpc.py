@@ -240,6 +240,11 @@ class InferenceServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/expertmesh.v1.InferenceService/Chat',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ChatRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetCluster = channel.unary_unary(
                 '/expertmesh.v1.InferenceService/GetCluster',
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GetClusterRequest.SerializeToString,
@@ -251,6 +256,12 @@ class InferenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,6 +279,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ChatRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.SerializeToString,
             ),
             'GetCluster': grpc.unary_unary_rpc_method_handler(
@@ -302,6 +318,33 @@ class InferenceService:
             target,
             '/expertmesh.v1.InferenceService/Generate',
             expertmesh_dot_v1_dot_expertmesh__pb2.GenerateRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expertmesh.v1.InferenceService/Chat',
+            expertmesh_dot_v1_dot_expertmesh__pb2.ChatRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

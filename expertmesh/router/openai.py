@@ -1,0 +1,259 @@
+"""An OpenAI-compatible HTTP API on the router, so chat UIs and agents that
+speak to mlx-lm's server, exo or LM Studio can speak to the mesh.
+
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``;
+streaming as server-sent events; errors as ``{"error": {"message", "type",
+"param", "code"}}``. Handler threads never touch mlx: they call
+``Router.generate`` / ``Router.chat``, which run the model on the router's
+MLX worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .. import __version__
+from ..errors import ExpertmeshError, InvalidRequestError, RequestTooLargeError, UnavailableError
+from ..options import GenerationOptions
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+# body fields that are GenerationOptions fields under the same name
+_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "seed", "stop")
+
+
+class OpenAIServer:
+    """``/v1`` endpoints served by a router from a thread of their own.
+
+    Raises:
+        UnavailableError: the address cannot be bound.
+    """
+
+    def __init__(self, router, host: str, port: int):
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        except OSError as e:
+            raise UnavailableError(f"cannot listen for HTTP on {host}:{port}: {e}") from None
+        self._httpd.daemon_threads = True
+        self._httpd.router = router
+        self._httpd.created = int(time.time())
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="openai-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> "OpenAIServer":
+        self._thread.start()
+        logger.info("OpenAI-compatible API on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = f"expertmesh/{__version__}"
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    # --- routes ----------------------------------------------------------------
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            model = self._model_card()
+            self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
+        elif self.path == f"/v1/models/{self._model_card()['id']}":
+            self._json(HTTPStatus.OK, self._model_card())
+        else:
+            self._not_found()
+
+    def do_POST(self):
+        kinds = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
+        kind = kinds.get(self.path)
+        if kind is None:
+            return self._not_found()
+        try:
+            body = self._read_json()
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise InvalidRequestError("stream must be true or false", param="stream")
+            if body.get("n") not in (None, 1):
+                raise InvalidRequestError("only n=1 is supported", param="n")
+            options = _options(body)
+            pieces = self._start(kind, body, options)
+            first = next(pieces, None)  # errors before the first token still get a status
+        except ExpertmeshError as e:
+            return self._error(e)
+        except Exception:
+            logger.exception("%s %s failed", self.command, self.path)
+            return self._error(ExpertmeshError("internal error; see the router's log"))
+        reply = _Reply(kind, self._model_card()["id"])
+        if stream:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            self._stream(reply, first, pieces, include_usage)
+        else:
+            self._complete(reply, first, pieces)
+
+    def _start(self, kind, body, options):
+        router = self.server.router
+        if kind == "chat.completion":
+            if "messages" not in body:
+                raise InvalidRequestError("messages is required", param="messages")
+            if not isinstance(body["messages"], list):
+                raise InvalidRequestError("messages must be a list", param="messages")
+            kwargs = body.get("chat_template_kwargs")
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+            return router.chat(body["messages"], options=options, chat_template_kwargs=kwargs)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt is required and must be a string", param="prompt")
+        return router.generate(prompt, options=options)
+
+    # --- answers -----------------------------------------------------------------
+    def _complete(self, reply: "_Reply", first, pieces) -> None:
+        text, last = [], first
+        try:
+            for piece in _chain(first, pieces):
+                text.append(piece.text)
+                last = piece
+        except ExpertmeshError as e:
+            return self._error(e)
+        self._json(HTTPStatus.OK, reply.whole("".join(text), last))
+
+    def _stream(self, reply: "_Reply", first, pieces, include_usage: bool) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        last = first
+        try:
+            if reply.chat:
+                self._event(reply.chunk("", None, role=True))
+            for piece in _chain(first, pieces):
+                last = piece
+                if piece.text or piece.finish_reason:
+                    self._event(reply.chunk(piece.text, piece.finish_reason))
+            if include_usage and last is not None:
+                self._event({**reply.chunk("", None), "choices": [], "usage": _usage(last)})
+            self.wfile.write(b"data: [DONE]\n\n")
+        except ExpertmeshError as e:
+            logger.warning("streamed generation failed: %s", e)
+            self._event(_error_body(e)[1])
+        except (BrokenPipeError, ConnectionResetError):
+            logger.info("HTTP client went away; generation stopped")
+        finally:
+            pieces.close()
+
+    def _event(self, obj: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, err: ExpertmeshError) -> None:
+        status, body = _error_body(err)
+        logger.info("%s %s: %d %s", self.command, self.path, status, err)
+        self._json(status, body)
+
+    def _not_found(self) -> None:
+        self._json(HTTPStatus.NOT_FOUND, _error_json(f"no such endpoint: {self.command} {self.path}",
+                                                     "invalid_request_error", None, "not_found"))
+
+    def _read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise InvalidRequestError("a JSON body with a Content-Length header is required")
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestTooLargeError(f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES} are accepted")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the body must be a JSON object")
+        return body
+
+    def _model_card(self) -> dict:
+        return {"id": self.server.router.checkpoint.model_id, "object": "model",
+                "created": self.server.created, "owned_by": "expertmesh"}
+
+
+class _Reply:
+    """The JSON of one completion, whole or as stream chunks."""
+
+    def __init__(self, kind: str, model: str):
+        self.chat = kind == "chat.completion"
+        self.kind = kind
+        self.base = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}",
+                     "created": int(time.time()), "model": model}
+
+    def whole(self, text: str, last) -> dict:
+        choice = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason if last else "length"}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {**self.base, "object": self.kind, "choices": [choice], "usage": _usage(last)}
+
+    def chunk(self, text: str, finish_reason: str | None, role: bool = False) -> dict:
+        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        else:
+            choice["text"] = text
+        return {**self.base, "object": f"{self.kind}.chunk" if self.chat else self.kind, "choices": [choice]}
+
+
+def _options(body: dict) -> GenerationOptions:
+    fields = {name: body[name] for name in _OPTIONS if body.get(name) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    return GenerationOptions().replace(**fields).validate()
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def _usage(last) -> dict:
+    prompt, completion = (last.prompt_tokens, last.generation_tokens) if last else (0, 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _error_json(message: str, type_: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_body(err: ExpertmeshError) -> tuple[int, dict]:
+    """The HTTP status and OpenAI error JSON for one of our errors."""
+    if isinstance(err, RequestTooLargeError):
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, _error_json(str(err), "invalid_request_error", err.param, err.code)
+    if isinstance(err, InvalidRequestError):
+        return HTTPStatus.BAD_REQUEST, _error_json(str(err), "invalid_request_error", err.param, err.code)
+    if isinstance(err, UnavailableError):
+        return HTTPStatus.SERVICE_UNAVAILABLE, _error_json(str(err), "server_error", None, "unavailable")
+    return HTTPStatus.INTERNAL_SERVER_ERROR, _error_json(str(err), "server_error", None, None)
