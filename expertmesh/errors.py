@@ -7,6 +7,7 @@
     ├── InvalidRequestError         bad input to an RPC (INVALID_ARGUMENT)
     ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
     ├── AuthError                   missing or wrong credentials (UNAUTHENTICATED)
+    ├── DiscoveryError              mDNS cannot run on the chosen interfaces
     └── UnavailableError            a router or node cannot be reached / went down
 
 gRPC status codes map to these in one place, ``from_rpc_error``.
@@ -43,6 +44,10 @@ class RequestTooLargeError(InvalidRequestError):
 
 class AuthError(ExpertmeshError):
     """Credentials were missing or wrong."""
+
+
+class DiscoveryError(ExpertmeshError):
+    """An ``--interface`` does not exist, or mDNS cannot start on it."""
 
 
 class UnavailableError(ExpertmeshError):

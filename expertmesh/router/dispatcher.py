@@ -9,6 +9,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable
 
 import grpc
 import mlx.core as mx
@@ -25,11 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 class NodeLink:
-    """The router's connection to one node."""
+    """The router's connection to one node.
 
-    def __init__(self, address: str, timeout: float):
+    ``on_broken(link)`` is called (from the stream's reader thread) when the
+    Forward stream ends; from then on ``submit`` fails at once.
+    """
+
+    def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None):
         self.address = address
         self.timeout = timeout
+        self.on_broken = on_broken
         self.name = address
         self.info: pb.NodeInfo | None = None
         self.error = ""
@@ -64,8 +70,10 @@ class NodeLink:
 
     # --- the Forward stream ---------------------------------------------------
     def open_stream(self) -> None:
-        self._requests = queue.SimpleQueue()
-        self._broken = None
+        with self._lock:
+            self._requests = queue.SimpleQueue()
+            self._broken = None
+            self.error = ""
         call = self.stub.Forward(iter(self._requests.get, None))
         self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
                                         name=f"forward-{self.address}")
@@ -84,24 +92,32 @@ class NodeLink:
         with self._lock:
             self._broken = err
             pending, self._pending = self._pending, {}
+        self.error = str(err)
         for fut in pending.values():
             fut.set_exception(err)
-        self.error = str(err)
+        self.on_broken(self)
+
+    @property
+    def down(self) -> bool:
+        return self._broken is not None
 
     def submit(self, request: pb.ForwardRequest) -> Future:
         fut: Future = Future()
         with self._lock:
             if self._broken is not None:
-                raise self._broken
+                raise UnavailableError(f"{self!r} is down ({self._broken}); its experts are unavailable "
+                                       "until it is back")
             self._pending[request.request_id] = fut
         self._requests.put(request)
         return fut
 
-    def close(self) -> None:
-        """End the Forward stream (letting the node finish it), then the channel."""
+    def close(self, graceful: bool = True) -> None:
+        """End the Forward stream (letting the node finish it unless not
+        ``graceful``: a node that stopped answering), then the channel."""
         if self._requests is not None:
             self._requests.put(None)
-            self._reader.join(timeout=self.timeout)
+            if graceful:
+                self._reader.join(timeout=self.timeout)
         self._channel.close()
 
 
@@ -114,6 +130,10 @@ class Dispatcher:
         self.placement = placement
         self.timeout = timeout
         self._ids = itertools.count(1)
+
+    def replace(self, link: NodeLink) -> None:
+        """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
+        self.links[self.placement.nodes.index(link.name)] = link
 
     def __call__(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         shape = x.shape
