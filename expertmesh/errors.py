@@ -76,11 +76,26 @@ _TO_CODE = {
 }
 
 
+# Trailing metadata naming the error class, on errors a server raised itself
+# (a node that is down, say), so clients do not take them for transport failures.
+_RAISED = "expertmesh-error"
+_CLASSES = {cls.__name__: cls for cls in _TO_CODE}
+
+
+def abort(context: grpc.ServicerContext, err: ExpertmeshError) -> None:
+    """End an RPC with ``err``: its status code, its message, its class."""
+    context.set_trailing_metadata(((_RAISED, type(err).__name__),))
+    context.abort(status_code(err), str(err))
+
+
 def from_rpc_error(err: grpc.RpcError, target: str) -> ExpertmeshError:
     """Turn a failed call into the matching public error, naming the peer."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _BY_CODE.get(code, ExpertmeshError)
+    raised = dict(err.trailing_metadata() or ()).get(_RAISED) if hasattr(err, "trailing_metadata") else None
+    if raised:
+        return _CLASSES.get(raised, cls)(details)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {target}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -21,3 +21,11 @@ def expand(text: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def per_layer(held: dict[int, list[int]]) -> str:
+    """{layer: experts} in a line: "0-3 (every layer)", or "L0: 0-3; L1: 4-7"."""
+    sets = {compact(e) for e in held.values()}
+    if len(sets) == 1:
+        return f"{sets.pop()} (every layer)"
+    return "; ".join(f"L{l}: {compact(e)}" for l, e in sorted(held.items()))

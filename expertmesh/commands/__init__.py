@@ -17,6 +17,10 @@ def discovery_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--discovery", action=argparse.BooleanOptionalAction,
                    default=os.environ.get("EXPERTMESH_DISCOVERY", "on") != "off",
                    help=f"{what} (default: on, unless EXPERTMESH_DISCOVERY=off)")
+    interface_argument(p)
+
+
+def interface_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interface", action="append", default=[], metavar="NAME_OR_IP",
                    help="network interface for mDNS, e.g. en0 or bridge0 (repeat for more; "
                         "default: every non-loopback interface)")

@@ -9,16 +9,14 @@ def add_arguments(p) -> None:
 
 def run(args) -> None:
     from ..client import Client
-    from ..ranges import compact
+    from ..ranges import per_layer
 
     with Client(args.router) as client:
         c = client.cluster()
     print(f"model {c.model_id} (config {c.config_hash}): {len(c.moe_layers)} MoE layers x {c.num_experts} experts")
     print(f"{'NODE':<16} {'ADDRESS':<22} {'STATE':<8} {'MEMORY (used/budget)':<22} EXPERTS PER LAYER")
     for n in c.nodes:
-        ranges = {compact(e) for e in n.experts.values()}
-        held = ranges.pop() + " (every layer)" if len(ranges) == 1 else "; ".join(
-            f"L{l}: {compact(e)}" for l, e in sorted(n.experts.items()))
+        held = per_layer(n.experts)
         memory = f"{n.memory_used_bytes / 1e6:.1f}/{n.memory_budget_bytes / 1e9:.1f} GB"
         print(f"{n.name:<16} {n.address:<22} {n.state:<8} {memory:<22} {held}")
         if n.error:

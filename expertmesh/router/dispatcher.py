@@ -50,9 +50,9 @@ class NodeLink:
     def __repr__(self):
         return f"node {self.address}" if self.name == self.address else f"node {self.name} ({self.address})"
 
-    def get_info(self) -> pb.NodeInfo:
+    def get_info(self, timeout: float | None = None) -> pb.NodeInfo:
         try:
-            self.info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
+            self.info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
         self.name = self.info.name

@@ -24,7 +24,7 @@ from .dispatcher import Dispatcher, NodeLink
 
 logger = logging.getLogger(__name__)
 
-_MAX_BACKOFF = 30.0
+_MAX_BACKOFF = 10.0
 _PROBE_TIMEOUT = 2.0
 _CLOSE = object()
 
@@ -94,19 +94,20 @@ class Membership:
             raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node, or turn discovery on")
         if self.browser is not None:
             self._wait_for_nodes()
-        candidates = {address: None for address in cfg.peers}
-        for ann in self.compatible():
-            candidates.setdefault(ann.address, ann.instance)
         failures = []
+        candidates = self._candidates()
         for address, instance in candidates.items():
             link = self._link(address)
             try:
                 link.get_info()
+                self._check(link)
+            except ConfigMismatchError:
+                link.close()
+                raise
             except ExpertmeshError as e:
                 failures.append(str(e))
                 link.close()
                 continue
-            self._check(link)
             self.members.append(Member(instance or link.name, link, instance))
         if not self.members:
             raise UnavailableError("no reachable node: " + "; ".join(failures))
@@ -119,8 +120,15 @@ class Membership:
             m.link.name = m.name
         return self.links
 
-    def _link(self, address: str, timeout: float | None = None) -> NodeLink:
-        return NodeLink(address, timeout or self.config.rpc_timeout, on_broken=self._events.put)
+    def _candidates(self) -> dict[str, str | None]:
+        """HOST:PORT -> mDNS instance (None for a peer mDNS has not announced)."""
+        found: dict[str, str | None] = {address: None for address in self.config.peers}
+        for ann in sorted(self.compatible(), key=lambda a: a.instance):  # the same plan every time
+            found[ann.address] = ann.instance
+        return found
+
+    def _link(self, address: str) -> NodeLink:
+        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put)
 
     def _check(self, link: NodeLink) -> None:
         info = link.info
@@ -138,7 +146,7 @@ class Membership:
         deadline = time.monotonic() + cfg.discovery_timeout
         settled_at = time.monotonic() + cfg.settle
         while True:
-            found = len(cfg.peers) + len(self.compatible())
+            found = len(self._candidates())
             if (found >= cfg.expect) if cfg.expect else (found and time.monotonic() >= settled_at):
                 return
             wake = min(settled_at, deadline) if found and not cfg.expect else deadline
@@ -172,7 +180,7 @@ class Membership:
         cfg = self.config
         where = ", ".join(f"{i.name} ({i.ip})" for i in self.browser.mdns.interfaces)
         want = f"{cfg.expect} nodes" if cfg.expect else "a node"
-        seen = [f"{a.instance} at {a.address}" for a in self.compatible()] + cfg.peers
+        seen = [f"{inst} at {address}" if inst else address for address, inst in self._candidates().items()]
         text = (f"waited {cfg.discovery_timeout:g}s for {want} serving {self.model_id} (config {self.config_hash}) "
                 f"over mDNS on {where}; found {found}" + (f": {', '.join(seen)}" if seen else ""))
         rejected = [f"{a.instance} at {a.address} {why}" for a in self.seen.values() if (why := self.rejection(a))]
@@ -276,9 +284,9 @@ class Membership:
 
     def _probe(self, member: Member) -> None:
         """It left mDNS: down unless it still answers."""
-        probe = self._link(member.link.address, _PROBE_TIMEOUT)
+        probe = self._link(member.link.address)
         try:
-            probe.get_info()
+            probe.get_info(_PROBE_TIMEOUT)
             logger.info("node %s left mDNS but still answers at %s: keeping it", member.name, member.link.address)
         except ExpertmeshError as e:
             member.error = f"left mDNS and does not answer ({e})"
@@ -290,7 +298,7 @@ class Membership:
     def _readmit(self, member: Member, address: str) -> None:
         link = self._link(address)
         try:
-            link.get_info()
+            link.get_info(_PROBE_TIMEOUT)
             self._check(link)
             link.name = member.name
             self._assign(link, member.experts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ExpertmeshError, status_code
+from ..errors import ExpertmeshError, abort
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -27,7 +27,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     generation_tps=r.generation_tps)
         except ExpertmeshError as e:
             logger.warning("Generate failed: %s", e)
-            context.abort(status_code(e), str(e))
+            abort(context, e)
 
     def GetCluster(self, request, context):
         return self.router.cluster()
