@@ -90,50 +90,84 @@ class Process:
 
 
 def run(prompt: str, max_tokens: int, nodes: int, namespace: str | None) -> None:
-    """The demo; with ``namespace``, we run inside it and use mDNS on its loopback."""
+    """The demo; with ``namespace``, we run inside it and use mDNS on its loopback.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, once every process is stopped.
+    """
     from .tinymodel import ensure_demo_model
 
     model = ensure_demo_model()
     print(f"model: {model} (tiny random-weight qwen3_moe)")
-    mdns = ["--discovery", "--interface", "lo"] if namespace else ["--no-discovery"]
     procs: list[Process] = []
+    interrupted = threading.Event()
+
+    def interrupt(signum, frame):
+        # No KeyboardInterrupt inside a gRPC call (closing its channel could then hang):
+        # stopping the children ends whatever we wait for.
+        interrupted.set()
+        for p in procs:
+            p.proc.terminate()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     with tempfile.TemporaryDirectory(prefix="expertmesh-demo-") as logs:
         try:
-            names = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
-            for name in names:
-                procs.append(Process(["node", "--model", str(model), "--port", "0", "--name", name,
-                                      "--memory-gb", "1", *mdns], Path(logs) / f"{name}.log"))
-            addresses = [p.address(timeout=120) for p in procs]
-            print(f"nodes on loopback: {', '.join(addresses)}")
-            if namespace:
-                router_args = ["--expect", str(nodes)]
-                print(f"discovery: the router finds them over mDNS (loopback of network namespace {namespace})")
-            else:
-                router_args = [a for address in addresses for a in ("--peer", address)]
-                print("discovery: static --peer list")
-            router = Process(["router", "--model", str(model), "--port", "0", *mdns, *router_args],
-                             Path(logs) / "router.log")
-            procs.append(router)
-            address = router.address(timeout=120)
-            print(f"router on {address}\n")
-            with Client(address) as client:
-                print(f"prompt: {prompt!r}\n---")
-                last = None
-                for piece in client.generate(prompt, max_tokens=max_tokens):
-                    print(piece.text, end="", flush=True)
-                    last = piece
-                print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
-                      "(random weights: the text is gibberish, the plumbing is real)\n")
-                for node in client.cluster().nodes:
-                    layers = sorted(node.experts)
-                    print(f"{node.name} ({node.address}, {node.state}): experts "
-                          f"{node.experts[layers[0]][0]}-{node.experts[layers[0]][-1]} of every MoE layer, "
-                          f"{node.memory_used_bytes / 1e6:.2f} MB")
+            address = _start_mesh(model, nodes, namespace, Path(logs), procs, interrupted)
+            _generate(address, prompt, max_tokens)
+        except ExpertmeshError:
+            if interrupted.is_set():
+                raise KeyboardInterrupt from None
+            raise
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan anything
             for p in reversed(procs):
                 p.stop()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     print("\nstopped the router and the nodes.")
+
+
+def _start_mesh(model: Path, nodes: int, namespace: str | None, logs: Path, procs: list[Process],
+                interrupted: threading.Event) -> str:
+    """Start the nodes and the router (into ``procs``); returns the router's address."""
+    mdns = ["--discovery", "--interface", "lo"] if namespace else ["--no-discovery"]
+
+    def start(args: list[str], name: str) -> Process:
+        procs.append(Process(args, logs / f"{name}.log"))
+        if interrupted.is_set():  # it may have come before this process was in `procs`
+            raise KeyboardInterrupt
+        return procs[-1]
+
+    for name in [f"node-{chr(ord('a') + i)}" for i in range(nodes)]:
+        start(["node", "--model", str(model), "--port", "0", "--name", name, "--memory-gb", "1", *mdns], name)
+    addresses = [p.address(timeout=120) for p in procs]
+    print(f"nodes on loopback: {', '.join(addresses)}")
+    if namespace:
+        router_args = ["--expect", str(nodes)]
+        print(f"discovery: the router finds them over mDNS (loopback of network namespace {namespace})")
+    else:
+        router_args = [a for address in addresses for a in ("--peer", address)]
+        print("discovery: static --peer list")
+    router = start(["router", "--model", str(model), "--port", "0", *mdns, *router_args], "router")
+    address = router.address(timeout=120)
+    print(f"router on {address}\n")
+    return address
+
+
+def _generate(address: str, prompt: str, max_tokens: int) -> None:
+    with Client(address) as client:
+        print(f"prompt: {prompt!r}\n---")
+        last = None
+        for piece in client.generate(prompt, max_tokens=max_tokens):
+            print(piece.text, end="", flush=True)
+            last = piece
+        print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
+              "(random weights: the text is gibberish, the plumbing is real)\n")
+        for node in client.cluster().nodes:
+            layers = sorted(node.experts)
+            print(f"{node.name} ({node.address}, {node.state}): experts "
+                  f"{node.experts[layers[0]][0]}-{node.experts[layers[0]][-1]} of every MoE layer, "
+                  f"{node.memory_used_bytes / 1e6:.2f} MB")
 
 
 def in_namespace(argv: list[str]) -> int:
@@ -152,12 +186,6 @@ def in_namespace(argv: list[str]) -> int:
         ns.delete()
 
 
-def _stop_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="expertmesh.demo", description=__doc__,
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--in-namespace", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    _stop_on_sigterm()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         if args.in_namespace is None:
             why = netns.unavailable()

@@ -150,10 +150,11 @@ def test_nodes_announce_their_state_and_experts(mesh):
 
 def test_peers_mix_with_discovery_and_without_expect_the_router_settles(mesh, lan, tiny):
     peer = mesh.cluster()["mini-a"].split()[1]  # mini-a's HOST:PORT: given as --peer, and announced
-    second = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--peer", peer, "--settle", "1"],
+    second = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--peer", peer],
                      mesh.logs / "second-router.log", prefix=lan.hosts["router"].prefix)
     try:
         second.wait_for(r"listening on \S+ \(2 nodes: mini-a, mini-b;", 120)
+        assert "joined after the plan" not in second.log.read_text()  # mini-a is the peer, not a newcomer
     finally:
         second.stop()
 

@@ -17,8 +17,8 @@ def add_arguments(p) -> None:
     discovery_arguments(p, "find nodes over mDNS")
     p.add_argument("--expect", type=int, default=None, metavar="N",
                    help="wait until N nodes of this model are found (default: until none new for --settle s)")
-    p.add_argument("--settle", type=float, default=2.0, metavar="SECONDS",
-                   help="without --expect: plan once no new node has appeared for this long (default 2)")
+    p.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
+                   help="without --expect: plan once no new node has appeared for this long (default 3)")
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
     p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")

@@ -54,6 +54,7 @@ class Membership:
         self.model_id, self.config_hash = model_id, config_hash
         self.members: list[Member] = []
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
+        self._spares: set[str] = set()           # compatible instances outside the plan, logged once
         self.dispatcher: Dispatcher | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -165,6 +166,7 @@ class Membership:
         """Record an mDNS change; True when a compatible node is new."""
         old = self.seen.pop(instance, None)
         if ann is None:
+            self._spares.discard(instance)
             logger.info("mDNS: %s left", instance)
             return False
         self.seen[instance] = ann
@@ -272,14 +274,18 @@ class Membership:
             return
         if self.rejection(ann):
             return
-        if member is None:  # the same node under a new instance name?
-            member = next((m for m in self.members if m.down and m.link.info.name == ann.record.name), None)
+        addresses = [f"{a}:{ann.port}" for a in ann.addresses]
+        if member is None:  # a --peer that mDNS announces, or a node back under a new instance name?
+            member = next((m for m in self.members if m.instance is None and m.link.address in addresses), None) \
+                or next((m for m in self.members if m.down and m.link.info.name == ann.record.name), None)
             if member is None:
-                logger.info("node %s at %s joined after the plan was made: restart the router to give it experts",
-                            instance, ann.address)
+                if instance not in self._spares:
+                    self._spares.add(instance)
+                    logger.info("node %s at %s joined after the plan was made: restart the router to give it experts",
+                                instance, ann.address)
                 return
             member.instance = instance
-        if member.down or member.link.address not in [f"{a}:{ann.port}" for a in ann.addresses]:
+        if member.down or member.link.address not in addresses:
             self._readmit(member, ann.address)
 
     def _probe(self, member: Member) -> None:

@@ -36,7 +36,7 @@ class RouterConfig:
     discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
     expect: int | None = None                      # wait for this many nodes before planning
-    settle: float = 2.0                            # without expect: plan once none new came for this long
+    settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
 
 
