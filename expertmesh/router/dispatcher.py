@@ -55,7 +55,8 @@ class NodeLink:
             self.info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
-        self.name = self.info.name
+        if self.name == self.address:  # not named by the router yet
+            self.name = self.info.name
         return self.info
 
     def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float) -> None:

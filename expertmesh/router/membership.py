@@ -15,12 +15,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..discovery import Announcement, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, UnavailableError
 from ..placement import Placement
 from ..serving import PROTOCOL_VERSION
 from .dispatcher import Dispatcher, NodeLink
+
+if TYPE_CHECKING:
+    from .router import RouterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ class Member:
 class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
-    def __init__(self, config, model_id: str, config_hash: str):
+    def __init__(self, config: RouterConfig, model_id: str, config_hash: str):
         self.config = config
         self.model_id, self.config_hash = model_id, config_hash
         self.members: list[Member] = []
@@ -312,7 +316,8 @@ class Membership:
             link.close()
             member.backoff = min(member.backoff * 2, _MAX_BACKOFF)
             member.retry_at = time.monotonic() + member.backoff
-            logger.debug("node %s not back at %s: %s (next try in %gs)", member.name, address, e, member.backoff)
+            level = logging.DEBUG if isinstance(e, UnavailableError) else logging.WARNING  # not there yet / wrong
+            logger.log(level, "node %s not back at %s: %s (next try in %gs)", member.name, address, e, member.backoff)
             return
         old, member.link = member.link, link
         member.error, member.backoff = "", 1.0
