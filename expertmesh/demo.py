@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from . import netns
 from .client import Client
@@ -41,7 +42,7 @@ class Process:
         prefix: what to run it under, e.g. ``["ip", "netns", "exec", NS]``.
     """
 
-    def __init__(self, args: list[str], log: Path, prefix: list[str] = ()):
+    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = ()):
         self.log = log
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "expertmesh.cli", *args],
