@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -36,6 +37,7 @@ class Advertiser:
                  record: NodeRecord, ttl: int = TTL):
         self._lock = threading.Lock()
         self._registered = False
+        self._announcing: asyncio.Future | None = None  # the latest update's announcements; event loop only
         host = re.sub(r"[^A-Za-z0-9-]+", "-", instance).strip("-")[:40] or "node"
         # a host name of our own: two machines with one host name must not share address records
         self.info = ServiceInfo(SERVICE_TYPE, f"{instance[:63]}.{SERVICE_TYPE}", port=port,
@@ -60,17 +62,25 @@ class Advertiser:
 
     def update(self, record: NodeRecord) -> None:
         """Publish a new TXT record; returns once answers carry it (announcements follow)."""
+        async def publish(info: ServiceInfo):
+            self._stop_announcing()  # an older record announced after this one would win in caches
+            self._announcing = await self.mdns.zc.async_update_service(info)
         with self._lock:
             info = self.info
             self.info = ServiceInfo(SERVICE_TYPE, info.name, port=info.port, parsed_addresses=info.parsed_addresses(),
                                     properties=record.to_txt(), server=info.server,
                                     host_ttl=info.host_ttl, other_ttl=info.other_ttl)
             if self._registered:
-                self.mdns.submit(self.mdns.zc.async_update_service(self.info)).result(_TIMEOUT)
+                self.mdns.submit(publish(self.info)).result(_TIMEOUT)
+
+    def _stop_announcing(self) -> None:  # on the event loop
+        if self._announcing is not None:
+            self._announcing.cancel()
 
     def close(self) -> None:
         """Say goodbye (when registered) and stop zeroconf."""
         async def unregister():
+            self._stop_announcing()
             await (await self.mdns.zc.async_unregister_service(self.info))
         try:
             with self._lock:

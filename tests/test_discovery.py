@@ -85,12 +85,13 @@ class Mesh:
         out = self.cli("cluster", "--router", self.address)
         assert out.returncode == 0, out.stderr
         rows: dict[str, str] = {}
+        name = ""
         for line in out.stdout.splitlines()[2:]:
-            if line.startswith(" "):
-                rows[last] += "\n" + line.strip()
+            if line.startswith(" "):  # "error: ..." under its node
+                rows[name] += "\n" + line.strip()
             else:
-                last = line.split()[0]
-                rows[last] = line
+                name = line.split()[0]
+                rows[name] = line
         return rows
 
     def greedy_tokens(self) -> list[int]:
