@@ -45,4 +45,5 @@ def run(args) -> None:
             print(f"{instance:<16} {ann.address:<22} {'?':<8} {ann.problem}")
             continue
         model = f"{r.model_id} ({r.config_hash})" + (f" protocol {r.protocol}" if r.protocol != PROTOCOL_VERSION else "")
-        print(f"{instance:<16} {ann.address:<22} {r.state:<8} {model:<34} {r.memory_budget / 1e9:<6.1f} GB {per_layer(r.held) or '-'}")
+        budget = f"{r.memory_budget / 1e9:.1f} GB"
+        print(f"{instance:<16} {ann.address:<22} {r.state:<8} {model:<34} {budget:<9} {per_layer(r.held) or '-'}")
