@@ -54,8 +54,9 @@ class Advertiser:
         """Probe, rename on collision, announce. Returns the instance name."""
         async def register():
             await (await self.mdns.zc.async_register_service(self.info, allow_name_change=True))
-        self.mdns.submit(register()).result(_TIMEOUT)
-        self._registered = True
+        with self._lock:  # an update waits: probing may rename the record it would copy
+            self.mdns.submit(register()).result(_TIMEOUT)
+            self._registered = True
         logger.info("advertising %s on %s", self.info.name,
                     ", ".join(f"{i.name} ({i.ip})" for i in self.mdns.interfaces))
         return self.instance
