@@ -6,6 +6,7 @@ from .client import Client, ClusterView, NodeView, Piece
 from .errors import (
     AuthError,
     ConfigMismatchError,
+    DiscoveryError,
     ExpertmeshError,
     InvalidRequestError,
     ModelError,
@@ -20,6 +21,7 @@ __all__ = [
     "Client",
     "ClusterView",
     "ConfigMismatchError",
+    "DiscoveryError",
     "ExpertmeshError",
     "GenerationOptions",
     "InvalidRequestError",

@@ -1,54 +1,84 @@
-"""``make demo``: a local mesh on the built-in tiny model.
+"""``make demo``: a local mesh on the built-in tiny model, found over mDNS.
 
-Builds the tiny model if missing, starts two node processes and a router on
-loopback (``--peer``; mDNS discovery is not wired up yet), generates text
-through the Python client, prints the cluster, and stops everything — also
-on Ctrl-C or an error.
+Builds the tiny model if missing, starts two node processes and a router,
+generates text through the Python client, prints the cluster, and stops
+everything — also on Ctrl-C or an error.
+
+The router finds the nodes over mDNS on loopback inside a network namespace
+of its own (multicast switched on for its ``lo``), so nothing is announced
+on this machine's network. Where no namespace can be made (not root, no
+``ip``, not Linux) the demo says so and gives the router ``--peer`` addresses.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Sequence
 
+from . import netns
 from .client import Client
 from .errors import ExpertmeshError
-from .tinymodel import ensure_demo_model
 
-_LISTENING = re.compile(r"listening on (\S+)")
+_LISTENING = r"^expertmesh (?:node|router)\b.* listening on (\S+)"
 
 
 class Process:
-    """A child expertmesh process whose address we learn from its stdout."""
+    """A child expertmesh process; its output (stdout and logs) goes to ``log``
+    and can be waited on line by line.
 
-    def __init__(self, args: list[str], log: Path):
+    Args:
+        args: the ``expertmesh`` command line.
+        log: where its output goes.
+        prefix: what to run it under, e.g. ``["ip", "netns", "exec", NS]``.
+    """
+
+    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = ()):
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expertmesh.cli", *args],
-            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+            [*prefix, sys.executable, "-m", "expertmesh.cli", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(line)
+        with open(self.log, "w") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                self._lines.put(line)
         self._lines.put(None)
 
-    def address(self, timeout: float) -> str:
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The next output line matching ``pattern``.
+
+        Raises:
+            ExpertmeshError: none within ``timeout`` seconds, or the process ended.
+        """
+        deadline = time.monotonic() + timeout
         try:
-            while (line := self._lines.get(timeout=timeout)) is not None:
-                if m := _LISTENING.search(line):
-                    return m.group(1)
+            while (line := self._lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+                if m := re.search(pattern, line):
+                    return m
         except queue.Empty:
-            raise ExpertmeshError(f"no address after {timeout:g}s; see {self.log}") from None
+            raise ExpertmeshError(f"no line like {pattern!r} after {timeout:g}s; see {self.log}") from None
+        self._lines.put(None)  # later calls see the end too
         tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise ExpertmeshError(f"process exited early: {tail[0]}")
+        raise ExpertmeshError(f"process exited: {tail[0]}")
+
+    def address(self, timeout: float) -> str:
+        """The HOST:PORT from its ``listening on`` line."""
+        return self.wait_for(_LISTENING, timeout).group(1)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -60,52 +90,123 @@ class Process:
                 self.proc.wait()
 
 
-def run(prompt: str, max_tokens: int, nodes: int) -> None:
+def run(prompt: str, max_tokens: int, nodes: int, namespace: str | None) -> None:
+    """The demo; with ``namespace``, we run inside it and use mDNS on its loopback.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, once every process is stopped.
+    """
+    from .tinymodel import ensure_demo_model
+
     model = ensure_demo_model()
     print(f"model: {model} (tiny random-weight qwen3_moe)")
     procs: list[Process] = []
+    interrupted = threading.Event()
+
+    def interrupt(signum, frame):
+        # No KeyboardInterrupt inside a gRPC call (closing its channel could then hang):
+        # stopping the children ends whatever we wait for.
+        interrupted.set()
+        for p in procs:
+            p.proc.terminate()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     with tempfile.TemporaryDirectory(prefix="expertmesh-demo-") as logs:
         try:
-            peers = []
-            for i in range(nodes):
-                name = f"node-{chr(ord('a') + i)}"
-                procs.append(Process(["node", "--model", str(model), "--port", "0", "--name", name,
-                                      "--memory-gb", "1"], Path(logs) / f"{name}.log"))
-            for p in procs:
-                peers.append(p.address(timeout=120))
-            print(f"nodes on loopback: {', '.join(peers)} (static --peer list)")
-            router = Process(["router", "--model", str(model), "--port", "0",
-                              *[a for peer in peers for a in ("--peer", peer)]], Path(logs) / "router.log")
-            procs.append(router)
-            address = router.address(timeout=120)
-            print(f"router on {address}\n")
-            with Client(address) as client:
-                print(f"prompt: {prompt!r}\n---")
-                last = None
-                for piece in client.generate(prompt, max_tokens=max_tokens):
-                    print(piece.text, end="", flush=True)
-                    last = piece
-                print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
-                      "(random weights: the text is gibberish, the plumbing is real)\n")
-                for node in client.cluster().nodes:
-                    layers = sorted(node.experts)
-                    print(f"{node.name} ({node.address}, {node.state}): experts "
-                          f"{node.experts[layers[0]][0]}-{node.experts[layers[0]][-1]} of every MoE layer, "
-                          f"{node.memory_used_bytes / 1e6:.2f} MB")
+            address = _start_mesh(model, nodes, namespace, Path(logs), procs, interrupted)
+            _generate(address, prompt, max_tokens)
+        except ExpertmeshError:
+            if interrupted.is_set():
+                raise KeyboardInterrupt from None
+            raise
         finally:
             for p in reversed(procs):
                 p.stop()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     print("\nstopped the router and the nodes.")
 
 
+def _start_mesh(model: Path, nodes: int, namespace: str | None, logs: Path, procs: list[Process],
+                interrupted: threading.Event) -> str:
+    """Start the nodes and the router (into ``procs``); returns the router's address."""
+    mdns = ["--discovery", "--interface", "lo"] if namespace else ["--no-discovery"]
+
+    def start(args: list[str], name: str) -> Process:
+        procs.append(Process(args, logs / f"{name}.log"))
+        if interrupted.is_set():  # it may have come before this process was in `procs`
+            raise KeyboardInterrupt
+        return procs[-1]
+
+    for name in [f"node-{chr(ord('a') + i)}" for i in range(nodes)]:
+        start(["node", "--model", str(model), "--port", "0", "--name", name, "--memory-gb", "1", *mdns], name)
+    addresses = [p.address(timeout=120) for p in procs]
+    print(f"nodes on loopback: {', '.join(addresses)}")
+    if namespace:
+        router_args = ["--expect", str(nodes)]
+        print(f"discovery: the router finds them over mDNS (loopback of network namespace {namespace})")
+    else:
+        router_args = [a for address in addresses for a in ("--peer", address)]
+        print("discovery: static --peer list")
+    router = start(["router", "--model", str(model), "--port", "0", *mdns, *router_args], "router")
+    address = router.address(timeout=120)
+    print(f"router on {address}\n")
+    return address
+
+
+def _generate(address: str, prompt: str, max_tokens: int) -> None:
+    with Client(address) as client:
+        print(f"prompt: {prompt!r}\n---")
+        last = None
+        for piece in client.generate(prompt, max_tokens=max_tokens):
+            print(piece.text, end="", flush=True)
+            last = piece
+        print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
+              "(random weights: the text is gibberish, the plumbing is real)\n")
+        for node in client.cluster().nodes:
+            layers = sorted(node.experts)
+            print(f"{node.name} ({node.address}, {node.state}): experts "
+                  f"{node.experts[layers[0]][0]}-{node.experts[layers[0]][-1]} of every MoE layer, "
+                  f"{node.memory_used_bytes / 1e6:.2f} MB")
+
+
+def in_namespace(argv: list[str]) -> int:
+    """Run this demo again inside a fresh network namespace; remove the namespace after."""
+    ns = netns.Namespace(f"expertmesh-demo-{os.getpid()}")
+    try:
+        ns.ip("link", "set", "lo", "multicast", "on")
+        child = subprocess.Popen([*ns.prefix, sys.executable, "-m", "expertmesh.demo",
+                                  "--in-namespace", ns.name, *argv])
+        # Ctrl-C reaches the child too (one process group): it stops its processes; we wait for it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        code = child.wait()
+        return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+    finally:
+        ns.delete()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="expertmesh.demo", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="expertmesh.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--in-namespace", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
-        run(args.prompt, args.max_tokens, args.nodes)
+        if args.in_namespace is None:
+            why = netns.unavailable()
+            if not why:
+                try:
+                    return in_namespace(argv)
+                except OSError as e:
+                    why = str(e)
+            print(f"no network namespace for mDNS here ({why}): the nodes go to the router as --peer addresses")
+        run(args.prompt, args.max_tokens, args.nodes, args.in_namespace)
     except ExpertmeshError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@
     ├── InvalidRequestError         bad input to an RPC (INVALID_ARGUMENT)
     ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
     ├── AuthError                   missing or wrong credentials (UNAUTHENTICATED)
+    ├── DiscoveryError              mDNS cannot run on the chosen interfaces
     └── UnavailableError            a router or node cannot be reached / went down
 
 gRPC status codes map to these in one place, ``from_rpc_error``.
@@ -54,6 +55,10 @@ class AuthError(ExpertmeshError):
     """Credentials were missing or wrong."""
 
 
+class DiscoveryError(ExpertmeshError):
+    """An ``--interface`` does not exist, or mDNS cannot start on it."""
+
+
 class UnavailableError(ExpertmeshError):
     """A router or node could not be reached, or stopped answering."""
 
@@ -80,18 +85,38 @@ _TO_CODE = {
 }
 
 
+# Trailing metadata naming the error class, on errors a server raised itself
+# (a node that is down, say), so clients do not take them for transport failures.
+_RAISED = "expertmesh-error"
+_CLASSES = {cls.__name__: cls for cls in _TO_CODE}
+
+
+def abort(context: grpc.ServicerContext, err: ExpertmeshError) -> None:
+    """End an RPC with ``err``: its status code, its message, its class."""
+    context.set_trailing_metadata(((_RAISED, type(err).__name__),))
+    context.abort(status_code(err), str(err))
+
+
 def from_rpc_error(err: grpc.RpcError, target: str) -> ExpertmeshError:
     """Turn a failed call into the matching public error, naming the peer."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
-    return from_status(code, details, target)
+    raised = dict(err.trailing_metadata() or ()).get(_RAISED) if hasattr(err, "trailing_metadata") else None
+    return from_status(code, details, target, raised)
 
 
-def from_status(code: grpc.StatusCode | int | None, details: str, target: str) -> ExpertmeshError:
-    """The public error for a status (a StatusCode or its integer value)."""
+def from_status(code: grpc.StatusCode | int | None, details: str, target: str,
+                raised: str | None = None) -> ExpertmeshError:
+    """The public error for a status (a StatusCode or its integer value).
+
+    ``raised`` names the error class when the peer itself raised it (then the
+    status is no transport failure); "" means raised by the peer, class unknown.
+    """
     if isinstance(code, int):
         code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
     cls = _BY_CODE.get(code, ExpertmeshError)
+    if raised is not None:
+        return _CLASSES.get(raised, cls)(details)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {target}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:

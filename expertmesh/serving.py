@@ -19,31 +19,55 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# A peer that vanishes without closing its connections (host unplugged) is
+# noticed by keepalive pings: within KEEPALIVE_S + KEEPALIVE_TIMEOUT_S.
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 5
+_CHANNEL_OPTIONS = _OPTIONS + [
+    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # a fresh channel to a node that came back must not inherit the old one's backoff
+    ("grpc.use_local_subchannel_pool", 1),
+]
+_SERVER_OPTIONS = _OPTIONS + [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
-def create_server(address: str, register, service_names: list[str], workers: int = 16):
-    """Bind a server on ``address`` with health and reflection.
+def create_server(address: str | list[str], register, service_names: list[str], workers: int = 16):
+    """Bind a server on ``address`` (or on several, one port for all) with health and reflection.
 
     ``register(server)`` adds the servicers. Returns ``(server, port, health)``.
 
     Raises:
-        UnavailableError: the address cannot be bound.
+        UnavailableError: an address cannot be bound.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_SERVER_OPTIONS)
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
     reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    first, *more = [address] if isinstance(address, str) else address
+    port = _bind(server, first)
+    for extra in more:
+        _bind(server, join_address(split_address(extra)[0], port))
+    for name in names + [""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, port, health_servicer
+
+
+def _bind(server: grpc.Server, address: str) -> int:
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:
         raise UnavailableError(f"cannot listen on {address}: {e}") from None
     if port == 0:
         raise UnavailableError(f"cannot listen on {address}")
-    for name in names + [""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, port, health_servicer
+    return port
 
 
 def set_serving(health_servicer, serving: bool) -> None:
@@ -53,7 +77,7 @@ def set_serving(health_servicer, serving: bool) -> None:
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_OPTIONS)
+    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -66,6 +90,11 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise InvalidRequestError(f"{address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    """(host, port) -> 'host:port', bracketing IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def layer_experts(held: dict[int, list[int]]) -> list[pb.LayerExperts]:

@@ -1,4 +1,4 @@
-"""The node daemon: ExpertStore + ExpertServicer (+ advertiser, later)."""
+"""The node daemon: ExpertStore + ExpertServicer + Advertiser."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import __version__
 from ..checkpoint import Checkpoint
+from ..discovery import Advertiser, NodeRecord, resolve_interfaces
 from ..models import get_adapter
-from ..serving import create_server, set_serving
+from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
+from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
 from .dataplane import DataPlane
@@ -19,6 +22,8 @@ from .service import ExpertServicer
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
+
+_WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def physical_memory() -> int:
@@ -28,57 +33,91 @@ def physical_memory() -> int:
 @dataclass
 class NodeConfig:
     model: Path                       # checkpoint directory
-    host: str = "127.0.0.1"           # address to listen on
+    host: str | None = None           # address to listen on; default: the mDNS interfaces' addresses, else 127.0.0.1
     port: int = 0                     # 0 picks a free port
     name: str = ""                    # defaults to the host name
     memory_gb: float | None = None    # expert memory budget; default 75% of RAM
+    discovery: bool = False           # announce the node over mDNS (the CLI's default)
+    interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
 
 
 class Node:
-    """A running node: ``Node.create(config)``, ``start()``, ``stop()``.
+    """A running node: ``Node(config)``, ``start()``, ``stop()``.
 
     Raises:
         ModelError: the checkpoint is missing or not a supported MoE.
         UnavailableError: the port cannot be bound.
+        DiscoveryError: an interface does not exist or cannot do mDNS.
     """
 
     def __init__(self, config: NodeConfig):
         self.config = config
-        self.name = config.name or socket.gethostname()
+        self.name = config.name or socket.gethostname().split(".")[0]
         checkpoint = Checkpoint(config.model)
         self.store = ExpertStore(checkpoint, get_adapter(checkpoint.config))
         checkpoint.tensors  # fail now, not at the first Assign, on missing weights
+        interfaces = resolve_interfaces(config.interfaces) if config.discovery else []
+        if config.host is None:
+            hosts = [i.ip for i in interfaces] or ["127.0.0.1"]
+        else:
+            hosts = [config.host]
         budget = config.memory_gb * 1e9 if config.memory_gb else 0.75 * physical_memory()
         self.worker = MLXWorker(f"mlx-{self.name}")
         self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker)
         self.server, self.port, self._health = create_server(
-            f"{config.host}:{config.port}",
+            [join_address(h, config.port) for h in hosts],
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
             ["ExpertService"],
         )
-        self.dataplane = DataPlane(config.host, self.servicer.forward)
+        self.dataplane = DataPlane(hosts, self.servicer.forward)
         self.servicer.data_port = self.dataplane.port
+        self.addresses = [join_address(h, self.port) for h in hosts]
+        self.advertiser: Advertiser | None = None
+        if config.discovery:
+            advertised = [i.ip for i in interfaces] if hosts[0] in _WILDCARDS else hosts
+            self.advertiser = Advertiser(self.name, self.port, advertised, interfaces, self.record())
+            self.servicer.on_state_change = self._republish
         self.ready = threading.Event()
 
     @property
     def address(self) -> str:
-        host = self.config.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self.addresses[0]
+
+    @property
+    def instance(self) -> str | None:
+        """The mDNS instance name (``mini-2`` when another ``mini`` was there first)."""
+        return self.advertiser.instance if self.advertiser else None
+
+    def record(self) -> NodeRecord:
+        """What this node tells the network about itself."""
+        ck, s = self.store.checkpoint, self.servicer
+        return NodeRecord(self.name, PROTOCOL_VERSION, ck.model_id, ck.config_hash, s.memory_budget,
+                          pb.NodeState.Name(s.state).lower(), self.store.held(), __version__)
+
+    def _republish(self) -> None:
+        try:
+            self.advertiser.update(self.record())
+        except Exception as e:  # a stale TXT record must not fail an Assign
+            logger.warning("could not update the mDNS record: %s", e)
 
     def start(self) -> "Node":
         self.server.start()
         self.dataplane.start()
         set_serving(self._health, True)
+        if self.advertiser:
+            self.advertiser.start()
         self.ready.set()
         logger.info("node %s serving %s on %s", self.name, self.store.checkpoint.model_id, self.address)
         return self
 
     def stop(self, grace: float = 1.0) -> None:
+        self.ready.clear()
+        if self.advertiser:
+            self.advertiser.close()  # goodbye first: routers stop counting on us
         set_serving(self._health, False)
         self.server.stop(grace).wait()
         self.dataplane.stop()
         self.worker.close()
-        self.ready.clear()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -27,10 +27,14 @@ Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 
 class DataPlane:
-    def __init__(self, host: str, handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, 0), family=family)
-        self.port = self._listener.getsockname()[1]
+    def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES):
+        """Listen on every one of ``hosts``, on one port (the first free one)."""
+        self._listeners: list[socket.socket] = []
+        self.port = 0
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._listeners.append(socket.create_server((host, self.port), family=family))
+            self.port = self._listeners[0].getsockname()[1]
         self._handle = handle
         self._max_bytes = max_bytes
         self._conns: set[socket.socket] = set()
@@ -39,14 +43,16 @@ class DataPlane:
         self._closed = False
 
     def start(self) -> "DataPlane":
-        self._acceptor = threading.Thread(target=self._accept, name="dataplane-accept", daemon=True)
-        self._acceptor.start()
+        self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
+                                            daemon=True) for listener in self._listeners]
+        for t in self._acceptors:
+            t.start()
         return self
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                conn, peer = self._listener.accept()
+                conn, peer = listener.accept()
             except OSError:
                 return  # listener closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -87,17 +93,19 @@ class DataPlane:
         with self._lock:
             self._closed = True
             conns = list(self._conns)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
-        except OSError:
-            pass
-        self._listener.close()
+        for listener in self._listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+            except OSError:
+                pass
+            listener.close()
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._acceptor.join(timeout=10)
+        for t in self._acceptors:
+            t.join(timeout=10)
         with self._lock:
             serving = list(self._serving)
         for fut in serving:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import grpc
 import mlx.core as mx
@@ -26,11 +27,21 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.worker = worker
         self.store = store
         self.memory_budget = memory_budget
+        self.on_state_change: Callable[[], None] = lambda: None  # e.g. republish the TXT record
         self.state = pb.IDLE
         self.data_port = 0  # set by the Node once its data plane listens
         self.stats = pb.NodeStats()
         self._assign_lock = threading.Lock()
         self._stats_lock = threading.Lock()
+
+    @property
+    def state(self) -> int:
+        return self._state
+
+    @state.setter
+    def state(self, state: int) -> None:
+        self._state = state
+        self.on_state_change()
 
     def GetInfo(self, request, context):
         ck = self.store.checkpoint

@@ -16,6 +16,11 @@ from expertmesh.tinymodel import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
+# No test announces or browses over mDNS on this machine's real network:
+# CLI processes started by tests default to --no-discovery; the tests that
+# exercise discovery turn it on inside network namespaces they create.
+os.environ["EXPERTMESH_DISCOVERY"] = "off"
+
 VARIANTS = {
     "hf-f32": dict(layout="hf"),
     "mlx-f32": dict(layout="mlx"),

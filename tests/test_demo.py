@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from expertmesh import netns
+
 
 def processes_mentioning(text: str) -> list[str]:
     found = []
@@ -20,6 +22,13 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def namespaces_of(demo: subprocess.Popen) -> list[str]:
+    if netns.unavailable():
+        return []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line for line in listed.splitlines() if f"expertmesh-demo-{demo.pid}" in line]
+
+
 def start_demo(home: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "EXPERTMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "expertmesh.demo", *args], env=env, text=True,
@@ -31,11 +40,16 @@ def test_demo_generates_through_two_nodes_and_stops_them(tmp_path):
     out, err = demo.communicate(timeout=300)
     assert demo.returncode == 0, err
     assert "router on 127.0.0.1:" in out
+    if why := netns.unavailable():  # then the demo says why it cannot use mDNS
+        assert f"no network namespace for mDNS here ({why})" in out and "static --peer list" in out
+    else:
+        assert f"over mDNS (loopback of network namespace expertmesh-demo-{demo.pid})" in out
     assert "48 tokens at" in out
     assert "node-a" in out and "node-b" in out
     assert "stopped the router and the nodes" in out
     assert (tmp_path / "models/tiny-qwen3-moe/config.json").exists()
     assert processes_mentioning(str(tmp_path)) == []
+    assert namespaces_of(demo) == []
 
 
 def test_ctrl_c_during_the_demo_leaves_no_process(tmp_path):
@@ -48,3 +62,4 @@ def test_ctrl_c_during_the_demo_leaves_no_process(tmp_path):
     assert demo.returncode in (1, 130), err
     assert "Traceback" not in err
     assert processes_mentioning(str(tmp_path)) == []
+    assert namespaces_of(demo) == []

@@ -8,6 +8,9 @@ share are defined here once.
 
 from __future__ import annotations
 
+import argparse
+import os
+
 
 def add_sampling_arguments(p, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply (default {max_tokens})")
@@ -31,3 +34,20 @@ def sampling_options(args):
     return GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                              seed=args.seed, stop=tuple(args.stop)).validate()
+
+
+def discovery_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--discovery/--no-discovery`` and ``--interface``, shared by node and router.
+
+    Discovery is on unless ``--no-discovery`` or ``EXPERTMESH_DISCOVERY=off``.
+    """
+    p.add_argument("--discovery", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("EXPERTMESH_DISCOVERY", "on") != "off",
+                   help=f"{what} (default: on, unless EXPERTMESH_DISCOVERY=off)")
+    interface_argument(p)
+
+
+def interface_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interface", action="append", default=[], metavar="NAME_OR_IP",
+                   help="network interface for mDNS, e.g. en0 or bridge0 (repeat for more; "
+                        "default: every non-loopback interface)")

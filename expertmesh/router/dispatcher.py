@@ -10,6 +10,7 @@ import socket
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable
 
 import grpc
 import mlx.core as mx
@@ -24,13 +25,21 @@ from ..v1 import expertmesh_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+# one increasing sequence per process, so a reply's id tells whether it is stale
+_REQUEST_IDS = itertools.count(1)
+
 
 class NodeLink:
-    """The router's connection to one node."""
+    """The router's connection to one node.
 
-    def __init__(self, address: str, timeout: float):
+    ``on_broken(link)`` is called (from the stream's reader thread) when the
+    Forward stream ends; from then on ``submit`` fails at once.
+    """
+
+    def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None):
         self.address = address
         self.timeout = timeout
+        self.on_broken = on_broken
         self.name = address
         self.info: pb.NodeInfo | None = None
         self.error = ""
@@ -46,12 +55,13 @@ class NodeLink:
     def __repr__(self):
         return f"node {self.address}" if self.name == self.address else f"node {self.name} ({self.address})"
 
-    def get_info(self) -> pb.NodeInfo:
+    def get_info(self, timeout: float | None = None) -> pb.NodeInfo:
         try:
-            self.info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
+            self.info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
-        self.name = self.info.name
+        if self.name == self.address:  # not named by the router yet
+            self.name = self.info.name
         return self.info
 
     def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float) -> None:
@@ -66,22 +76,24 @@ class NodeLink:
 
     # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:
-        """Connect the data plane (a socket), or a gRPC Forward stream when the
-        node offers no data port."""
-        self._broken = None
+        """Open the gRPC Forward stream, which also tells at once when the node
+        dies, and the data-plane socket when the node offers one; requests then
+        travel on the socket."""
+        with self._lock:
+            self._requests = queue.SimpleQueue()
+            self._broken = None
+            self.error = ""
+        call = self.stub.Forward(iter(self._requests.get, None))
+        self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
+                                        name=f"forward-{self.address}")
+        self._reader.start()
         if self.info.data_port:
             host = self.address.rpartition(":")[0].strip("[]")
             try:
                 self._sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
             except OSError as e:
-                raise UnavailableError(f"{self!r}: cannot open the data plane: {e}") from None
+                raise self._fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return
-        self._requests = queue.SimpleQueue()
-        call = self.stub.Forward(iter(self._requests.get, None))
-        self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
-                                        name=f"forward-{self.address}")
-        self._reader.start()
 
     def _read(self, call) -> None:
         try:
@@ -96,18 +108,30 @@ class NodeLink:
         self._fail(err)
 
     def _fail(self, err: ExpertmeshError) -> ExpertmeshError:
+        """Mark the link down (once: then ``on_broken``) and fail what waits on it."""
         with self._lock:
-            self._broken = err
+            first = self._broken is None
+            if first:
+                self._broken = err
             pending, self._pending = self._pending, {}
+        if first:
+            self.error = str(err)
         for fut in pending.values():
             fut.set_exception(err)
-        self.error = str(err)
+        if first:
+            self.on_broken(self)
         return err
+
+    @property
+    def down(self) -> bool:
+        return self._broken is not None
 
     def submit(self, request: pb.ForwardRequest):
         """Send one request; the returned object's ``result(timeout)`` is the reply."""
-        if self._broken is not None:
-            raise self._broken
+        with self._lock:
+            broken = self._broken
+        if broken is not None:
+            raise UnavailableError(f"{self!r} is down ({broken}); its experts are unavailable until it is back")
         if self._sock is not None:
             try:
                 wire.send_frame(self._sock, request)
@@ -121,28 +145,36 @@ class NodeLink:
         return fut
 
     def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
-        try:
-            self._sock.settimeout(timeout)
-            resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
-        except socket.timeout:
-            raise self._fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
-        except (OSError, ExpertmeshError) as e:
-            raise self._fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
-        if resp is None:
-            raise self._fail(UnavailableError(f"{self!r} closed the data plane"))
-        if resp.error_code:
-            raise from_status(resp.error_code, resp.error, repr(self))
-        if resp.request_id != request_id:
-            raise self._fail(UnavailableError(f"{self!r} answered request {resp.request_id}, expected {request_id}"))
-        return resp
+        """The reply to ``request_id``. Replies to older requests (left unread
+        when another node failed that layer) are skipped."""
+        while True:
+            try:
+                self._sock.settimeout(timeout)
+                resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
+            except socket.timeout:
+                raise self._fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
+            except (OSError, ExpertmeshError) as e:
+                raise self._fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
+            if resp is None:
+                raise self._fail(UnavailableError(f"{self!r} closed the data plane"))
+            if 0 < resp.request_id < request_id:
+                continue
+            if resp.error_code:
+                raise from_status(resp.error_code, resp.error, repr(self), raised="")
+            if resp.request_id != request_id:
+                raise self._fail(UnavailableError(
+                    f"{self!r} answered request {resp.request_id}, expected {request_id}"))
+            return resp
 
-    def close(self) -> None:
-        """End the Forward exchange (letting the node finish it), then the channel."""
+    def close(self, graceful: bool = True) -> None:
+        """End the Forward exchange (letting the node finish it unless not
+        ``graceful``: a node that stopped answering), then the channel."""
         if self._sock is not None:
             self._sock.close()
         if self._requests is not None:
             self._requests.put(None)
-            self._reader.join(timeout=self.timeout)
+            if graceful:
+                self._reader.join(timeout=self.timeout)
         self._channel.close()
 
 
@@ -164,7 +196,10 @@ class Dispatcher:
         self.links = [by_name[n] for n in placement.nodes]
         self.placement = placement
         self.timeout = timeout
-        self._ids = itertools.count(1)
+
+    def replace(self, link: NodeLink) -> None:
+        """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
+        self.links[self.placement.nodes.index(link.name)] = link
 
     def __call__(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         shape, k = x.shape, inds.shape[-1]
@@ -183,7 +218,7 @@ class Dispatcher:
                 continue  # nothing for this node: no message at all
             every = rows.size == T
             req = pb.ForwardRequest(
-                request_id=next(self._ids), layer=layer,
+                request_id=next(_REQUEST_IDS), layer=layer,
                 hidden=wire.encode_numpy(hidden if every else hidden[rows], code),
                 expert_ids=wire.encode_numpy(np.where(mine, ids, -1)[rows], pb.INT32),
                 weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),

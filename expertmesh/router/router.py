@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-
 from .. import placement as planner
 from ..checkpoint import Checkpoint
-from ..errors import ConfigMismatchError, ExpertmeshError, UnavailableError
-from ..serving import PROTOCOL_VERSION, create_server, layer_experts, set_serving
+from ..errors import UnavailableError
+from ..models import get_adapter
+from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .dense import load_dense
 from .dispatcher import Dispatcher, NodeLink
 from .engine import Engine, Piece
+from .membership import Membership
 from .openai import OpenAIServer
 from .service import InferenceServicer
 
@@ -35,6 +35,11 @@ class RouterConfig:
     forward_timeout: float = 60.0                  # one MoE layer on one node
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
+    discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
+    interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
+    expect: int | None = None                      # wait for this many nodes before planning
+    settle: float = 3.0                            # without expect: plan once none new came for this long
+    discovery_timeout: float = 60.0                # give up waiting for nodes after this long
 
 
 class Router:
@@ -42,80 +47,51 @@ class Router:
 
     Raises:
         ModelError: the checkpoint is missing or not a supported MoE.
-        UnavailableError: no node could be reached, or the port cannot be bound.
+        UnavailableError: too few nodes turned up or could be reached, or the port cannot be bound.
         ConfigMismatchError: a node serves a different checkpoint.
         PlacementError: the experts do not fit the nodes' memory.
+        DiscoveryError: an interface does not exist or cannot do mDNS.
     """
 
     def __init__(self, config: RouterConfig):
         self.config = config
         self.checkpoint = Checkpoint(config.model)
-        self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
-        self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens)
+        get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
+        # browsing starts now, so nodes are found while the dense model loads
+        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash)
+        try:
+            self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
+            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens)
+            self.server, self.port, self._health = create_server(
+                f"{config.host}:{config.port}",
+                lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
+                ["InferenceService"],
+            )
+        except BaseException:
+            self.membership.close()
+            raise
         self.worker = self.engine.worker
-        self.links: list[NodeLink] = []
         self.placement: planner.Placement | None = None
         self.http: OpenAIServer | None = None
-        self.server, self.port, self._health = create_server(
-            f"{config.host}:{config.port}",
-            lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
-            ["InferenceService"],
-        )
+
+    @property
+    def links(self) -> list[NodeLink]:
+        return self.membership.links
 
     # --- bringing the mesh up -------------------------------------------------
     def connect(self) -> None:
-        """Reach every peer, check it serves our checkpoint, plan, and assign."""
-        if not self.config.peers:
-            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node")
-        reached, failures = [], []
-        for address in self.config.peers:
-            link = NodeLink(address, self.config.rpc_timeout)
-            try:
-                info = link.get_info()
-            except ExpertmeshError as e:
-                failures.append(str(e))
-                link.close()
-                continue
-            if info.protocol_version != PROTOCOL_VERSION:
-                raise ConfigMismatchError(f"{link!r} speaks protocol {info.protocol_version}, router speaks {PROTOCOL_VERSION}")
-            if info.config_hash != self.checkpoint.config_hash:
-                raise ConfigMismatchError(
-                    f"{link!r} serves model {info.model_id} (config {info.config_hash}) but the router has "
-                    f"{self.checkpoint.model_id} (config {self.checkpoint.config_hash}): start both with the same checkpoint")
-            reached.append(link)
-        if not reached:
-            raise UnavailableError("no reachable node: " + "; ".join(failures))
-        for failure in failures:
-            logger.warning("skipping a peer: %s", failure)
-        names = [l.name for l in reached]
-        for i, link in enumerate(reached):  # two nodes of one name: keep both apart
-            if names.count(link.name) > 1:
-                link.name = f"{link.name}@{link.address}"
+        """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them."""
+        links = self.membership.gather()
         tensors = self.checkpoint.tensors
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
         self.placement = planner.contiguous(
-            [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in reached],
+            [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
             self.adapter.num_experts, expert_bytes)
-        threads = []
-        errors: list[ExpertmeshError] = []
-        for link in reached:
-            def run(link=link):
-                try:
-                    link.assign(self.checkpoint.config_hash, self.placement.experts_of(link.name), self.config.assign_timeout)
-                except ExpertmeshError as e:
-                    errors.append(e)
-            threads.append(threading.Thread(target=run))
-            threads[-1].start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        for link in reached:
-            link.get_info()
-            link.open_stream()
-        self.links = reached
-        self.adapter.attach(self.model, Dispatcher(reached, self.placement, self.config.forward_timeout))
-        logger.info("mesh of %d nodes ready: %s", len(reached), ", ".join(l.name for l in reached))
+        self.membership.bring_up(self.placement)
+        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout)
+        self.adapter.attach(self.model, dispatcher)
+        self.membership.watch(dispatcher)
+        logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
     def start(self) -> "Router":
         self.server.start()
@@ -130,8 +106,7 @@ class Router:
             self.http.stop()
         self.server.stop(grace).wait()
         self.engine.close()
-        for link in self.links:
-            link.close()
+        self.membership.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -156,15 +131,20 @@ class Router:
         return self.engine
 
     def cluster(self) -> pb.ClusterInfo:
+        """The planned nodes (down ones too), then nodes seen over mDNS that hold nothing."""
         nodes = []
-        for link in self.links:
-            info = link.info
-            down = bool(link.error)
+        for m in self.membership.members:
+            info = m.link.info
             nodes.append(pb.NodeStatus(
-                name=link.name, address=link.address,
-                state=pb.DOWN if down else info.state,
+                name=m.name, address=m.link.address, state=pb.DOWN if m.down else info.state,
                 memory_budget_bytes=info.memory_budget_bytes, memory_used_bytes=info.memory_used_bytes,
-                experts=layer_experts(self.placement.experts_of(link.name)), error=link.error))
+                experts=layer_experts(m.experts), error=m.error or m.link.error))
+        planned = {m.instance for m in self.membership.members}
+        for ann in self.membership.compatible():
+            if ann.instance not in planned:
+                nodes.append(pb.NodeStatus(name=ann.instance, address=ann.address,
+                                           state=pb.NodeState.Value(ann.record.state.upper()),
+                                           memory_budget_bytes=ann.record.memory_budget))
         return pb.ClusterInfo(
             model_id=self.checkpoint.model_id, config_hash=self.checkpoint.config_hash,
             num_experts=self.adapter.num_experts, moe_layers=self.adapter.moe_layers, nodes=nodes)

@@ -6,7 +6,7 @@ import logging
 
 from google.protobuf import json_format
 
-from ..errors import ExpertmeshError, status_code
+from ..errors import ExpertmeshError, abort
 from ..options import GenerationOptions
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -37,7 +37,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     generation_tps=r.generation_tps)
         except ExpertmeshError as e:
             logger.warning("%s failed: %s", method, e)
-            context.abort(status_code(e), str(e))
+            abort(context, e)
 
     def GetCluster(self, request, context):
         return self.router.cluster()

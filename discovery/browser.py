@@ -1,0 +1,91 @@
+"""Browser: a live view of the ``_expertmesh._tcp`` services on the chosen interfaces."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from zeroconf import IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
+
+from .interfaces import Interface, reachable_first
+from .mdns import MDNS
+from .record import SERVICE_TYPE, NodeRecord
+
+logger = logging.getLogger(__name__)
+
+_RESOLVE_MS = 3000
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One node as mDNS describes it."""
+
+    instance: str                  # unique on the network: "mini", "mini-2"
+    addresses: tuple[str, ...]     # IPv4, those on our subnets first
+    port: int
+    record: NodeRecord | None      # None when the TXT record could not be read
+    problem: str = ""              # why it could not
+
+    @property
+    def address(self) -> str:
+        return f"{self.addresses[0]}:{self.port}" if self.addresses else f"?:{self.port}"
+
+
+# (instance, announcement) when a node appears or changes; (instance, None) when it leaves
+Listener = Callable[[str, "Announcement | None"], None]
+
+
+class Browser:
+    """Browses continuously; calls ``listener`` on zeroconf's event loop, so
+    the listener must not block (put the news on a queue).
+
+    Raises:
+        DiscoveryError: mDNS cannot run on ``interfaces``.
+    """
+
+    def __init__(self, interfaces: list[Interface], listener: Listener):
+        self._listener = listener
+        self._resolving: dict[str, asyncio.Task] = {}  # name -> task; touched on the loop only
+        self.mdns = MDNS(interfaces)
+        self._browser: AsyncServiceBrowser | None = None
+
+        async def start():
+            self._browser = AsyncServiceBrowser(self.mdns.zc, SERVICE_TYPE, handlers=[self._on_change])
+        self.mdns.submit(start()).result(10)
+
+    def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        instance = name[: -len(SERVICE_TYPE) - 1]
+        if task := self._resolving.pop(name, None):
+            task.cancel()
+        if state_change is ServiceStateChange.Removed:
+            self._listener(instance, None)
+        else:
+            self._resolving[name] = asyncio.ensure_future(self._resolve(name, instance))
+
+    async def _resolve(self, name: str, instance: str) -> None:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        found = await info.async_request(self.mdns.zc, _RESOLVE_MS)
+        self._resolving.pop(name, None)
+        if not found:
+            logger.debug("%s announced itself but did not answer", name)
+            return
+        addresses = reachable_first(info.parsed_addresses(IPVersion.V4Only), self.mdns.interfaces)
+        try:
+            record, problem = NodeRecord.from_txt(info.properties), ""
+        except ValueError as e:
+            record, problem = None, f"unreadable TXT record: {e}"
+        self._listener(instance, Announcement(instance, tuple(addresses), info.port or 0, record, problem))
+
+    def close(self) -> None:
+        async def stop():
+            for task in self._resolving.values():
+                task.cancel()
+            if self._browser is not None:
+                await self._browser.async_cancel()
+        try:
+            self.mdns.submit(stop()).result(10)
+        finally:
+            self.mdns.close()

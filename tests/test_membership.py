@@ -1,0 +1,78 @@
+"""The router keeps track of its nodes: nodes of one name stay apart, and a
+``--peer`` that stops is down, then re-admitted when it answers again."""
+
+import contextlib
+import logging
+import re
+import threading
+
+import pytest
+
+from expertmesh import Client, UnavailableError
+from expertmesh.nodes import Node, NodeConfig
+
+from conftest import running_router
+from test_correctness import PROMPT, reference_tokens
+
+
+class _Match(logging.Handler):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.pattern.search(record.getMessage()):
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def logged(pattern: str):
+    """An event set once the router's membership logs a line matching ``pattern``."""
+    log = logging.getLogger("expertmesh.router.membership")
+    handler, level = _Match(pattern), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler.seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def start_node(model, name, port=0) -> Node:
+    return Node(NodeConfig(model=model, name=name, memory_gb=1, port=port)).start()
+
+
+def test_nodes_of_one_name_stay_apart_and_generate_what_mlx_lm_does(tiny):
+    nodes = [start_node(tiny, "twin") for _ in range(2)]
+    try:
+        with running_router(tiny, [n.address for n in nodes]) as router, Client(f"127.0.0.1:{router.port}") as c:
+            assert [n.name for n in c.cluster().nodes] == [f"twin@{n.address}" for n in nodes]
+            assert [p.token for p in c.generate(PROMPT, max_tokens=16)] == reference_tokens(tiny, PROMPT, 16)
+    finally:
+        for n in nodes:
+            n.stop(grace=0)
+
+
+def test_a_peer_that_stops_is_down_and_comes_back_with_its_experts(tiny):
+    nodes = [start_node(tiny, "p0"), start_node(tiny, "p1")]
+    try:
+        with running_router(tiny, [n.address for n in nodes]) as router, Client(f"127.0.0.1:{router.port}") as c:
+            held = c.cluster().nodes[1].experts
+            with logged(r"node p1 is down") as down:
+                nodes[1].stop(grace=0)
+                assert down.wait(10)
+            assert [n.state for n in c.cluster().nodes] == ["ready", "down"]
+            with pytest.raises(UnavailableError, match=r"^node p1 \(127\.0\.0\.1:\d+\) is down \(.*\); its experts"):
+                list(c.generate(PROMPT, max_tokens=4))
+
+            with logged(r"node p1 is back at") as back:
+                nodes[1] = start_node(tiny, "p1", port=nodes[1].port)  # same address: found by retrying it
+                assert back.wait(30)
+            (_, p1) = c.cluster().nodes
+            assert p1.state == "ready" and p1.experts == held and not p1.error
+            assert [p.token for p in c.generate(PROMPT, max_tokens=16)] == reference_tokens(tiny, PROMPT, 16)
+    finally:
+        for n in nodes:
+            n.stop(grace=0)
