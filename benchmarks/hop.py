@@ -86,7 +86,8 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
     from expertmesh.v1 import expertmesh_pb2 as pb
     from expertmesh.worker import MLXWorker
 
-    node = Process(["node", "--model", str(model), "--name", "hop", "--memory-gb", "1"], model / "node.log")
+    node = Process(["node", "--model", str(model), "--name", "hop", "--memory-gb", "1", "--no-discovery"],
+                   model / "node.log")
     worker = MLXWorker("bench")
     link = None
     try:

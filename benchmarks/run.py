@@ -57,10 +57,11 @@ class Mesh:
     """Node processes and a router process on loopback."""
 
     def __init__(self, model: Path, nodes: int, logs: Path):
-        self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4"],
+        self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4",
+                               "--no-discovery"],
                               logs / f"node{i}.log") for i in range(nodes)]
         peers = [p.address(timeout=300) for p in self.procs]
-        router = Process(["router", "--model", str(model), "--port", "0",
+        router = Process(["router", "--model", str(model), "--port", "0", "--no-discovery",
                           *[a for peer in peers for a in ("--peer", peer)]], logs / "router.log")
         self.procs.append(router)
         self.address = router.address(timeout=300)
