@@ -99,8 +99,7 @@ class Scheduler:
             logger.warning("generation failed: %s", e)
             for a in active.values():
                 a.request.pieces.put(e)
-            gen.remove(list(active))
-            self._generator = None  # its caches may be half-updated
+            self._generator = None  # a fresh one next time: this one's caches may be half-updated
             with self._lock:
                 self._running = False
                 if not self._incoming.empty():
