@@ -17,6 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from expertmesh.wire import recv_exact  # the data plane's own reader, so both sides match
+
 H, K, E = 2048, 8, 16
 
 
@@ -29,22 +31,12 @@ def _pingpong_server(port_queue, reply_bytes: int) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reply = b"\0" * reply_bytes
     while True:
-        head = _recv_exact(conn, 4)
+        head = recv_exact(conn, 4)
         if not head:
             return
         (n,) = struct.unpack("<I", head)
-        _recv_exact(conn, n)
+        recv_exact(conn, n)
         conn.sendall(struct.pack("<I", len(reply)) + reply)
-
-
-def _recv_exact(conn, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            return b""
-        buf += chunk
-    return bytes(buf)
 
 
 def tcp_floor_us(request_bytes: int, reply_bytes: int, trials: int) -> float:
@@ -58,8 +50,8 @@ def tcp_floor_us(request_bytes: int, reply_bytes: int, trials: int) -> float:
     for _ in range(trials):
         t = time.perf_counter()
         conn.sendall(payload)
-        (n,) = struct.unpack("<I", _recv_exact(conn, 4))
-        _recv_exact(conn, n)
+        (n,) = struct.unpack("<I", recv_exact(conn, 4))
+        recv_exact(conn, n)
         times.append(time.perf_counter() - t)
     conn.close()
     proc.join(timeout=5)

@@ -41,12 +41,6 @@ def wire_dtype(dtype) -> "pb.DType":
     return code
 
 
-def carrier(array: mx.array) -> mx.array:
-    """A lazy view numpy can read (bfloat16 as uint16). Evaluate it together
-    with the rest of the graph, then ``np.asarray`` it without another eval."""
-    return array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
-
-
 def to_numpy(array: mx.array) -> np.ndarray:
     """An evaluated array's memory as numpy, without an MLX op when it is
     row-contiguous (bfloat16 as uint16 bits)."""
@@ -54,7 +48,7 @@ def to_numpy(array: mx.array) -> np.ndarray:
     try:
         return np.frombuffer(memoryview(array), dtype=carrier_dtype).reshape(array.shape)
     except (ValueError, BufferError, TypeError):  # strided view: let mlx copy it
-        return np.asarray(carrier(array))
+        return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
 
 
 def to_float32(values: np.ndarray, code: "pb.DType") -> np.ndarray:
@@ -79,9 +73,8 @@ def from_numpy(values: np.ndarray, code: "pb.DType") -> mx.array:
 
 
 def encode(array: mx.array) -> pb.Tensor:
-    """Serialize an array (one copy: MLX buffer -> bytes)."""
-    code = wire_dtype(array.dtype)
-    return encode_numpy(np.asarray(carrier(array)), code)
+    """Serialize an evaluated array (one copy: MLX buffer -> bytes)."""
+    return encode_numpy(to_numpy(array), wire_dtype(array.dtype))
 
 
 def encode_numpy(array: np.ndarray, dtype: "pb.DType") -> pb.Tensor:
@@ -117,10 +110,6 @@ def decode(tensor: pb.Tensor, name: str = "tensor") -> mx.array:
     return from_numpy(decode_numpy(tensor, name), tensor.dtype)
 
 
-def mlx_dtype(code: "pb.DType"):
-    return _CODECS[code][0]
-
-
 # --- data-plane framing: 4-byte little-endian length, then the message ------
 _LEN = struct.Struct("<I")
 
@@ -137,13 +126,13 @@ def recv_frame(sock: socket.socket, cls, max_bytes: int):
         RequestTooLargeError: the frame is longer than ``max_bytes``.
         InvalidRequestError: the bytes do not parse as ``cls``.
     """
-    head = _recv_exact(sock, _LEN.size)
+    head = recv_exact(sock, _LEN.size)
     if head is None:
         return None
     (n,) = _LEN.unpack(head)
     if n > max_bytes:
         raise RequestTooLargeError(f"frame of {n} bytes exceeds the {max_bytes}-byte limit")
-    data = _recv_exact(sock, n)
+    data = recv_exact(sock, n)
     if data is None:
         return None
     try:
@@ -152,7 +141,8 @@ def recv_frame(sock: socket.socket, cls, max_bytes: int):
         raise InvalidRequestError(f"frame is not a valid {cls.DESCRIPTOR.name}") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly ``n`` bytes from ``sock``; ``None`` when the peer closed first."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0

@@ -9,7 +9,6 @@ from typing import Callable
 
 import grpc
 import mlx.core as mx
-import numpy as np
 
 from .. import __version__, wire
 from ..errors import ExpertmeshError, InvalidRequestError, status_code
@@ -114,10 +113,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         hidden = wire.decode(req.hidden, "hidden")
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
-        out = wire.carrier(self.store.forward(req.layer, hidden, ids, weights))
+        out = self.store.forward(req.layer, hidden, ids, weights)
         mx.eval(out)
-        resp = pb.ForwardResponse(request_id=req.request_id,
-                                  output=wire.encode_numpy(np.asarray(out), req.hidden.dtype))
+        resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
         resp.compute_seconds = time.perf_counter() - start
         with self._stats_lock:
             s = self.stats

@@ -67,9 +67,13 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         with self._lock:
             self._incoming.put(request)
-            if not self._running:
-                self._running = True
-                self.worker.submit(self._loop)
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        """Run the loop on the worker unless it runs already (hold ``_lock``)."""
+        if not self._running and not self._incoming.empty():
+            self._running = True
+            self.worker.submit(self._loop)
 
     def _loop(self) -> None:
         if self._generator is None:
@@ -102,9 +106,7 @@ class Scheduler:
             self._generator = None  # a fresh one next time: this one's caches may be half-updated
             with self._lock:
                 self._running = False
-                if not self._incoming.empty():
-                    self._running = True
-                    self.worker.submit(self._loop)
+                self._start_locked()
 
     def _admit(self, gen: BatchGenerator, active: dict) -> None:
         while len(active) < self.max_batch:

@@ -224,16 +224,12 @@ class Dispatcher:
                 weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),
             )
             calls.append((link, None if every else rows, link.submit(req)))
-        out = None
+        out = np.zeros((T, shape[-1]), np.float32)
         for link, rows, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
             except FutureTimeout:
                 raise UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s") from None
             part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
-            if out is None and rows is None:
-                out = part.copy()
-            else:
-                out = np.zeros((T, shape[-1]), np.float32) if out is None else out
-                out[slice(None) if rows is None else rows] += part
+            out[slice(None) if rows is None else rows] += part
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
