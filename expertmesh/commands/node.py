@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments
+from . import discovery_arguments, metrics_argument
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -15,19 +15,23 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default="", help="node name (default: host name)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory for experts (default: 75%% of RAM)")
     discovery_arguments(p, "announce this node over mDNS")
+    metrics_argument(p)
 
 
 def run(args) -> None:
     from ..nodes import Node, NodeConfig
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
-                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface))
+                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface,
+                           metrics_port=args.metrics_port))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""
         print(f"expertmesh node {node.name} listening on {node.address}{also} "
               f"(model {node.store.checkpoint.model_id}, budget {node.servicer.memory_budget / 1e9:.1f} GB)",
               flush=True)
+        if node.metrics is not None:
+            print(f"Prometheus metrics at {node.metrics.url}", flush=True)
         if node.advertiser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in node.advertiser.mdns.interfaces)
             renamed = f" ({node.name} was taken)" if node.instance != node.name else ""

@@ -1,9 +1,11 @@
 """expertmesh router: run the dense model and drive the nodes."""
 
+import argparse
 from pathlib import Path
 
 from ..errors import ExpertmeshError
-from . import discovery_arguments
+from ..progress import Progress
+from . import discovery_arguments, metrics_argument
 
 HELP = "run the dense model and drive the nodes"
 
@@ -23,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
     p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    metrics_argument(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
 
 
 def run(args) -> None:
@@ -38,19 +43,24 @@ def run(args) -> None:
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
-                                 discovery_timeout=args.wait, http_port=args.http_port))
+                                 discovery_timeout=args.wait, http_port=args.http_port,
+                                 metrics_port=args.metrics_port))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
             wanted = f"{args.expect} nodes" if args.expect else "nodes"
             print(f"expertmesh router looking for {wanted} over mDNS on {interfaces}", flush=True)
-        router.connect()
+        with Progress("loading", bars=args.progress) as loading:
+            router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
+                                                           p.total_bytes))
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
               f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "
               f"model {router.checkpoint.model_id})", flush=True)
         if router.http is not None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
+        if router.metrics is not None:
+            print(f"Prometheus metrics at {router.metrics.url}", flush=True)
         router.wait()
     finally:
         router.stop()

@@ -8,6 +8,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
@@ -22,8 +23,12 @@ from ..placement import Placement
 from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
+
+# (node name, its latest AssignProgress): a node's loading as it goes
+AssignProgressCallback = Callable[[str, pb.AssignProgress], None]
 
 # one increasing sequence per process, so a reply's id tells whether it is stale
 _REQUEST_IDS = itertools.count(1)
@@ -64,13 +69,16 @@ class NodeLink:
             self.name = self.info.name
         return self.info
 
-    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float) -> None:
+    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float,
+               progress: AssignProgressCallback | None = None) -> None:
         request = pb.AssignRequest(
             config_hash=config_hash,
             experts=layer_experts(experts))
         try:
-            for progress in self.stub.Assign(request, timeout=timeout):
-                logger.debug("%r: loaded %d/%d bytes", self, progress.loaded_bytes, progress.total_bytes)
+            for update in self.stub.Assign(request, timeout=timeout):
+                logger.debug("%r: loaded %d/%d bytes", self, update.loaded_bytes, update.total_bytes)
+                if progress is not None:
+                    progress(self.name, update)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
 
@@ -191,11 +199,13 @@ class _SocketReply:
 class Dispatcher:
     """Sends each MoE layer's routed tokens to the nodes holding their experts."""
 
-    def __init__(self, links: list[NodeLink], placement: Placement, timeout: float):
+    def __init__(self, links: list[NodeLink], placement: Placement, timeout: float,
+                 stats: RoutingStats | None = None):
         by_name = {link.name: link for link in links}
         self.links = [by_name[n] for n in placement.nodes]
         self.placement = placement
         self.timeout = timeout
+        self.stats = stats
 
     def replace(self, link: NodeLink) -> None:
         """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
@@ -223,13 +233,17 @@ class Dispatcher:
                 expert_ids=wire.encode_numpy(np.where(mine, ids, -1)[rows], pb.INT32),
                 weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),
             )
-            calls.append((link, None if every else rows, link.submit(req)))
+            calls.append((n, link, None if every else rows, req.ByteSize(), time.perf_counter(), link.submit(req)))
         out = np.zeros((T, shape[-1]), np.float32)
-        for link, rows, pending in calls:
+        sent = []
+        for n, link, rows, nbytes, t0, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
             except FutureTimeout:
                 raise UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s") from None
+            sent.append((n, nbytes, resp.ByteSize(), time.perf_counter() - t0))
             part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
             out[slice(None) if rows is None else rows] += part
+        if self.stats is not None:
+            self.stats.record_layer(layer, ids, owner, sent)
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)

@@ -21,7 +21,7 @@ from ..discovery import Announcement, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, UnavailableError
 from ..placement import Placement
 from ..serving import PROTOCOL_VERSION
-from .dispatcher import Dispatcher, NodeLink
+from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 
 if TYPE_CHECKING:
     from .router import RouterConfig
@@ -197,8 +197,9 @@ class Membership:
         return text
 
     # --- the plan ----------------------------------------------------------------
-    def bring_up(self, placement: Placement) -> None:
-        """Assign every member its experts (in parallel) and open its Forward stream.
+    def bring_up(self, placement: Placement, progress: AssignProgressCallback | None = None) -> None:
+        """Assign every member its experts (in parallel, ``progress`` hearing
+        each node's loading) and open its Forward stream.
 
         Raises:
             ExpertmeshError: a node refused or failed its assignment.
@@ -207,7 +208,7 @@ class Membership:
 
         def assign(member: Member) -> None:
             try:
-                self._assign(member.link, member.experts)
+                self._assign(member.link, member.experts, progress)
             except ExpertmeshError as e:
                 errors.append(e)
         threads = []
@@ -220,8 +221,9 @@ class Membership:
         if errors:
             raise errors[0]
 
-    def _assign(self, link: NodeLink, experts: dict[int, list[int]]) -> None:
-        link.assign(self.config_hash, experts, self.config.assign_timeout)
+    def _assign(self, link: NodeLink, experts: dict[int, list[int]],
+                progress: AssignProgressCallback | None = None) -> None:
+        link.assign(self.config_hash, experts, self.config.assign_timeout, progress)
         link.get_info()
         link.open_stream()
 

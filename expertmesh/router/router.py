@@ -10,16 +10,18 @@ from typing import Iterator
 from .. import placement as planner
 from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
+from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .dense import load_dense
-from .dispatcher import Dispatcher, NodeLink
+from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer
 from .service import InferenceServicer
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
+    metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
 
 
 class Router:
@@ -72,23 +75,29 @@ class Router:
             raise
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
+        self.routing: RoutingStats | None = None
         self.http: OpenAIServer | None = None
+        self.metrics: MetricsServer | None = None
 
     @property
     def links(self) -> list[NodeLink]:
         return self.membership.links
 
     # --- bringing the mesh up -------------------------------------------------
-    def connect(self) -> None:
-        """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them."""
+    def connect(self, progress: AssignProgressCallback | None = None) -> None:
+        """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them.
+
+        ``progress(node name, AssignProgress)`` hears each node's loading as it goes.
+        """
         links = self.membership.gather()
         tensors = self.checkpoint.tensors
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
         self.placement = planner.contiguous(
             [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
             self.adapter.num_experts, expert_bytes)
-        self.membership.bring_up(self.placement)
-        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout)
+        self.membership.bring_up(self.placement, progress)
+        self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes)
+        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.routing)
         self.adapter.attach(self.model, dispatcher)
         self.membership.watch(dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
@@ -97,6 +106,9 @@ class Router:
         self.server.start()
         if self.config.http_port is not None:
             self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
+                                         lambda: router_families(self.stats()))
         set_serving(self._health, True)
         return self
 
@@ -104,6 +116,8 @@ class Router:
         set_serving(self._health, False)
         if self.http is not None:
             self.http.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop(grace).wait()
         self.engine.close()
         self.membership.close()
@@ -148,3 +162,15 @@ class Router:
         return pb.ClusterInfo(
             model_id=self.checkpoint.model_id, config_hash=self.checkpoint.config_hash,
             num_experts=self.adapter.num_experts, moe_layers=self.adapter.moe_layers, nodes=nodes)
+
+    def stats(self, reset: bool = False) -> pb.RouterStats:
+        """What was routed and served since the start or the last ``reset``; then reset if asked."""
+        m = pb.RouterStats()
+        self.engine.stats.fill(m)
+        if self.routing is not None:
+            self.routing.fill(m)
+        if reset:
+            self.engine.stats.reset()
+            if self.routing is not None:
+                self.routing.reset()
+        return m
