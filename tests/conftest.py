@@ -41,8 +41,8 @@ def tiny(checkpoints) -> Path:
 
 
 @contextlib.contextmanager
-def running_nodes(model: Path, count: int, memory_gb: float = 1.0):
-    nodes = [Node(NodeConfig(model=model, name=f"n{i}", memory_gb=memory_gb)).start() for i in range(count)]
+def running_nodes(model: Path, count: int, memory_gb: float = 1.0, **kw):
+    nodes = [Node(NodeConfig(model=model, name=f"n{i}", memory_gb=memory_gb, **kw)).start() for i in range(count)]
     try:
         yield nodes
     finally:
