@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable, Iterable
 
-from .errors import UnavailableError
+from .errors import ExpertmeshError, UnavailableError
 from .v1 import expertmesh_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,6 @@ class MetricsServer:
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError:
-            from .errors import ExpertmeshError
             raise ExpertmeshError("--metrics-port needs prometheus_client: pip install prometheus-client") from None
 
         class _Collector:

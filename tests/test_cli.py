@@ -87,6 +87,13 @@ def test_generate_without_a_router_is_one_line():
     assert "cannot reach router 127.0.0.1:1" in one_line_error(out, "generate")
 
 
+def test_stats_errors_are_one_line(mesh, tmp_path):
+    out = cli("stats", "--router", "127.0.0.1:1")
+    assert "cannot reach router 127.0.0.1:1" in one_line_error(out, "stats")
+    out = cli("stats", "--router", mesh.address, "--plot", str(tmp_path / "no" / "such" / "dir.png"))
+    assert "cannot write" in one_line_error(out, "stats")
+
+
 def test_router_without_reachable_peer_is_one_line(tiny):
     out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1")
     assert "no reachable node" in one_line_error(out, "router")
