@@ -32,7 +32,8 @@ class RouterConfig:
     port: int = 50050                              # 0 picks a free port
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
-    forward_timeout: float = 60.0                  # one MoE layer on one node
+    forward_timeout: float = 10.0                  # one MoE layer on one node; then the node counts as down
+    replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
     discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
@@ -86,9 +87,12 @@ class Router:
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
         self.placement = planner.contiguous(
             [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
-            self.adapter.num_experts, expert_bytes)
-        self.membership.bring_up(self.placement)
-        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout)
+            self.adapter.num_experts, expert_bytes, self.config.replicas)
+        if self.placement.short:
+            logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
+                           planner.describe(self.placement.short))
+        self.membership.bring_up(self.placement, expert_bytes)
+        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover)
         self.adapter.attach(self.model, dispatcher)
         self.membership.watch(dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
