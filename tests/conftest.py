@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +77,45 @@ def live_router(tiny):
     """One mesh for tests that only talk to it: 2 nodes, a router with its HTTP API on."""
     with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], http_port=0) as router:
         yield router
+
+
+class NodeProcess:
+    """``expertmesh node`` in a subprocess (loopback, no discovery), for tests
+    that SIGKILL or SIGSTOP it; ``address`` once it printed that it listens."""
+
+    def __init__(self, model: Path, name: str, memory_gb: float = 1.0):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "expertmesh.cli", "node", "--model", str(model), "--name", name,
+             "--memory-gb", str(memory_gb), "--no-discovery"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=lambda: [self.lines.put(l) for l in self.proc.stdout], daemon=True).start()
+        self.address = ""
+
+    def wait_ready(self, timeout: float = 60) -> "NodeProcess":
+        deadline = time.monotonic() + timeout
+        while not self.address:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if m := re.search(r"listening on (\S+)", line):
+                self.address = m.group(1)
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)  # a SIGSTOPped node too
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def node_processes(model: Path, count: int, memory_gb: float = 1.0):
+    """``count`` node subprocesses, started in parallel; killed (and continued) on exit."""
+    nodes = [NodeProcess(model, f"n{i}", memory_gb) for i in range(count)]
+    try:
+        yield [n.wait_ready() for n in nodes]
+    finally:
+        for n in nodes:
+            n.stop()

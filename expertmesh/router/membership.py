@@ -270,7 +270,7 @@ class Membership:
         if self.browser is not None:
             self.browser.close()
         for link in self.links:
-            link.close()
+            link.close(graceful=not link.down)
 
     def _run(self) -> None:
         while True:

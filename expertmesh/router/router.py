@@ -73,6 +73,7 @@ class Router:
             raise
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
+        self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
 
     @property
@@ -92,9 +93,9 @@ class Router:
             logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
                            planner.describe(self.placement.short))
         self.membership.bring_up(self.placement, expert_bytes)
-        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover)
-        self.adapter.attach(self.model, dispatcher)
-        self.membership.watch(dispatcher)
+        self.dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover)
+        self.adapter.attach(self.model, self.dispatcher)
+        self.membership.watch(self.dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
     def start(self) -> "Router":
