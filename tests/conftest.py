@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from expertmesh.demo import Process
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
 from expertmesh.tinymodel import write_tiny_model
@@ -79,43 +76,17 @@ def live_router(tiny):
         yield router
 
 
-class NodeProcess:
-    """``expertmesh node`` in a subprocess (loopback, no discovery), for tests
-    that SIGKILL or SIGSTOP it; ``address`` once it printed that it listens."""
-
-    def __init__(self, model: Path, name: str, memory_gb: float = 1.0):
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expertmesh.cli", "node", "--model", str(model), "--name", name,
-             "--memory-gb", str(memory_gb), "--no-discovery"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=lambda: [self.lines.put(l) for l in self.proc.stdout], daemon=True).start()
-        self.address = ""
-
-    def wait_ready(self, timeout: float = 60) -> "NodeProcess":
-        deadline = time.monotonic() + timeout
-        while not self.address:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if m := re.search(r"listening on (\S+)", line):
-                self.address = m.group(1)
-        return self
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)  # a SIGSTOPped node too
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-
 
 @contextlib.contextmanager
-def node_processes(model: Path, count: int, memory_gb: float = 1.0):
-    """``count`` node subprocesses, started in parallel; killed (and continued) on exit."""
-    nodes = [NodeProcess(model, f"n{i}", memory_gb) for i in range(count)]
+def node_processes(model: Path, count: int, tmp: Path, memory_gb: float = 1.0):
+    """``count`` ``expertmesh node`` subprocesses on loopback (started in
+    parallel), for tests that SIGKILL or SIGSTOP them; continued and killed on exit."""
+    procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", str(memory_gb),
+                      "--no-discovery"], tmp / f"n{i}.log") for i in range(count)]
     try:
-        yield [n.wait_ready() for n in nodes]
+        yield [(p, p.address(timeout=60)) for p in procs]
     finally:
-        for n in nodes:
-            n.stop()
+        for p in procs:
+            p.proc.send_signal(signal.SIGCONT)
+            p.proc.kill()
+            p.proc.wait(timeout=30)

@@ -30,17 +30,17 @@ def generate(router, node=None, sig=None, after=4):
         for piece in c.generate(PROMPT, max_tokens=TOKENS):
             tokens.append(piece.token)
             if node is not None and len(tokens) == after:
-                node.signal(sig)
+                node.proc.send_signal(sig)
     return tokens
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
-def test_a_node_that_dies_or_hangs_mid_generation_moves_to_replicas_with_one_retry(tiny, sig):
+def test_a_node_that_dies_or_hangs_mid_generation_moves_to_replicas_with_one_retry(tiny, tmp_path, sig):
     expected(tiny)
-    with node_processes(tiny, 3) as nodes, \
-            running_router(tiny, [n.address for n in nodes], replicas=2, forward_timeout=1.0) as router:
+    with node_processes(tiny, 3, tmp_path) as nodes, \
+            running_router(tiny, [address for _, address in nodes], replicas=2, forward_timeout=1.0) as router:
         assert all(len(router.placement.holders(l, e)) == 2 for l in router.placement.owners for e in range(8))
-        assert generate(router, nodes[1], sig) == expected(tiny)
+        assert generate(router, nodes[1][0], sig) == expected(tiny)
         # SIGKILL: the broken stream may tell before a layer needs the node (no retry);
         # SIGSTOP: only the deadline tells, on the first layer that needs the node
         retries = router.dispatcher.retries
@@ -50,26 +50,26 @@ def test_a_node_that_dies_or_hangs_mid_generation_moves_to_replicas_with_one_ret
         assert router.dispatcher.retries == retries
 
 
-def test_without_replicas_lost_experts_are_re_planned_onto_live_nodes(tiny):
-    with node_processes(tiny, 3) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+def test_without_replicas_lost_experts_are_re_planned_onto_live_nodes(tiny, tmp_path):
+    with node_processes(tiny, 3, tmp_path) as nodes, running_router(tiny, [address for _, address in nodes]) as router:
         lost = router.placement.experts_of("n1")
-        assert generate(router, nodes[1], signal.SIGKILL) == expected(tiny)
+        assert generate(router, nodes[1][0], signal.SIGKILL) == expected(tiny)
         assert router.dispatcher.retries <= 1
         held = [router.placement.experts_of(n) for n in ("n0", "n2")]
         for layer, experts in lost.items():
             assert set(experts) <= set(held[0][layer]) | set(held[1][layer])
 
 
-def test_without_memory_for_the_lost_experts_the_client_hears_which_within_the_deadline(tiny):
+def test_without_memory_for_the_lost_experts_the_client_hears_which_within_the_deadline(tiny, tmp_path):
     # 0.6 MB each: room for the 3 experts per layer each holds (0.59 MB), not for the lost ones
-    with node_processes(tiny, 3, memory_gb=0.0006) as nodes, \
-            running_router(tiny, [n.address for n in nodes], forward_timeout=1.0) as router, \
+    with node_processes(tiny, 3, tmp_path, memory_gb=0.0006) as nodes, \
+            running_router(tiny, [address for _, address in nodes], forward_timeout=1.0) as router, \
             Client(f"127.0.0.1:{router.port}") as c:
         lost = router.placement.experts_of("n1")
         assert lost == {l: [3, 4] for l in range(4)}
         stream = c.generate(PROMPT, max_tokens=TOKENS)
         next(stream)
-        nodes[1].signal(signal.SIGSTOP)
+        nodes[1][0].proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         with pytest.raises(UnavailableError, match=r"no live node holds layer 0 experts 3-4; layer 1 experts 3-4; "
                                                    r"layer 2 experts 3-4; layer 3 experts 3-4, and the live nodes "
