@@ -10,6 +10,7 @@ from functools import cache
 import pytest
 
 from expertmesh import Client, UnavailableError
+from expertmesh.nodes import Node, NodeConfig
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from conftest import node_processes, running_router
@@ -76,3 +77,18 @@ def test_without_memory_for_the_lost_experts_the_client_hears_which_within_the_d
                                                    r"lack the memory"):
             list(stream)
         assert time.monotonic() - stopped < 1.0 + 10  # the 1 s deadline, and a loaded machine's margin
+
+
+def test_tokens_of_a_replicated_expert_are_spread_over_its_copies(tiny):
+    # n1 has room for two experts and no primaries: copies of layer 0 experts 0 and 1
+    nodes = [Node(NodeConfig(model=tiny, name=f"n{i}", memory_gb=gb)).start() for i, gb in enumerate((1, 0.0001))]
+    try:
+        with running_router(tiny, [n.address for n in nodes], replicas=2) as router:
+            assert router.placement.experts_of("n1") == {0: [0, 1], 1: [], 2: [], 3: []}
+            assert router.placement.replicas_of("n1") == 2
+            assert generate(router) == expected(tiny)
+            # n1 only gets what the spreading sends it
+            assert nodes[1].servicer.stats.forward_tokens > 0
+    finally:
+        for n in nodes:
+            n.stop(grace=0)

@@ -219,14 +219,12 @@ class Dispatcher:
         weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
         out = np.zeros((ids.shape[0], shape[-1]), np.float32)
         todo = np.ones(ids.shape, bool)
-        for _ in range(len(self.links)):  # each failed round takes a node out
+        while True:  # each failed round takes a node out, until _choose finds none left
             failed = self._exchange(layer, code, hidden, ids, weights, self._choose(layer, ids, todo), out)
             if not failed.any():
                 break
             self.retries += 1
             todo = failed
-        else:
-            raise UnavailableError(f"layer {layer}: every node holding its experts failed")
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
 
     def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray) -> np.ndarray:
@@ -237,11 +235,12 @@ class Dispatcher:
         ok = (holders >= 0) & live[np.maximum(holders, 0)]
         if (todo & ~ok.any(-1)).any():
             missing = self.placement.missing(live)
-            if self.recover is None:
+            if self.recover is not None:
+                self.recover(missing)
+                holders = self.placement.owners[layer][ids]
+                ok = (holders >= 0) & live[np.maximum(holders, 0)]
+            if (todo & ~ok.any(-1)).any():
                 raise UnavailableError(f"no live node holds {describe(missing)}")
-            self.recover(missing)
-            holders = self.placement.owners[layer][ids]
-            ok = (holders >= 0) & live[np.maximum(holders, 0)]
         count = ok.sum(-1)
         pick = np.arange(ids.shape[0])[:, None] % np.maximum(count, 1)
         column = np.argmax(ok & (np.cumsum(ok, -1) - 1 == pick[..., None]), -1)
