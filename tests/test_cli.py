@@ -99,6 +99,13 @@ def test_router_without_reachable_peer_is_one_line(tiny):
     assert "no reachable node" in one_line_error(out, "router")
 
 
+@pytest.mark.parametrize("flag,value,says", [("--replicas", "0", "--replicas must be at least 1"),
+                                             ("--forward-timeout", "0", "--forward-timeout must be above 0")])
+def test_router_bad_replicas_or_deadline_is_one_line(tiny, flag, value, says):
+    out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1", flag, value)
+    assert says in one_line_error(out, "router")
+
+
 def test_missing_and_unsupported_checkpoints_are_one_line(tmp_path):
     out = cli("node", "--model", str(tmp_path / "nope"))
     assert "does not exist" in one_line_error(out, "node")

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (headers suffice)")
     p.add_argument("--node", action="append", default=[], metavar="NAME:GB",
                    help="a node and the memory it gives experts, in GB (repeat for each)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="copies of each expert, where memory allows (default 1)")
 
 
 def parse_node(spec: str):
@@ -35,7 +37,7 @@ def parse_node(spec: str):
 def run(args) -> None:
     from ..checkpoint import Checkpoint
     from ..models import get_adapter
-    from ..placement import contiguous, size
+    from ..placement import contiguous, describe, size
     from ..ranges import per_layer
 
     nodes = [parse_node(spec) for spec in args.node]
@@ -44,23 +46,27 @@ def run(args) -> None:
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise ExpertmeshError(f"node names must differ: {', '.join(names)}")
+    if args.replicas < 1:
+        raise ExpertmeshError("--replicas must be at least 1")
     checkpoint = Checkpoint(args.model)
     adapter = get_adapter(checkpoint.config)
     tensors = checkpoint.tensors
     expert_bytes = {l: adapter.expert_bytes(tensors, l) for l in adapter.moe_layers}
     experts_total = adapter.num_experts * sum(expert_bytes.values())
     dense = sum(t.nbytes for name, t in tensors.items() if not adapter.is_expert_weight(name))
-    placement = contiguous(nodes, adapter.num_experts, expert_bytes)
+    placement = contiguous(nodes, adapter.num_experts, expert_bytes, args.replicas)
 
     print(f"model {checkpoint.model_id} ({adapter.model_type}): {len(adapter.moe_layers)} MoE layers x "
           f"{adapter.num_experts} routed experts, top-{adapter.top_k}")
     sizes = sorted(set(expert_bytes.values()))
     each = f"{sizes[0] / 1e6:.2f}" + (f"-{sizes[-1] / 1e6:.2f}" if len(sizes) > 1 else "")
     print(f"routed experts {size(experts_total)} ({each} MB each); dense part on the router {size(dense)}")
-    print(f"{'NODE':<16} {'BUDGET':>10} {'EXPERTS':>8} {'MEMORY':>10}  EXPERTS PER LAYER")
+    print(f"{'NODE':<16} {'BUDGET':>10} {'EXPERTS':>8} {'REPLICAS':>8} {'MEMORY':>10}  EXPERTS PER LAYER")
     for n in nodes:
         held = placement.experts_of(n.name)
         count = sum(len(e) for e in held.values())
-        print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} "
+        print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {placement.replicas_of(n.name):>8} "
               f"{size(placement.bytes_of(n.name, expert_bytes)):>10}  {per_layer(held)}")
-    print(f"{'router (dense)':<16} {'':>10} {'':>8} {size(dense):>10}")
+    print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(dense):>10}")
+    if placement.short:
+        print(f"memory allows fewer than {args.replicas} copies of {describe(placement.short)}")

@@ -24,7 +24,10 @@ def add_arguments(p) -> None:
                    help="without --expect: plan once no new node has appeared for this long (default 3)")
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
-    p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    p.add_argument("--forward-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds a node may take for one layer before it counts as down (default 10)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
     metrics_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
@@ -40,8 +43,12 @@ def run(args) -> None:
         raise ExpertmeshError(str(e)) from None
     if args.expect is not None and args.expect < 1:
         raise ExpertmeshError("--expect must be at least 1")
+    if args.replicas < 1:
+        raise ExpertmeshError("--replicas must be at least 1")
+    if not args.forward_timeout > 0:
+        raise ExpertmeshError("--forward-timeout must be above 0")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
-                                 forward_timeout=args.forward_timeout, discovery=args.discovery,
+                                 forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
                                  metrics_port=args.metrics_port))

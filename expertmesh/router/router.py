@@ -34,7 +34,8 @@ class RouterConfig:
     port: int = 50050                              # 0 picks a free port
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
-    forward_timeout: float = 60.0                  # one MoE layer on one node
+    forward_timeout: float = 10.0                  # one MoE layer on one node; then the node counts as down
+    replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
     discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
@@ -76,6 +77,7 @@ class Router:
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
         self.routing: RoutingStats | None = None
+        self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
         self.metrics: MetricsServer | None = None
 
@@ -94,12 +96,16 @@ class Router:
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
         self.placement = planner.contiguous(
             [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
-            self.adapter.num_experts, expert_bytes)
-        self.membership.bring_up(self.placement, progress)
+            self.adapter.num_experts, expert_bytes, self.config.replicas)
+        if self.placement.short:
+            logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
+                           planner.describe(self.placement.short))
+        self.membership.bring_up(self.placement, expert_bytes, progress)
         self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes)
-        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.routing)
-        self.adapter.attach(self.model, dispatcher)
-        self.membership.watch(dispatcher)
+        self.dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover,
+                                     self.routing)
+        self.adapter.attach(self.model, self.dispatcher)
+        self.membership.watch(self.dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
     def start(self) -> "Router":
