@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -24,6 +25,8 @@ class NodeBudget:
 
 # copies wanted: one count for every expert, or per (layer, expert) (others get one)
 Replicas = int | Mapping[tuple[int, int], int]
+# layer -> expected token-slots per expert (its popularity, e.g. counted by RoutingStats)
+Load = Mapping[int, Sequence[float]]
 
 
 @dataclass
@@ -176,3 +179,158 @@ def take_over(placement: Placement, missing: dict[int, list[int]], free: dict[in
             for e in experts:
                 placement.add(l, e, to)
     return moves
+
+
+def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, int], load: Load) -> Placement:
+    """Experts placed so that every node expects the same load (token-slots
+    routed to its experts) in every layer, within the memory budgets; hot
+    experts get copies in spare memory, their load split evenly over the
+    copies (as the dispatcher spreads them).
+
+    Per layer each node holds as many primaries as ``contiguous`` gives it,
+    so the plan fits wherever a contiguous one does. Copies go first to the
+    experts whose share per copy is largest, until no share is above half a
+    node's fair share of the layer or spare memory runs out; then all copies
+    are placed heaviest first, each on the least-loaded node that can take it
+    (LPT), and copies are added while one lowers a layer's busiest node.
+
+    Args:
+        nodes: the nodes and their memory budgets, in placement order.
+        num_experts: routed experts per MoE layer.
+        expert_bytes: bytes of one expert, per MoE layer.
+        load: layer -> token-slots per expert; layers left out count as idle.
+
+    Raises:
+        PlacementError: no nodes, one copy of every expert does not fit the
+            budgets, or ``load`` is malformed.
+    """
+    base = contiguous(nodes, num_experts, expert_bytes)
+    n = len(nodes)
+    weights = {l: _layer_load(load, l, num_experts) for l in expert_bytes}
+    free = np.array([max(x.memory_bytes, 0) - base.bytes_of(x.name, expert_bytes) for x in nodes], np.float64)
+    copies = _copies(weights, expert_bytes, free.sum(), n)
+    owners = {l: _place_layer(weights[l], copies[l], np.bincount(base.owners[l][:, 0], minlength=n), free,
+                              expert_bytes[l]) for l in sorted(expert_bytes)}
+    placement = Placement(base.nodes, owners)
+    _improve(placement, weights, free, expert_bytes)
+    return placement
+
+
+def _layer_load(load: Load, layer: int, num_experts: int) -> np.ndarray:
+    w = np.asarray(load.get(layer, np.zeros(num_experts)), np.float64)
+    if w.shape != (num_experts,) or not np.isfinite(w).all() or (w < 0).any():
+        raise PlacementError(f"the load of layer {layer} must be {num_experts} finite counts >= 0")
+    return w
+
+
+def _copies(weights: dict[int, np.ndarray], expert_bytes: dict[int, int], spare: float, n: int) -> dict[int, np.ndarray]:
+    """Copies per expert: one more for the largest share per copy, while that
+    share is above half a node's fair share of its layer and memory is left."""
+    copies = {l: np.ones(w.size, np.int64) for l, w in weights.items()}
+    heap = [(-w[e], l, e) for l, w in weights.items() for e in np.flatnonzero(w)]
+    heapq.heapify(heap)
+    while heap:
+        share, l, e = heapq.heappop(heap)
+        if -share <= weights[l].sum() / n / 2 or copies[l][e] >= n or expert_bytes[l] > spare:
+            continue
+        copies[l][e] += 1
+        spare -= expert_bytes[l]
+        heapq.heappush(heap, (-weights[l][e] / copies[l][e], l, e))
+    return copies
+
+
+def _place_layer(w: np.ndarray, copies: np.ndarray, slots: np.ndarray, free: np.ndarray, cost: int) -> np.ndarray:
+    """[E, R] owners: copies heaviest first to the least-loaded node that does
+    not hold the expert yet; an expert's first copy takes one of the node's
+    ``slots``, later ones its ``free`` memory (a copy that fits nowhere is left out)."""
+    E, n = w.size, free.size
+    owners = np.full((E, int(copies.max())), -1, np.int32)
+    placed = np.zeros(E, np.int64)
+    loads, slots = np.zeros(n), slots.copy()
+    for e in sorted(range(E), key=lambda e: -w[e] / copies[e]):  # stable: ties keep expert order
+        for _ in range(copies[e]):
+            primary = placed[e] == 0
+            ok = (slots > 0) if primary else (free >= cost)
+            ok[owners[e, :placed[e]]] = False
+            if not ok.any():
+                break
+            to = int(np.argmin(np.where(ok, loads, np.inf)))
+            owners[e, placed[e]] = to
+            placed[e] += 1
+            loads[to] += w[e] / copies[e]
+            if primary:
+                slots[to] -= 1
+            else:
+                free[to] -= cost
+    return owners
+
+
+def balance_ratio(node_tokens: np.ndarray) -> float:
+    """mean/max of node load per layer ([layers, nodes]), averaged over the layers
+    that saw traffic; 1.0 is perfectly even, 1/nodes is one node doing all (0 when idle)."""
+    busy = node_tokens[node_tokens.max(axis=1) > 0]
+    if busy.size == 0:
+        return 0.0
+    return float((busy.mean(axis=1) / busy.max(axis=1)).mean())
+
+
+def expected_balance(placement: Placement, load: Load) -> float:
+    """The balance ratio ``placement`` would see on traffic like ``load``."""
+    loads = node_load(placement, load)
+    return balance_ratio(np.array([loads[l] for l in sorted(loads)]))
+
+
+def node_load(placement: Placement, load: Load) -> dict[int, np.ndarray]:
+    """Layer -> expected token-slots per node, each expert's load split evenly over its copies."""
+    n = len(placement.nodes)
+    out = {}
+    for l, o in placement.owners.items():
+        w = _layer_load(load, l, o.shape[0])
+        share = w / np.maximum((o >= 0).sum(axis=1), 1)
+        out[l] = np.bincount(o[o >= 0], weights=np.repeat(share, (o >= 0).sum(axis=1)), minlength=n)
+    return out
+
+
+def _improve(placement: Placement, weights: dict[int, np.ndarray], free: np.ndarray,
+             expert_bytes: dict[int, int]) -> None:
+    """Add copies while one lowers a layer's busiest node, the worst layer first."""
+    while True:
+        best = None  # (ratio gain, layer, expert, node)
+        loads = node_load(placement, weights)
+        for l, now in loads.items():
+            if now.max() <= 0 or expert_bytes[l] > free.max():
+                continue
+            move = _best_copy(placement, l, weights[l], now, free >= expert_bytes[l])
+            if move is not None:
+                gain = move[0] - now.mean() / now.max()
+                if best is None or gain > best[0]:
+                    best = (gain, l, *move[1:])
+        if best is None:
+            return
+        _, l, e, to = best
+        placement.add(l, e, to)
+        free[to] -= expert_bytes[l]
+
+
+def _best_copy(placement: Placement, layer: int, w: np.ndarray, loads: np.ndarray, room: np.ndarray):
+    """``(ratio after, expert, node)`` of the copy that most lowers the busiest
+    node of ``layer``, or None when none does."""
+    o = placement.owners[layer]
+    busiest = int(np.argmax(loads))
+    best = None
+    for e in np.flatnonzero((o == busiest).any(axis=1) & (w > 0)):
+        holders = o[e][o[e] >= 0]
+        c = holders.size
+        for to in np.flatnonzero(room):
+            if to in holders:
+                continue
+            after = loads.copy()
+            after[holders] -= w[e] / c - w[e] / (c + 1)
+            after[to] += w[e] / (c + 1)
+            key = (after.max(), float((after ** 2).sum()))
+            if key[0] < loads.max() - 1e-9 and (best is None or key < best[0]):
+                best = (key, int(e), int(to))
+    if best is None:
+        return None
+    after = best[0]
+    return (loads.mean() / after[0], best[1], best[2])

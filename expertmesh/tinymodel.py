@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_VOCAB_SIZE = 480
 LOGIT_STD = 200.0
+HOT_BOOST = 6.0  # gate logit added to hot experts: they win for nearly every token
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' "
@@ -147,6 +148,33 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     model.model.norm.weight = model.model.norm.weight * scale
 
 
+def _skew(model: nn.Module, hot: list, boost: float = HOT_BOOST):
+    """Make the ``hot`` experts win the gate for (almost) every token, in every MoE layer.
+
+    A constant direction ``c`` is added to every embedding row, so every
+    hidden state carries it; the hot experts' gate rows point along ``c`` (as
+    the MoE input norm scales it), which raises their logits by about
+    ``boost``. The head is made blind to ``c``, so the text still depends on
+    the prompt.
+    """
+    embed = model.model.embed_tokens
+    c = mx.random.normal((embed.weight.shape[-1],))
+    c = 1.5 * mx.sqrt(mx.mean(mx.sum(embed.weight**2, axis=-1))) * c / mx.linalg.norm(c)
+    embed.weight = embed.weight + c
+    rows = mx.array(hot)
+    for layer in model.model.layers:
+        gate = getattr(getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None), "gate", None)
+        if gate is None or "weight" not in gate:
+            continue
+        u = c * layer.post_attention_layernorm.weight
+        w = gate.weight
+        w[rows] = w[rows] + boost / math.sqrt(w.shape[-1]) * u / mx.linalg.norm(u)
+        gate.weight = w
+    u = c * model.model.norm.weight
+    u = u / mx.linalg.norm(u)
+    model.lm_head.weight = model.lm_head.weight - (model.lm_head.weight @ u)[:, None] * u
+
+
 def _to_hf(weights: Dict[str, mx.array], model_type: str, config: dict) -> Dict[str, mx.array]:
     names = HF_EXPERT_NAMES.get(model_type)
     if names is None:
@@ -188,6 +216,7 @@ def write_tiny_model(
     num_shards: int = 3,
     config_overrides: Optional[Dict[str, Any]] = None,
     logit_std: float = LOGIT_STD,
+    hot_experts: Sequence[int] = (),
 ) -> Path:
     """Write a tiny random-weight checkpoint that ``mlx_lm.load`` can read.
 
@@ -208,13 +237,16 @@ def write_tiny_model(
         config_overrides: Merged into the default config before building.
         logit_std: Spread of the logits. The default is large, so greedy
             decoding never meets a near-tie; real models' logits are tens.
+        hot_experts: Experts that win the gate for nearly every token in
+            every MoE layer (skewed routing, for balancing tests); with top-k
+            routing each takes about 1/k of the token-slots. Untied heads only.
 
     Returns:
         The checkpoint directory.
 
     Raises:
         ValueError: On an unknown model type or layout, quantizing an ``hf``
-            layout, or a ``num_shards`` out of range.
+            layout, a ``num_shards`` out of range, or hot experts with a tied head.
     """
     if model_type not in DEFAULT_CONFIGS:
         raise ValueError(f"Model type {model_type} not supported.")
@@ -237,6 +269,10 @@ def write_tiny_model(
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
     _randomise(model, config, allowed, logit_std)
+    if hot_experts:
+        if config.get("tie_word_embeddings"):
+            raise ValueError("hot_experts needs an untied head (tie_word_embeddings false).")
+        _skew(model, list(hot_experts))
     if quantize is not None:
         predicate = None
         if quantize.get("recipe"):
@@ -308,6 +344,8 @@ def setup_arg_parser():
     parser.add_argument("--recipe", help="mlx-lm mixed quantization recipe, e.g. mixed_3_6")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=3)
+    parser.add_argument("--hot-experts", type=int, nargs="*", default=[], metavar="E",
+                        help="experts that take nearly every token (skewed routing)")
     return parser
 
 
@@ -322,6 +360,7 @@ def main():
         quantize=quantize if args.bits or args.recipe else None,
         seed=args.seed,
         num_shards=args.num_shards,
+        hot_experts=args.hot_experts,
     )
     print(path)
 

@@ -1,11 +1,12 @@
 """Default placement: contiguous ranges proportional to memory, then replicas
-where memory allows; lost experts re-planned onto live nodes."""
+where memory allows; lost experts re-planned onto live nodes; popularity-aware
+placement from recorded load."""
 
 import numpy as np
 import pytest
 
 from expertmesh.errors import PlacementError
-from expertmesh.placement import NodeBudget, contiguous, take_over
+from expertmesh.placement import NodeBudget, balanced, contiguous, expected_balance, node_load, take_over
 from expertmesh.ranges import compact, expand
 
 
@@ -70,3 +71,47 @@ def test_lost_experts_go_to_the_live_node_with_most_room_or_are_named():
                                              r"\(0.00 MB needed, 0.00 MB free\)"):
         take_over(p, {0: [0, 1], 1: [1]}, {2: 15}, {0: 10, 1: 10})
     assert all((before[l] == o).all() for l, o in p.owners.items())
+
+
+# two experts take every token (top-2): contiguous ranges put both on the first node
+SKEWED = {0: [50, 50, 0, 0, 0, 0, 0, 0], 1: [40, 10, 10, 10, 10, 10, 5, 5]}
+
+
+def test_balanced_replicates_hot_experts_and_evens_the_load():
+    nodes, sizes = [NodeBudget(n, 1000) for n in "abc"], {0: 10, 1: 10}
+    assert expected_balance(contiguous(nodes, 8, sizes), SKEWED) < 0.6
+    p = balanced(nodes, 8, sizes, SKEWED)
+    assert expected_balance(p, SKEWED) > 0.95
+    # half the slots each: a copy on every node, a third of the load each
+    assert sorted(p.holders(0, 0)) == sorted(p.holders(0, 1)) == [0, 1, 2]
+    assert node_load(p, SKEWED)[0] == pytest.approx([100 / 3] * 3)
+    for l in sizes:  # every expert held somewhere, no node twice
+        assert all(len(set(p.holders(l, e))) == len(p.holders(l, e)) >= 1 for e in range(8))
+
+
+def test_balanced_keeps_the_budgets_and_without_spare_memory_only_moves():
+    nodes, sizes = [NodeBudget("a", 30), NodeBudget("b", 30), NodeBudget("c", 20)], {0: 10}
+    load = {0: SKEWED[1]}
+    p = balanced(nodes, 8, sizes, load)
+    assert [p.bytes_of(n.name, sizes) for n in nodes] == [30, 30, 20]  # the same counts as contiguous
+    assert p.owners[0].shape == (8, 1)
+    assert expected_balance(p, load) > expected_balance(contiguous(nodes, 8, sizes), load)
+    roomy = [NodeBudget(n.name, 45) for n in nodes]
+    q = balanced(roomy, 8, sizes, load)
+    assert all(q.bytes_of(n.name, sizes) <= 45 for n in roomy)
+    assert expected_balance(q, load) > expected_balance(p, load)
+
+
+def test_balanced_without_traffic_is_the_contiguous_plan():
+    nodes, sizes = [NodeBudget(n, 1000) for n in "ab"], {0: 10, 3: 10}
+    assert balanced(nodes, 8, sizes, {}).experts_of("a") == contiguous(nodes, 8, sizes).experts_of("a")
+
+
+def test_balanced_names_what_does_not_fit_or_is_malformed():
+    with pytest.raises(PlacementError, match=r"the routed experts need 0.00 MB but the nodes offer 0.00 MB "
+                                             r"\(a: 0.00 MB, b: 0.00 MB\)"):
+        balanced([NodeBudget("a", 30), NodeBudget("b", 30)], 8, {0: 10}, {0: SKEWED[1]})
+    with pytest.raises(PlacementError, match="the load of layer 0 must be 8 finite counts >= 0"):
+        balanced([NodeBudget("a", 1000)], 8, {0: 10}, {0: [1, 2]})
+    with pytest.raises(PlacementError, match="layer 1"):
+        balanced([NodeBudget("a", 1000)], 8, {0: 10, 1: 10}, {1: [-1] * 8})

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..metrics import Histogram
+from ..placement import balance_ratio
 from ..v1 import expertmesh_pb2 as pb
 
 
@@ -81,15 +82,6 @@ class RoutingStats:
             m.balance_ratio = balance_ratio(self.node_tokens)
             traffic = int(self.bytes_sent.sum() + self.bytes_received.sum())
             m.bytes_per_token = traffic / m.tokens_processed if m.tokens_processed else 0.0
-
-
-def balance_ratio(node_tokens: np.ndarray) -> float:
-    """mean/max of node load per layer ([layers, nodes]), averaged over the layers
-    that saw traffic; 1.0 is perfectly even, 1/nodes is one node doing all (0 when idle)."""
-    busy = node_tokens[node_tokens.max(axis=1) > 0]
-    if busy.size == 0:
-        return 0.0
-    return float((busy.mean(axis=1) / busy.max(axis=1)).mean())
 
 
 class RequestStats:
