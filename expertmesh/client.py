@@ -151,3 +151,28 @@ class Client:
             return self._stub.GetStats(pb.RouterStatsRequest(reset=reset), timeout=min(self.timeout, 30.0))
         except grpc.RpcError as e:
             raise from_rpc_error(e, f"router {self.address}") from None
+
+    def rebalance(self, dry_run: bool = False, threshold: float = 0.0, min_tokens: int = 0
+                  ) -> Iterator[pb.RebalanceProgress]:
+        """Have the router move or copy experts to even the node load it has seen
+        since the placement last changed, while generations run; streams each
+        step (``RebalanceProgress``: planned balance and moves, then each node's
+        loading, the switch, the drops, done; or skipped, with why).
+
+        Args:
+            dry_run: plan and report only.
+            threshold: act only when the live balance ratio is below this (0: whenever it helps).
+            min_tokens: act only after this many tokens since the last change.
+
+        Raises:
+            UnavailableError: a node is down or failed to load, or a rebalance is running.
+            PlacementError: a node lacks the memory to hold old and new experts at once.
+        """
+        call = self._stub.Rebalance(pb.RebalanceRequest(dry_run=dry_run, threshold=threshold, min_tokens=min_tokens),
+                                    timeout=self.timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, f"router {self.address}") from None
+        finally:
+            call.cancel()

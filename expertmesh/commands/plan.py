@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
                    help="a node and the memory it gives experts, in GB (repeat for each)")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="copies of each expert, where memory allows (default 1)")
+    p.add_argument("--stats", type=Path, default=None, metavar="FILE",
+                   help="place by the expert popularity in FILE (expertmesh calibrate --out, or stats --json)")
 
 
 def parse_node(spec: str):
@@ -37,7 +39,8 @@ def parse_node(spec: str):
 def run(args) -> None:
     from ..checkpoint import Checkpoint
     from ..models import get_adapter
-    from ..placement import contiguous, describe, size
+    from ..placement import balanced, contiguous, describe, expected_balance, size
+    from ..popularity import read_load
     from ..ranges import per_layer
 
     nodes = [parse_node(spec) for spec in args.node]
@@ -48,6 +51,8 @@ def run(args) -> None:
         raise ExpertmeshError(f"node names must differ: {', '.join(names)}")
     if args.replicas < 1:
         raise ExpertmeshError("--replicas must be at least 1")
+    if args.stats is not None and args.replicas != 1:
+        raise ExpertmeshError("--stats plans the copies itself: leave --replicas out")
     checkpoint = Checkpoint(args.model)
     adapter = get_adapter(checkpoint.config)
     tensors = checkpoint.tensors
@@ -55,6 +60,12 @@ def run(args) -> None:
     experts_total = adapter.num_experts * sum(expert_bytes.values())
     dense = sum(t.nbytes for name, t in tensors.items() if not adapter.is_expert_weight(name))
     placement = contiguous(nodes, adapter.num_experts, expert_bytes, args.replicas)
+    if args.stats is not None:
+        load = read_load(args.stats, adapter.moe_layers, adapter.num_experts)
+        even = balanced(nodes, adapter.num_experts, expert_bytes, load)
+        balance = (f"balance ratio expected on the traffic in {args.stats}: {expected_balance(even, load):.3f} "
+                   f"(contiguous ranges: {expected_balance(placement, load):.3f})")
+        placement = even
 
     print(f"model {checkpoint.model_id} ({adapter.model_type}): {len(adapter.moe_layers)} MoE layers x "
           f"{adapter.num_experts} routed experts, top-{adapter.top_k}")
@@ -68,5 +79,7 @@ def run(args) -> None:
         print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {placement.replicas_of(n.name):>8} "
               f"{size(placement.bytes_of(n.name, expert_bytes)):>10}  {per_layer(held)}")
     print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(dense):>10}")
+    if args.stats is not None:
+        print(balance)
     if placement.short:
         print(f"memory allows fewer than {args.replicas} copies of {describe(placement.short)}")

@@ -28,6 +28,15 @@ def add_arguments(p) -> None:
                    help="seconds a node may take for one layer before it counts as down (default 10)")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
+    p.add_argument("--placement-stats", type=Path, default=None, metavar="FILE",
+                   help="place experts by the popularity in FILE (expertmesh calibrate --out, or stats --json): "
+                        "even node load, hot experts copied into spare memory")
+    p.add_argument("--rebalance-threshold", type=float, default=None, metavar="RATIO",
+                   help="rebalance live whenever the balance ratio falls below RATIO (default off)")
+    p.add_argument("--rebalance-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="with --rebalance-threshold: seconds between checks (default 30)")
+    p.add_argument("--rebalance-min-tokens", type=int, default=256, metavar="N",
+                   help="with --rebalance-threshold: tokens since the last change before acting (default 256)")
     metrics_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
@@ -47,11 +56,20 @@ def run(args) -> None:
         raise ExpertmeshError("--replicas must be at least 1")
     if not args.forward_timeout > 0:
         raise ExpertmeshError("--forward-timeout must be above 0")
+    if args.placement_stats is not None and args.replicas != 1:
+        raise ExpertmeshError("--placement-stats plans the copies itself: leave --replicas out")
+    if args.rebalance_threshold is not None and not 0 < args.rebalance_threshold <= 1:
+        raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
+    if not args.rebalance_interval > 0 or args.rebalance_min_tokens < 0:
+        raise ExpertmeshError("--rebalance-interval must be above 0 and --rebalance-min-tokens 0 or more")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port))
+                                 metrics_port=args.metrics_port, placement_stats=args.placement_stats,
+                                 rebalance_threshold=args.rebalance_threshold,
+                                 rebalance_interval=args.rebalance_interval,
+                                 rebalance_min_tokens=args.rebalance_min_tokens))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)

@@ -199,10 +199,12 @@ class _SocketReply:
 class Dispatcher:
     """Sends each MoE layer's routed tokens to live nodes holding their experts.
 
-    Tokens of a replicated expert are spread over its live copies by token
-    row. When a node fails during a layer, only the (token, slot) pairs it
-    had are sent again, to live copies; when no live node holds an expert,
-    ``recover(missing)`` may load it onto live nodes (re-plan) or raise.
+    Tokens of a replicated expert are spread evenly over its live copies:
+    by token row, turning one copy further at each call of a layer (so one
+    decoding sequence alternates too). When a node fails during a layer, only
+    the (token, slot) pairs it had are sent again, to live copies; when no
+    live node holds an expert, ``recover(missing)`` may load it onto live
+    nodes (re-plan) or raise. ``switch`` changes the placement between layers.
     """
 
     def __init__(self, links: list[NodeLink], placement: Placement, timeout: float,
@@ -215,12 +217,31 @@ class Dispatcher:
         self.recover = recover
         self.stats = stats
         self.retries = 0  # layers partly sent again after a node failed during them
+        self._turns: dict[int, int] = {}  # layer -> calls so far, to rotate over copies
+        self._layer_lock = threading.Lock()  # held for each layer: the placement changes between layers
+
+    def switch(self, placement: Placement, timeout: float) -> None:
+        """Route by ``placement`` from the next layer on (same nodes, same order).
+
+        Raises:
+            UnavailableError: the running layer did not finish within ``timeout``.
+        """
+        if not self._layer_lock.acquire(timeout=timeout):
+            raise UnavailableError(f"the running layer did not finish within {timeout:g}s")
+        try:
+            self.placement = placement
+        finally:
+            self._layer_lock.release()
 
     def replace(self, link: NodeLink) -> None:
         """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
         self.links[self.placement.nodes.index(link.name)] = link
 
     def __call__(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+        with self._layer_lock:
+            return self._layer(layer, x, inds, scores)
+
+    def _layer(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         shape, k = x.shape, inds.shape[-1]
         mx.eval(x, inds, scores)  # the one sync point of the layer; the rest is numpy
         code = wire.wire_dtype(x.dtype)
@@ -231,8 +252,9 @@ class Dispatcher:
         todo = np.ones(ids.shape, bool)
         served = np.full(ids.shape, -1, np.intp)  # the node that answered each slot
         sent: list[tuple[int, int, int, float]] = []
+        turn = self._turns[layer] = self._turns.get(layer, -1) + 1
         while True:  # each failed round takes a node out, until _choose finds none left
-            node = self._choose(layer, ids, todo)
+            node = self._choose(layer, ids, todo, turn)
             failed = self._exchange(layer, code, hidden, ids, weights, node, out, sent)
             served = np.where(todo & ~failed, node, served)
             if not failed.any():
@@ -243,9 +265,9 @@ class Dispatcher:
             self.stats.record_layer(layer, ids, served, sent)
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
 
-    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray) -> np.ndarray:
+    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray, turn: int) -> np.ndarray:
         """[T, k] node index per (token, slot) to compute (-1 elsewhere): the
-        (row mod copies)-th live holder of the expert."""
+        ((row + turn) mod copies)-th live holder of the expert."""
         live = np.array([not link.down for link in self.links])
         holders = self.placement.owners[layer][ids]  # [T, k, R]
         ok = (holders >= 0) & live[np.maximum(holders, 0)]
@@ -258,7 +280,7 @@ class Dispatcher:
             if (todo & ~ok.any(-1)).any():
                 raise UnavailableError(f"no live node holds {describe(missing)}")
         count = ok.sum(-1)
-        pick = np.arange(ids.shape[0])[:, None] % np.maximum(count, 1)
+        pick = (np.arange(ids.shape[0])[:, None] + turn) % np.maximum(count, 1)
         column = np.argmax(ok & (np.cumsum(ok, -1) - 1 == pick[..., None]), -1)
         node = np.take_along_axis(holders, column[..., None], -1)[..., 0]
         return np.where(todo, node, -1)

@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
+from ..popularity import read_load
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -20,6 +21,7 @@ from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer
+from .rebalance import Rebalancer, Report
 from .service import InferenceServicer
 from .stats import RoutingStats
 
@@ -44,6 +46,10 @@ class RouterConfig:
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
     metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
+    placement_stats: Path | None = None            # plan from this expert popularity (stats JSON), not contiguously
+    rebalance_threshold: float | None = None       # rebalance when the live balance ratio falls below; None: off
+    rebalance_interval: float = 30.0               # seconds between automatic checks
+    rebalance_min_tokens: int = 256                # tokens through the model since the last change before acting
 
 
 class Router:
@@ -80,6 +86,7 @@ class Router:
         self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
         self.metrics: MetricsServer | None = None
+        self.rebalancer: Rebalancer | None = None
 
     @property
     def links(self) -> list[NodeLink]:
@@ -94,9 +101,14 @@ class Router:
         links = self.membership.gather()
         tensors = self.checkpoint.tensors
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
-        self.placement = planner.contiguous(
-            [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
-            self.adapter.num_experts, expert_bytes, self.config.replicas)
+        budgets = [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links]
+        if self.config.placement_stats is not None:
+            load = read_load(self.config.placement_stats, self.adapter.moe_layers, self.adapter.num_experts)
+            self.placement = planner.balanced(budgets, self.adapter.num_experts, expert_bytes, load)
+            logger.info("placement from %s: balance ratio %.3f expected on its traffic",
+                        self.config.placement_stats, planner.expected_balance(self.placement, load))
+        else:
+            self.placement = planner.contiguous(budgets, self.adapter.num_experts, expert_bytes, self.config.replicas)
         if self.placement.short:
             logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
                            planner.describe(self.placement.short))
@@ -106,6 +118,7 @@ class Router:
                                      self.routing)
         self.adapter.attach(self.model, self.dispatcher)
         self.membership.watch(self.dispatcher)
+        self.rebalancer = Rebalancer(self)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
     def start(self) -> "Router":
@@ -115,6 +128,9 @@ class Router:
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
                                          lambda: router_families(self.stats()))
+        if self.config.rebalance_threshold is not None and self.rebalancer is not None:
+            c = self.config
+            self.rebalancer.watch(c.rebalance_threshold, c.rebalance_interval, c.rebalance_min_tokens)
         set_serving(self._health, True)
         return self
 
@@ -125,6 +141,8 @@ class Router:
         if self.metrics is not None:
             self.metrics.stop()
         self.server.stop(grace).wait()
+        if self.rebalancer is not None:
+            self.rebalancer.close()
         self.engine.close()
         self.membership.close()
 
@@ -149,6 +167,18 @@ class Router:
         if self.placement is None:
             raise UnavailableError("the router is not connected to any node")
         return self.engine
+
+    def rebalance(self, report: Report, **kw) -> None:
+        """Move experts to even the load seen since the placement last changed
+        (see ``Rebalancer.rebalance``; ``report`` hears each step).
+
+        Raises:
+            UnavailableError: not connected, a rebalance is running, or a node is down or failed.
+            PlacementError: a node lacks the memory for the move.
+        """
+        if self.rebalancer is None:
+            raise UnavailableError("the router is not connected to any node")
+        self.rebalancer.rebalance(report, **kw)
 
     def cluster(self) -> pb.ClusterInfo:
         """The planned nodes (down ones too), then nodes seen over mDNS that hold nothing."""

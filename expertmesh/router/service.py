@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 
 from google.protobuf import json_format
 
-from ..errors import ExpertmeshError, abort
+from ..errors import ExpertmeshError, InvalidRequestError, abort
 from ..options import GenerationOptions
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -44,3 +46,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def GetStats(self, request, context):
         return self.router.stats(reset=request.reset)
+
+    def Rebalance(self, request, context):
+        """Streams the rebalance's steps; it runs on a thread of its own, so a
+        caller that goes away does not stop it half-way."""
+        if not 0 <= request.threshold <= 1:
+            abort(context, InvalidRequestError(f"threshold must be in [0, 1], not {request.threshold:g}"))
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                self.router.rebalance(updates.put, dry_run=request.dry_run, threshold=request.threshold,
+                                      min_tokens=request.min_tokens)
+                updates.put(None)
+            except ExpertmeshError as e:
+                updates.put(e)
+
+        threading.Thread(target=work, name="rebalance-rpc", daemon=True).start()
+        while (item := updates.get()) is not None:
+            if isinstance(item, ExpertmeshError):
+                logger.warning("Rebalance failed: %s", item)
+                abort(context, item)
+            yield item

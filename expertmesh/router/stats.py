@@ -43,6 +43,11 @@ class RoutingStats:
             self.bytes_received = np.zeros(N, np.int64)
             self.rtt = [Histogram() for _ in range(N)]
 
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the token-slot counts: [layers, experts], [layers, nodes], tokens [layers]."""
+        with self._lock:
+            return self.expert_tokens.copy(), self.node_tokens.copy(), self.layer_tokens.copy()
+
     def record_layer(self, layer: int, ids: np.ndarray, slot_nodes: np.ndarray,
                      sent: list[tuple[int, int, int, float]]) -> None:
         """One MoE layer's routing.

@@ -23,6 +23,16 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOADING: _ClassVar[NodeState]
     READY: _ClassVar[NodeState]
     DOWN: _ClassVar[NodeState]
+
+class RebalancePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REBALANCE_PHASE_UNSPECIFIED: _ClassVar[RebalancePhase]
+    REBALANCE_PLANNED: _ClassVar[RebalancePhase]
+    REBALANCE_LOADING: _ClassVar[RebalancePhase]
+    REBALANCE_SWITCHED: _ClassVar[RebalancePhase]
+    REBALANCE_DROPPING: _ClassVar[RebalancePhase]
+    REBALANCE_DONE: _ClassVar[RebalancePhase]
+    REBALANCE_SKIPPED: _ClassVar[RebalancePhase]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -33,6 +43,13 @@ IDLE: NodeState
 LOADING: NodeState
 READY: NodeState
 DOWN: NodeState
+REBALANCE_PHASE_UNSPECIFIED: RebalancePhase
+REBALANCE_PLANNED: RebalancePhase
+REBALANCE_LOADING: RebalancePhase
+REBALANCE_SWITCHED: RebalancePhase
+REBALANCE_DROPPING: RebalancePhase
+REBALANCE_DONE: RebalancePhase
+REBALANCE_SKIPPED: RebalancePhase
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -336,3 +353,45 @@ class RouterStats(_message.Message):
     bytes_per_token: float
     ttft_seconds: Histogram
     def __init__(self, seconds: _Optional[float] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeTraffic, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., balance_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ("dry_run", "threshold", "min_tokens")
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    threshold: float
+    min_tokens: int
+    def __init__(self, dry_run: _Optional[bool] = ..., threshold: _Optional[float] = ..., min_tokens: _Optional[int] = ...) -> None: ...
+
+class ExpertMove(_message.Message):
+    __slots__ = ("layer", "expert", "before", "after")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    before: _containers.RepeatedScalarFieldContainer[str]
+    after: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., before: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RebalanceProgress(_message.Message):
+    __slots__ = ("phase", "balance_before", "balance_planned", "moves", "node", "loaded_bytes", "total_bytes", "message")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_PLANNED_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    phase: RebalancePhase
+    balance_before: float
+    balance_planned: float
+    moves: _containers.RepeatedCompositeFieldContainer[ExpertMove]
+    node: str
+    loaded_bytes: int
+    total_bytes: int
+    message: str
+    def __init__(self, phase: _Optional[_Union[RebalancePhase, str]] = ..., balance_before: _Optional[float] = ..., balance_planned: _Optional[float] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ..., node: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -255,6 +255,11 @@ class InferenceServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_stream(
+                '/expertmesh.v1.InferenceService/Rebalance',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceProgress.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -284,6 +289,12 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +317,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_stream_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +432,33 @@ class InferenceService:
             '/expertmesh.v1.InferenceService/GetStats',
             expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expertmesh.v1.InferenceService/Rebalance',
+            expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.RebalanceProgress.FromString,
             options,
             channel_credentials,
             insecure,

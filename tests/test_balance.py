@@ -1,0 +1,164 @@
+"""Balancing a skewed model: calibrate, popularity-aware placement, live
+rebalancing under concurrent streams, the automatic mode; greedy output stays
+mlx-lm's throughout."""
+
+import contextlib
+import io
+import re
+import threading
+
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import stream_generate
+
+from expertmesh import Client
+from expertmesh.cli import main
+from expertmesh.tinymodel import write_tiny_model
+from expertmesh.v1 import expertmesh_pb2 as pb
+
+from conftest import running_nodes, running_router
+
+# experts 0 and 1 win every token (top-2), so contiguous ranges give node n0 all the work
+PROMPTS = ["Once upon a time there was a little model", "Hello! How are you today?",
+           "The router looks at each token", "Numbers like 1, 2, 3 and 42"]
+TOKENS = 12
+STREAM_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("models") / "skewed", seed=1, hot_experts=[0, 1])
+    model, tok = load(str(path))
+    expected = {p: [r.token for r in stream_generate(model, tok, p, max_tokens=STREAM_TOKENS)] for p in PROMPTS}
+    return path, expected
+
+
+@pytest.fixture(scope="module")
+def mesh(skewed):
+    path, _ = skewed
+    with running_nodes(path, 3) as nodes, running_router(path, [n.address for n in nodes]) as router:
+        yield nodes, router, f"127.0.0.1:{router.port}"
+
+
+def generate_all(address, tokens=TOKENS):
+    with Client(address) as client:
+        return {p: [x.token for x in client.generate(p, max_tokens=tokens)] for p in PROMPTS}
+
+
+def cut(expected, n=TOKENS):
+    return {p: t[:n] for p, t in expected.items()}
+
+
+@pytest.fixture(scope="module")
+def calibrated(mesh, tmp_path_factory):
+    """``expertmesh calibrate`` through the contiguous mesh: the stats file and what it printed."""
+    _, _, address = mesh
+    tmp = tmp_path_factory.mktemp("calibrate")
+    prompts, out = tmp / "prompts.txt", tmp / "stats.json"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["calibrate", "--router", address, "--prompts", str(prompts), "--out", str(out),
+                     "--max-tokens", str(TOKENS)]) == 0
+    return out, printed.getvalue()
+
+
+def test_calibrate_records_the_skew_and_plan_spreads_it(skewed, mesh, calibrated, capsys):
+    path, expected = skewed
+    _, router, address = mesh
+    out, text = calibrated
+    assert float(text.split("balance ratio ")[1].split()[0]) <= 0.6, text  # contiguous: n0 holds both hot experts
+    assert re.search(r"hot experts \(layer:expert\) \d+:[01] \(", text), text
+    assert router.stats().balance_ratio <= 0.6
+    assert main(["plan", "--model", str(path), "--node", "a:1", "--node", "b:1", "--node", "c:1",
+                 "--stats", str(out)]) == 0
+    plan = capsys.readouterr().out
+    ratios = re.search(r"balance ratio expected on the traffic in .*: ([\d.]+) \(contiguous ranges: ([\d.]+)\)", plan)
+    assert float(ratios[1]) >= 0.85 and float(ratios[2]) <= 0.6, plan
+    assert generate_all(address) == cut(expected)
+
+
+def test_dry_run_shows_the_plan_and_moves_nothing(mesh, capsys):
+    _, router, address = mesh
+    before = router.placement
+    assert main(["rebalance", "--router", address, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "planned on the same traffic" in out and "layer 0 expert 0: n0 -> n0, n1, n2" in out
+    assert out.rstrip().endswith("dry run: nothing moved")
+    assert router.placement is before
+
+
+def test_rebalance_under_concurrent_streams_changes_no_output_and_evens_the_load(skewed, mesh):
+    _, expected = skewed
+    nodes, router, address = mesh
+    streams = PROMPTS * 2
+    got = [[] for _ in streams]
+    started = [threading.Event() for _ in streams]
+    errors = []
+
+    def stream(i):
+        try:
+            with Client(address) as client:
+                for piece in client.generate(streams[i], max_tokens=STREAM_TOKENS):
+                    got[i].append(piece.token)
+                    if len(got[i]) == 2:
+                        started[i].set()
+        except Exception as e:  # noqa: BLE001 (the assertion below names it)
+            errors.append(e)
+            started[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(timeout=60) for e in started)
+    phases, at_switch = [], None
+    with Client(address) as client:
+        for p in client.rebalance():
+            phases.append(p.phase)
+            if p.phase == pb.REBALANCE_PLANNED:
+                planned = p.balance_planned
+            if p.phase == pb.REBALANCE_SWITCHED:
+                at_switch = [len(g) for g in got]
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert got == [expected[p] for p in streams]
+    # new copies loaded before the switch, old ones dropped after it; the streams were mid-way
+    assert phases[0] == pb.REBALANCE_PLANNED and phases[-1] == pb.REBALANCE_DONE
+    assert phases.index(pb.REBALANCE_LOADING) < phases.index(pb.REBALANCE_SWITCHED) < phases.index(
+        pb.REBALANCE_DROPPING)
+    assert planned >= 0.85
+    assert any(0 < n < STREAM_TOKENS for n in at_switch), at_switch
+    assert sorted(router.placement.holders(0, 0)) == [0, 1, 2]
+    # every node holds exactly its new experts
+    sizes = router.membership.expert_bytes
+    for node in nodes:
+        assert node.store.held() == {l: e for l, e in router.placement.experts_of(node.name).items() if e}
+        assert node.store.nbytes == router.placement.bytes_of(node.name, sizes)
+    # fresh traffic: even load, same output
+    router.stats(reset=True)
+    assert generate_all(address) == cut(expected)
+    assert router.stats().balance_ratio >= 0.85
+
+
+def test_router_placed_by_calibrated_stats_is_balanced_from_the_start(skewed, calibrated):
+    path, expected = skewed
+    with running_nodes(path, 3) as nodes, running_router(path, [n.address for n in nodes],
+                                                         placement_stats=calibrated[0]) as router:
+        address = f"127.0.0.1:{router.port}"
+        assert generate_all(address) == cut(expected)
+        assert router.stats().balance_ratio >= 0.85
+
+
+def test_automatic_mode_rebalances_when_the_balance_drops(skewed):
+    path, expected = skewed
+    with running_nodes(path, 3) as nodes, running_router(
+            path, [n.address for n in nodes], rebalance_threshold=0.85, rebalance_interval=0.1,
+            rebalance_min_tokens=20) as router:
+        address = f"127.0.0.1:{router.port}"
+        first = router.placement
+        assert generate_all(address) == cut(expected)
+        assert router.rebalancer.wait(1, timeout=30)
+        assert router.placement is not first and sorted(router.placement.holders(0, 1)) == [0, 1, 2]
+        router.stats(reset=True)
+        assert generate_all(address) == cut(expected)
+        assert router.stats().balance_ratio >= 0.85
