@@ -283,33 +283,39 @@ def expected_balance(placement: Placement, load: Load) -> float:
 def node_load(placement: Placement, load: Load) -> dict[int, np.ndarray]:
     """Layer -> expected token-slots per node, each expert's load split evenly over its copies."""
     n = len(placement.nodes)
-    out = {}
-    for l, o in placement.owners.items():
-        w = _layer_load(load, l, o.shape[0])
-        share = w / np.maximum((o >= 0).sum(axis=1), 1)
-        out[l] = np.bincount(o[o >= 0], weights=np.repeat(share, (o >= 0).sum(axis=1)), minlength=n)
-    return out
+    return {l: _layer_node_load(o, _layer_load(load, l, o.shape[0]), n) for l, o in placement.owners.items()}
+
+
+def _layer_node_load(owners: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+    held = owners >= 0
+    copies = held.sum(axis=1)
+    return np.bincount(owners[held], weights=np.repeat(w / np.maximum(copies, 1), copies), minlength=n)
 
 
 def _improve(placement: Placement, weights: dict[int, np.ndarray], free: np.ndarray,
              expert_bytes: dict[int, int]) -> None:
-    """Add copies while one lowers a layer's busiest node, the worst layer first."""
+    """Add copies while one lowers a layer's busiest node, the least even layer
+    first, until each layer is within 0.1% of even or memory runs out."""
+    n = len(placement.nodes)
+    loads = node_load(placement, weights)
+
+    def best(l):
+        if loads[l].max() <= 0 or loads[l].mean() / loads[l].max() >= 0.999:
+            return None
+        return _best_copy(placement, l, weights[l], loads[l], free >= expert_bytes[l])
+
+    moves = {l: best(l) for l in placement.owners}
     while True:
-        best = None  # (ratio gain, layer, expert, node)
-        loads = node_load(placement, weights)
-        for l, now in loads.items():
-            if now.max() <= 0 or expert_bytes[l] > free.max():
-                continue
-            move = _best_copy(placement, l, weights[l], now, free >= expert_bytes[l])
-            if move is not None:
-                gain = move[0] - now.mean() / now.max()
-                if best is None or gain > best[0]:
-                    best = (gain, l, *move[1:])
-        if best is None:
+        moves = {l: m for l, m in moves.items() if m is not None}
+        if not moves:
             return
-        _, l, e, to = best
-        placement.add(l, e, to)
-        free[to] -= expert_bytes[l]
+        l = max(moves, key=lambda l: moves[l][0] - loads[l].mean() / loads[l].max())
+        _, e, to = moves[l]
+        if free[to] >= expert_bytes[l]:  # else another layer's copy took the room: plan this layer again
+            placement.add(l, e, to)
+            free[to] -= expert_bytes[l]
+            loads[l] = _layer_node_load(placement.owners[l], weights[l], n)
+        moves[l] = best(l)
 
 
 def _best_copy(placement: Placement, layer: int, w: np.ndarray, loads: np.ndarray, room: np.ndarray):

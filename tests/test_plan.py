@@ -1,5 +1,7 @@
 """`expertmesh plan` sizes a mesh from checkpoint headers, before any download."""
 
+import re
+
 import mlx.core as mx
 import pytest
 
@@ -106,3 +108,47 @@ def test_experts_that_do_not_fit_and_bad_node_specs_are_one_line(tmp_path):
     assert "the routed experts need 16.31 GB but the nodes offer 16.00 GB (a: 8.00 GB, b: 8.00 GB)" in line
     line = one_line_error(cli("plan", "--model", str(model), "--node", "a:twelve"))
     assert "expected NAME:GB" in line
+
+
+def zipf_stats(path, layers, experts, seed=0):
+    """A stats file where each layer's experts are Zipf-popular, in a random order."""
+    import numpy as np
+
+    from expertmesh.popularity import write_stats
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    stats = pb.RouterStats(num_experts=experts, top_k=8)
+    for l in range(layers):
+        stats.layers.add(layer=l, expert_tokens=rng.permutation(10_000 // np.arange(1, experts + 1)).tolist())
+    write_stats(stats, path)
+    return path
+
+
+def test_plan_with_stats_evens_the_expected_load_within_the_budgets(tmp_path, capsys):
+    config, tensors = qwen3_30b_a3b_4bit()
+    write_checkpoint(tmp_path / "m", config, tensors, data=False)
+    stats = zipf_stats(tmp_path / "stats.json", 48, 128)
+    assert main(["plan", "--model", str(tmp_path / "m"), "--node", "a:6", "--node", "b:6", "--node", "c:6",
+                 "--stats", str(stats)]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("balance ratio expected"))
+    planned, contiguous = (float(x) for x in re.findall(r"\d\.\d+", line))
+    assert planned > 0.99 and contiguous < 0.8, line
+    rows = {l.split()[0]: l.split() for l in out.splitlines()[3:6]}
+    assert all(float(rows[n][5]) <= 6.0 for n in "abc")  # GB used
+    assert sum(int(rows[n][4]) for n in "abc") > 0  # hot experts copied into the spare memory
+
+
+def test_stats_files_that_do_not_fit_the_model_are_one_line(tmp_path):
+    config, tensors = qwen3_30b_a3b_4bit()
+    model = tmp_path / "m"
+    write_checkpoint(model, config, tensors, data=False)
+    other = zipf_stats(tmp_path / "other.json", 4, 8)
+    line = one_line_error(cli("plan", "--model", str(model), "--node", "a:20", "--stats", str(other)))
+    assert "counts 8 experts in MoE layers [0, 1, 2, 3]; the model has 128 in [0, 1, 2" in line
+    (tmp_path / "bad.json").write_text("{not json")
+    line = one_line_error(cli("plan", "--model", str(model), "--node", "a:20", "--stats", str(tmp_path / "bad.json")))
+    assert "is not a stats file" in line
+    line = one_line_error(cli("plan", "--model", str(model), "--node", "a:20", "--stats", str(other), "--replicas", "2"))
+    assert "--stats plans the copies itself" in line
