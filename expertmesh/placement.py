@@ -181,7 +181,8 @@ def take_over(placement: Placement, missing: dict[int, list[int]], free: dict[in
     return moves
 
 
-def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, int], load: Load) -> Placement:
+def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, int], load: Load,
+             current: Placement | None = None) -> Placement:
     """Experts placed so that every node expects the same load (token-slots
     routed to its experts) in every layer, within the memory budgets; hot
     experts get copies in spare memory, their load split evenly over the
@@ -193,12 +194,16 @@ def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, 
     node's fair share of the layer or spare memory runs out; then all copies
     are placed heaviest first, each on the least-loaded node that can take it
     (LPT), and copies are added while one lowers a layer's busiest node.
+    Given the ``current`` placement, a copy stays where it is when that node
+    is as good a choice (equal load, or an expert without traffic), so a
+    rebalance moves no more than it must.
 
     Args:
         nodes: the nodes and their memory budgets, in placement order.
         num_experts: routed experts per MoE layer.
         expert_bytes: bytes of one expert, per MoE layer.
         load: layer -> token-slots per expert; layers left out count as idle.
+        current: the placement in use (on the same nodes), if any.
 
     Raises:
         PlacementError: no nodes, one copy of every expert does not fit the
@@ -209,8 +214,12 @@ def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, 
     weights = {l: _layer_load(load, l, num_experts) for l in expert_bytes}
     free = np.array([max(x.memory_bytes, 0) - base.bytes_of(x.name, expert_bytes) for x in nodes], np.float64)
     copies = _copies(weights, expert_bytes, free.sum(), n)
+    held = {l: np.zeros((num_experts, n), bool) for l in expert_bytes}
+    for l, o in (current.owners.items() if current is not None else ()):
+        rows, cols = np.nonzero(o >= 0)
+        held[l][rows, o[rows, cols]] = True
     owners = {l: _place_layer(weights[l], copies[l], np.bincount(base.owners[l][:, 0], minlength=n), free,
-                              expert_bytes[l]) for l in sorted(expert_bytes)}
+                              expert_bytes[l], held[l]) for l in sorted(expert_bytes)}
     placement = Placement(base.nodes, owners)
     _improve(placement, weights, free, expert_bytes)
     return placement
@@ -239,10 +248,12 @@ def _copies(weights: dict[int, np.ndarray], expert_bytes: dict[int, int], spare:
     return copies
 
 
-def _place_layer(w: np.ndarray, copies: np.ndarray, slots: np.ndarray, free: np.ndarray, cost: int) -> np.ndarray:
+def _place_layer(w: np.ndarray, copies: np.ndarray, slots: np.ndarray, free: np.ndarray, cost: int,
+                 held: np.ndarray) -> np.ndarray:
     """[E, R] owners: copies heaviest first to the least-loaded node that does
-    not hold the expert yet; an expert's first copy takes one of the node's
-    ``slots``, later ones its ``free`` memory (a copy that fits nowhere is left out)."""
+    not hold the expert yet (of equals, one that ``held`` it); an expert's first
+    copy takes one of the node's ``slots``, later ones its ``free`` memory (a
+    copy that fits nowhere is left out)."""
     E, n = w.size, free.size
     owners = np.full((E, int(copies.max())), -1, np.int32)
     placed = np.zeros(E, np.int64)
@@ -254,7 +265,8 @@ def _place_layer(w: np.ndarray, copies: np.ndarray, slots: np.ndarray, free: np.
             ok[owners[e, :placed[e]]] = False
             if not ok.any():
                 break
-            to = int(np.argmin(np.where(ok, loads, np.inf)))
+            cost_of = np.where(ok, loads if w[e] > 0 else 0.0, np.inf)
+            to = int(np.lexsort((~held[e], cost_of))[0])
             owners[e, placed[e]] = to
             placed[e] += 1
             loads[to] += w[e] / copies[e]

@@ -107,6 +107,16 @@ def test_balanced_without_traffic_is_the_contiguous_plan():
     assert balanced(nodes, 8, sizes, {}).experts_of("a") == contiguous(nodes, 8, sizes).experts_of("a")
 
 
+def test_balanced_leaves_experts_where_they_are_when_that_is_as_good():
+    nodes, sizes = [NodeBudget(n, 1000) for n in "ab"], {0: 10}
+    now = contiguous(nodes, 8, sizes)  # a: 0-3, b: 4-7
+    load = {0: [10, 10, 10, 10, 0, 0, 0, 0]}
+    p = balanced(nodes, 8, sizes, load, current=now)
+    assert expected_balance(p, load) == 1.0
+    # two busy experts move to b, two idle ones to a; the idle experts 4 and 5 stay on b
+    assert p.experts_of("a") == {0: [0, 2, 6, 7]} and p.experts_of("b") == {0: [1, 3, 4, 5]}
+
+
 def test_balanced_names_what_does_not_fit_or_is_malformed():
     with pytest.raises(PlacementError, match=r"the routed experts need 0.00 MB but the nodes offer 0.00 MB "
                                              r"\(a: 0.00 MB, b: 0.00 MB\)"):

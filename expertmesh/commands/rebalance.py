@@ -38,7 +38,7 @@ def run(args) -> None:
     if args.min_tokens < 0:
         raise ExpertmeshError("--min-tokens must be 0 or more")
     phases = {pb.REBALANCE_LOADING: Progress("loading", bars=args.progress),
-              pb.REBALANCE_DROPPING: Progress("dropping to", bars=args.progress)}
+              pb.REBALANCE_DROPPING: Progress("reloading without old copies:", bars=args.progress)}
     with Client(args.router) as client:
         try:
             for p in client.rebalance(args.dry_run, args.threshold, args.min_tokens):

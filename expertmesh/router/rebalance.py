@@ -93,7 +93,7 @@ class Rebalancer:
                 raise UnavailableError(f"{', '.join(down)} down: rebalance once every node is up")
             old = membership.placement
             budgets = [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes) for m in membership.members]
-            new = planner.balanced(budgets, self.router.adapter.num_experts, membership.expert_bytes, load)
+            new = planner.balanced(budgets, self.router.adapter.num_experts, membership.expert_bytes, load, old)
             planned = planner.expected_balance(new, load)
             moves = _moves(old, new)
             report(pb.RebalanceProgress(phase=pb.REBALANCE_PLANNED, balance_before=before, balance_planned=planned,
