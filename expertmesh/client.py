@@ -166,7 +166,7 @@ class Client:
 
         Raises:
             UnavailableError: a node is down or failed to load, or a rebalance is running.
-            PlacementError: a node lacks the memory to hold old and new experts at once.
+            PlacementError: the nodes are too full to swap experts.
         """
         call = self._stub.Rebalance(pb.RebalanceRequest(dry_run=dry_run, threshold=threshold, min_tokens=min_tokens),
                                     timeout=self.timeout)

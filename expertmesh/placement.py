@@ -78,6 +78,19 @@ class Placement:
         o[expert, free[0]] = node
 
 
+def holding(nodes: list[str], held: Mapping[str, Mapping[int, Sequence[int]]],
+            like: Mapping[int, np.ndarray]) -> Placement:
+    """The placement in which each node holds exactly ``held[node]`` (layer ->
+    experts), for the layers and expert count of ``like`` (layer -> owners)."""
+    owners = {}
+    for l, o in like.items():
+        copies = [[i for i, n in enumerate(nodes) if e in held[n].get(l, ())] for e in range(o.shape[0])]
+        owners[l] = np.full((o.shape[0], max(1, *map(len, copies))), -1, np.int32)
+        for e, c in enumerate(copies):
+            owners[l][e, :len(c)] = c
+    return Placement(list(nodes), owners)
+
+
 def describe(experts: dict[int, list[int]]) -> str:
     """``{0: [1, 2], 3: [5]}`` -> "layer 0 experts 1-2; layer 3 expert 5"."""
     return "; ".join(f"layer {l} expert{'s' if len(e) > 1 else ''} {compact(e)}" for l, e in sorted(experts.items()))

@@ -13,6 +13,7 @@ from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
 from expertmesh.cli import main
+from expertmesh.errors import PlacementError
 from expertmesh.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -87,10 +88,10 @@ def test_dry_run_shows_the_plan_and_moves_nothing(mesh, capsys):
     assert router.placement is before
 
 
-def test_rebalance_under_concurrent_streams_changes_no_output_and_evens_the_load(skewed, mesh):
-    _, expected = skewed
-    nodes, router, address = mesh
-    streams = PROMPTS * 2
+def rebalance_during(address, streams):
+    """Start one Generate per prompt in ``streams``; once each has streamed two
+    tokens, rebalance. Returns every stream's tokens, the rebalance's progress
+    messages, and how many tokens each stream had at the (first) switch."""
     got = [[] for _ in streams]
     started = [threading.Event() for _ in streams]
     errors = []
@@ -102,7 +103,7 @@ def test_rebalance_under_concurrent_streams_changes_no_output_and_evens_the_load
                     got[i].append(piece.token)
                     if len(got[i]) == 2:
                         started[i].set()
-        except Exception as e:  # noqa: BLE001 (the assertion below names it)
+        except Exception as e:  # noqa: BLE001 (asserted below, by name)
             errors.append(e)
             started[i].set()
 
@@ -110,34 +111,76 @@ def test_rebalance_under_concurrent_streams_changes_no_output_and_evens_the_load
     for t in threads:
         t.start()
     assert all(e.wait(timeout=60) for e in started)
-    phases, at_switch = [], None
+    progress, at_switch = [], None
     with Client(address) as client:
         for p in client.rebalance():
-            phases.append(p.phase)
-            if p.phase == pb.REBALANCE_PLANNED:
-                planned = p.balance_planned
-            if p.phase == pb.REBALANCE_SWITCHED:
+            progress.append(p)
+            if p.phase == pb.REBALANCE_SWITCHED and at_switch is None:
                 at_switch = [len(g) for g in got]
     for t in threads:
         t.join(timeout=120)
     assert not errors
-    assert got == [expected[p] for p in streams]
-    # new copies loaded before the switch, old ones dropped after it; the streams were mid-way
-    assert phases[0] == pb.REBALANCE_PLANNED and phases[-1] == pb.REBALANCE_DONE
-    assert phases.index(pb.REBALANCE_LOADING) < phases.index(pb.REBALANCE_SWITCHED) < phases.index(
-        pb.REBALANCE_DROPPING)
-    assert planned >= 0.85
-    assert any(0 < n < STREAM_TOKENS for n in at_switch), at_switch
-    assert sorted(router.placement.holders(0, 0)) == [0, 1, 2]
-    # every node holds exactly its new experts
+    return got, progress, at_switch
+
+
+def assert_nodes_hold_exactly_the_placement(nodes, router):
     sizes = router.membership.expert_bytes
     for node in nodes:
         assert node.store.held() == {l: e for l, e in router.placement.experts_of(node.name).items() if e}
         assert node.store.nbytes == router.placement.bytes_of(node.name, sizes)
+
+
+def test_rebalance_under_concurrent_streams_changes_no_output_and_evens_the_load(skewed, mesh):
+    _, expected = skewed
+    nodes, router, address = mesh
+    streams = PROMPTS * 2
+    got, progress, at_switch = rebalance_during(address, streams)
+    assert got == [expected[p] for p in streams]
+    # new copies loaded before the switch, old ones dropped after it (one round: room for both); streams mid-way
+    phases = [p.phase for p in progress]
+    assert phases[0] == pb.REBALANCE_PLANNED and phases[-1] == pb.REBALANCE_DONE
+    assert phases.index(pb.REBALANCE_LOADING) < phases.index(pb.REBALANCE_SWITCHED) < phases.index(
+        pb.REBALANCE_DROPPING)
+    assert {p.round for p in progress if p.phase != pb.REBALANCE_PLANNED} <= {0, 1}
+    assert progress[0].balance_planned >= 0.85
+    assert any(0 < n < STREAM_TOKENS for n in at_switch), at_switch
+    assert sorted(router.placement.holders(0, 0)) == [0, 1, 2]
+    assert_nodes_hold_exactly_the_placement(nodes, router)  # old copies dropped, memory freed
     # fresh traffic: even load, same output
     router.stats(reset=True)
     assert generate_all(address) == cut(expected)
     assert router.stats().balance_ratio >= 0.85
+
+
+def test_nodes_without_room_for_old_and_new_move_in_rounds_within_their_budgets(skewed):
+    path, expected = skewed
+    # 0.65 MB: n0's 12 experts (0.59 MB) leave no room for its new ones until it drops old ones
+    with running_nodes(path, 3, memory_gb=0.00065) as nodes, \
+            running_router(path, [n.address for n in nodes]) as router:
+        address = f"127.0.0.1:{router.port}"
+        streams = PROMPTS[:2]
+        got, progress, _ = rebalance_during(address, streams)
+        assert got == [expected[p] for p in streams]
+        assert progress[-1].phase == pb.REBALANCE_DONE and max(p.round for p in progress) > 1
+        assert_nodes_hold_exactly_the_placement(nodes, router)
+        assert all(n.store.nbytes <= n.servicer.memory_budget for n in nodes)
+        router.stats(reset=True)
+        assert generate_all(address) == cut(expected)
+        assert router.stats().balance_ratio > 0.5  # contiguous: 1/3
+
+
+def test_nodes_too_full_to_swap_stop_with_one_clear_error_and_keep_serving(skewed):
+    path, expected = skewed
+    # 0.6 MB: n0 and n2 are full with their 12 experts; n1's room does not let them swap
+    with running_nodes(path, 3, memory_gb=0.0006) as nodes, \
+            running_router(path, [n.address for n in nodes]) as router:
+        address = f"127.0.0.1:{router.port}"
+        assert generate_all(address) == cut(expected)
+        with Client(address) as client, pytest.raises(PlacementError, match=r"rebalancing stopped after \d+ rounds: "
+                                                                           r"\d+ expert copies still to load"):
+            list(client.rebalance())
+        assert_nodes_hold_exactly_the_placement(nodes, router)  # what it reached, consistently
+        assert generate_all(address) == cut(expected)
 
 
 def test_router_placed_by_calibrated_stats_is_balanced_from_the_start(skewed, calibrated):

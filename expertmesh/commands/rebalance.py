@@ -11,7 +11,8 @@ The router re-plans from the traffic since the placement last changed: hot
 experts are copied into spare memory and experts moved so every node expects
 the same load. New copies load first, traffic then switches between two
 layers, and old copies are dropped last, so no request fails or changes its
-output. Each node needs room for its old and new experts at once."""
+output. Nodes without room for their old and new experts at once move them
+in rounds (load what fits, switch, drop what has its new holder)."""
 
 _SHOWN = 20  # moves listed before "... and N more"
 
@@ -38,12 +39,13 @@ def run(args) -> None:
     if args.min_tokens < 0:
         raise ExpertmeshError("--min-tokens must be 0 or more")
     phases = {pb.REBALANCE_LOADING: Progress("loading", bars=args.progress),
-              pb.REBALANCE_DROPPING: Progress("reloading without old copies:", bars=args.progress)}
+              pb.REBALANCE_DROPPING: Progress("dropping old copies, reloading", bars=args.progress)}
     with Client(args.router) as client:
         try:
             for p in client.rebalance(args.dry_run, args.threshold, args.min_tokens):
                 if p.phase in phases:
-                    phases[p.phase].update(p.node, p.loaded_bytes, p.total_bytes)
+                    task = p.node if p.round <= 1 else f"{p.node} (round {p.round})"
+                    phases[p.phase].update(task, p.loaded_bytes, p.total_bytes)
                 elif p.phase == pb.REBALANCE_PLANNED:
                     _print_plan(p)
                 elif p.phase == pb.REBALANCE_SWITCHED:

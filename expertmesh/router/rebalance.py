@@ -6,7 +6,8 @@ results if it is ordered: (1) every node loads the union of its old and new
 experts (Assign takes the whole set to hold), (2) the dispatcher switches to
 the new placement between two layers, (3) every node drops the experts it no
 longer holds. Between (1) and (3) both placements are served by the nodes,
-so the layer running at the switch finishes on the old one.
+so the layer running at the switch finishes on the old one. Nodes without
+room for old and new at once go in rounds of the same three steps.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class Rebalancer:
         Raises:
             UnavailableError: a rebalance is running already, a node is down,
                 or a node failed to load or drop experts.
-            PlacementError: a node lacks the memory to hold its old and new
-                experts at once.
+            PlacementError: the nodes are too full to swap experts (the mesh
+                keeps serving from what was reached).
         """
         if not self._running.acquire(blocking=False):
             raise UnavailableError("a rebalance is running already: try again when it is done")
@@ -114,55 +115,92 @@ class Rebalancer:
                                             f"before, {planned:.3f} expected on the same traffic"))
 
     def _move(self, new: planner.Placement, report: Report) -> None:
-        """Load the union, switch, drop (hold the membership lock)."""
-        membership, router = self.router.membership, self.router
-        budget = {m.name: m.link.info.memory_budget_bytes for m in membership.members}
-        union = {}
-        for m in membership.members:
-            wanted = new.experts_of(m.name)
-            union[m.name] = {l: sorted({*m.experts.get(l, []), *wanted.get(l, [])}) for l in {*m.experts, *wanted}}
-            need = sum(len(e) * membership.expert_bytes[l] for l, e in union[m.name].items())
-            if need > budget[m.name]:
-                raise PlacementError(
-                    f"node {m.name} would hold {planner.size(need)} while its old and new experts are both loaded, "
-                    f"over its {planner.size(budget[m.name])} budget: nothing moved")
-        old = {m.name: m.experts for m in membership.members}
-        try:
-            self._assign(union, pb.REBALANCE_LOADING, report)
-            router.dispatcher.switch(new, timeout=2 * router.config.forward_timeout)
-        except ExpertmeshError:
-            self._assign(old, pb.REBALANCE_DROPPING, report, quiet=True)  # give the memory back
-            raise
-        membership.placement = router.placement = new
-        report(pb.RebalanceProgress(phase=pb.REBALANCE_SWITCHED))
-        self._assign({m.name: new.experts_of(m.name) for m in membership.members}, pb.REBALANCE_DROPPING, report)
+        """Go from what the nodes hold to ``new`` (hold the membership lock).
 
-    def _assign(self, sets: dict[str, dict[int, list[int]]], phase: int, report: Report, quiet: bool = False) -> None:
-        """Assign every member whose set changes its set, in parallel; record it."""
+        Each round, every node loads what it lacks as far as its memory
+        allows; then, once traffic no longer goes to them, nodes drop the
+        experts a node of the new plan already holds. With room for old and
+        new at once that is one round: load, switch, drop.
+
+        Raises:
+            PlacementError: no round can go on (the nodes are too full to swap
+                experts); the mesh keeps serving from what it reached.
+        """
+        membership, router = self.router.membership, self.router
+        cost = membership.expert_bytes
+        budget = {m.name: m.link.info.memory_budget_bytes for m in membership.members}
+        held = {m.name: _pairs(m.experts) for m in membership.members}
+        target = {m.name: _pairs(new.experts_of(m.name)) for m in membership.members}
+        rounds = 0
+        while held != target:
+            rounds += 1
+            grown = {}
+            for name, have in held.items():
+                room = budget[name] - sum(cost[l] for l, _ in have)
+                adds = set()
+                for l, e in sorted(target[name] - have):
+                    if cost[l] <= room:
+                        adds.add((l, e))
+                        room -= cost[l]
+                if adds:
+                    grown[name] = have | adds
+            self._assign(grown, pb.REBALANCE_LOADING, report, rounds)
+            held.update(grown)
+            keeps = {t: held[t] & target[t] for t in held}
+            shrunk = {name: {(l, e) for l, e in have if (l, e) in target[name]
+                             or not any((l, e) in keeps[t] for t in keeps if t != name)}
+                      for name, have in held.items()}
+            shrunk = {name: have for name, have in shrunk.items() if have != held[name]}
+            if not grown and not shrunk:
+                left = sum(len(target[n] - held[n]) for n in held)
+                self._switch(planner.holding(new.nodes, {n: _experts(held[n]) for n in new.nodes}, new.owners),
+                             report, rounds)  # use the copies loaded so far
+                raise PlacementError(
+                    f"rebalancing stopped after {rounds - 1} rounds: {left} expert copies still to load, and the "
+                    "nodes lack the memory to load them before others drop theirs (give nodes more --memory-gb); "
+                    "the mesh serves from what it reached")
+            if not shrunk:
+                continue
+            now = {**held, **shrunk}
+            step = new if now == target else planner.holding(
+                new.nodes, {n: _experts(now[n]) for n in new.nodes}, new.owners)
+            self._switch(step, report, rounds)
+            self._assign(shrunk, pb.REBALANCE_DROPPING, report, rounds)
+            held.update(shrunk)
+        if router.placement is not new:  # the last round only added copies
+            self._switch(new, report, rounds)
+
+    def _switch(self, placement: planner.Placement, report: Report, rounds: int) -> None:
+        router = self.router
+        router.dispatcher.switch(placement, timeout=2 * router.config.forward_timeout)
+        router.membership.placement = router.placement = placement
+        report(pb.RebalanceProgress(phase=pb.REBALANCE_SWITCHED, round=rounds))
+
+    def _assign(self, sets: dict[str, set[tuple[int, int]]], phase: int, report: Report, rounds: int) -> None:
+        """Assign the members named in ``sets`` their sets, in parallel; record what they hold."""
         membership = self.router.membership
         errors: list[ExpertmeshError] = []
 
         def progress(node: str, p: pb.AssignProgress) -> None:
             report(pb.RebalanceProgress(phase=phase, node=node, loaded_bytes=p.loaded_bytes,
-                                        total_bytes=p.total_bytes))
+                                        total_bytes=p.total_bytes, round=rounds))
 
-        def assign(member) -> None:
+        def assign(member, experts: dict[int, list[int]]) -> None:
             try:
-                member.link.assign(membership.config_hash, sets[member.name], membership.config.assign_timeout,
-                                   progress)
+                member.link.assign(membership.config_hash, experts, membership.config.assign_timeout, progress)
                 member.link.get_info()
-                member.experts = sets[member.name]
+                member.experts = experts
             except ExpertmeshError as e:
                 errors.append(e)
 
-        changing = [m for m in membership.members if _held(sets[m.name]) != _held(m.experts)]
-        threads = [threading.Thread(target=assign, args=(m,), name=f"rebalance-{m.name}") for m in changing]
+        threads = [threading.Thread(target=assign, args=(m, _experts(sets[m.name])), name=f"rebalance-{m.name}")
+                   for m in membership.members if m.name in sets]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        if errors and not quiet:
-            raise UnavailableError(f"rebalancing: {errors[0]}")
+        if errors:  # what the others loaded is recorded: the mesh stays consistent
+            raise UnavailableError(f"rebalancing stopped: {errors[0]}")
 
     # --- automatic mode --------------------------------------------------------
     def watch(self, threshold: float, interval: float, min_tokens: int) -> None:
@@ -183,8 +221,15 @@ class Rebalancer:
             self._thread.join(timeout=self.router.config.assign_timeout)
 
 
-def _held(experts: dict[int, list[int]]) -> dict[int, list[int]]:
-    return {l: sorted(e) for l, e in experts.items() if e}
+def _pairs(experts: dict[int, list[int]]) -> set[tuple[int, int]]:
+    return {(l, e) for l, ids in experts.items() for e in ids}
+
+
+def _experts(pairs: set[tuple[int, int]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for l, e in sorted(pairs):
+        out.setdefault(l, []).append(e)
+    return out
 
 
 def _moves(old: planner.Placement, new: planner.Placement) -> list[pb.ExpertMove]:

@@ -174,7 +174,7 @@ class Router:
 
         Raises:
             UnavailableError: not connected, a rebalance is running, or a node is down or failed.
-            PlacementError: a node lacks the memory for the move.
+            PlacementError: the nodes are too full to swap experts.
         """
         if self.rebalancer is None:
             raise UnavailableError("the router is not connected to any node")

@@ -377,7 +377,7 @@ class ExpertMove(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., before: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RebalanceProgress(_message.Message):
-    __slots__ = ("phase", "balance_before", "balance_planned", "moves", "node", "loaded_bytes", "total_bytes", "message")
+    __slots__ = ("phase", "balance_before", "balance_planned", "moves", "node", "loaded_bytes", "total_bytes", "message", "round")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     BALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BALANCE_PLANNED_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +386,7 @@ class RebalanceProgress(_message.Message):
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     phase: RebalancePhase
     balance_before: float
     balance_planned: float
@@ -394,4 +395,5 @@ class RebalanceProgress(_message.Message):
     loaded_bytes: int
     total_bytes: int
     message: str
-    def __init__(self, phase: _Optional[_Union[RebalancePhase, str]] = ..., balance_before: _Optional[float] = ..., balance_planned: _Optional[float] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ..., node: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, phase: _Optional[_Union[RebalancePhase, str]] = ..., balance_before: _Optional[float] = ..., balance_planned: _Optional[float] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ..., node: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., message: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
