@@ -13,7 +13,7 @@ from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
 from expertmesh.cli import main
-from expertmesh.errors import PlacementError
+from expertmesh.errors import InvalidRequestError, PlacementError
 from expertmesh.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -86,6 +86,28 @@ def test_dry_run_shows_the_plan_and_moves_nothing(mesh, capsys):
     assert "planned on the same traffic" in out and "layer 0 expert 0: n0 -> n0, n1, n2" in out
     assert out.rstrip().endswith("dry run: nothing moved")
     assert router.placement is before
+
+
+def test_bad_input_is_one_line_and_the_router_keeps_serving(mesh, tmp_path, capsys):
+    _, router, address = mesh
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    stats = tmp_path / "stats.json"
+    for argv, message in [
+        (["calibrate", "--router", address, "--prompts", str(tmp_path / "missing.txt")], "cannot read"),
+        (["calibrate", "--router", address, "--prompts", str(empty)], "has no prompts (one per line)"),
+        (["rebalance", "--router", address, "--threshold", "2"], "--threshold must be in [0, 1]"),
+        (["rebalance", "--router", "127.0.0.1:1"], "cannot reach router 127.0.0.1:1"),
+        (["router", "--model", str(tmp_path), "--placement-stats", str(stats), "--replicas", "2"],
+         "--placement-stats plans the copies itself"),
+        (["router", "--model", str(tmp_path), "--rebalance-threshold", "0"], "--rebalance-threshold must be in (0, 1]"),
+    ]:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"expertmesh {argv[0]}: error: ") and message in err[-1], err
+    with Client(address) as client, pytest.raises(InvalidRequestError, match="threshold must be in"):
+        list(client.rebalance(threshold=-1))
+    assert len(generate_all(address, tokens=2)) == len(PROMPTS)
 
 
 def rebalance_during(address, streams):

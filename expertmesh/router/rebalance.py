@@ -105,8 +105,10 @@ class Rebalancer:
                 report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before, balance_planned=planned,
                                             message="the placement is already as even as the plan"))
                 return
-            self._move(new, report)
-            self._since = self.router.routing.totals()
+            try:
+                self._move(new, report)
+            finally:  # count afresh, also after a failed try: the automatic mode waits for new traffic
+                self._since = self.router.routing.totals()
         with self._moved:
             self.done += 1
             self._moved.notify_all()
