@@ -21,6 +21,7 @@ MAX_TOKENS = 64
 
 VARIANTS = {
     "mlx-fp32": {},
+    "mlx-fp32-hot-experts": {"hot_experts": [0, 1]},  # skewed routing: greedy stays tie-free
     "hf-fp32": {"layout": "hf"},
     "mlx-4bit-gs64": {"quantize": {"bits": 4, "group_size": 64}},
     "mlx-8bit-gs32": {"quantize": {"bits": 8, "group_size": 32}},
@@ -232,6 +233,11 @@ def test_tokenizer_round_trips_text(tmp_path):
 def test_hf_layout_refuses_quantization(tmp_path):
     with pytest.raises(ValueError, match="mlx layout"):
         write_tiny_model(tmp_path, layout="hf", quantize={"bits": 4, "group_size": 64})
+
+
+def test_hot_experts_need_an_untied_head(tmp_path):
+    with pytest.raises(ValueError, match="untied head"):
+        write_tiny_model(tmp_path, hot_experts=[0], config_overrides={"tie_word_embeddings": True})
 
 
 def test_ensure_demo_model_writes_once_under_expertmesh_home(tmp_path, monkeypatch):

@@ -76,6 +76,11 @@ class Membership:
     def links(self) -> list[NodeLink]:
         return [m.link for m in self.members]
 
+    @property
+    def changing(self) -> threading.Lock:
+        """Held while who holds what changes: re-plans, re-admissions, rebalances."""
+        return self._lock
+
     # --- before the plan --------------------------------------------------------
     def rejection(self, ann: Announcement) -> str:
         """Why a node cannot join this router's mesh ("" when it can)."""

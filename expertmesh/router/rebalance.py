@@ -88,7 +88,7 @@ class Rebalancer:
             report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before, message=skip))
             return
         membership = self.router.membership
-        with membership._lock:  # no re-plan or re-admission meanwhile
+        with membership.changing:
             down = [m.name for m in membership.members if m.down]
             if down:
                 raise UnavailableError(f"{', '.join(down)} down: rebalance once every node is up")
@@ -117,7 +117,7 @@ class Rebalancer:
                                             f"before, {planned:.3f} expected on the same traffic"))
 
     def _move(self, new: planner.Placement, report: Report) -> None:
-        """Go from what the nodes hold to ``new`` (hold the membership lock).
+        """Go from what the nodes hold to ``new`` (hold ``membership.changing``).
 
         Each round, every node loads what it lacks as far as its memory
         allows; then, once traffic no longer goes to them, nodes drop the
