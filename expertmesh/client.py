@@ -9,6 +9,7 @@ import grpc
 
 from .errors import InvalidRequestError, from_rpc_error
 from .options import GenerationOptions
+from .security import Security, default_token
 from .serving import channel
 from .v1 import expertmesh_pb2 as pb
 from .v1 import expertmesh_pb2_grpc as pb_grpc
@@ -52,16 +53,24 @@ class Client:
     Args:
         address: the router's ``HOST:PORT``.
         timeout: seconds allowed for each call (a whole generation included).
+        token: the cluster token; default: the ``EXPERTMESH_TOKEN`` environment variable.
+        tls_cert, tls_key, tls_ca: PEM files for mutual TLS (all three, or none).
+
+    Raises:
+        AuthError: a malformed token, or TLS files missing or unreadable.
 
     Raises (from every method):
         UnavailableError: the router cannot be reached or a node went down.
         InvalidRequestError: the request was rejected (e.g. prompt too long).
+        AuthError: the router wants another token or certificate.
     """
 
-    def __init__(self, address: str, timeout: float = 600.0):
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None,
+                 tls_cert=None, tls_key=None, tls_ca=None):
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        security = Security(default_token() if token is None else token or None, tls_cert, tls_key, tls_ca)
+        self._channel = channel(address, security)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def __enter__(self) -> "Client":

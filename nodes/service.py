@@ -29,6 +29,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.on_state_change: Callable[[], None] = lambda: None  # e.g. republish the TXT record
         self.state = pb.IDLE
         self.data_port = 0  # set by the Node once its data plane listens
+        self.token_required = False  # the data plane wants a DataPlaneHello first
         self.stats = pb.NodeStats()
         self._assign_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -49,6 +50,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             model_id=ck.model_id, config_hash=ck.config_hash,
             memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes,
             state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
+            token_required=self.token_required,
         )
 
     def Assign(self, request, context):

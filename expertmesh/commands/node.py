@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments
+from . import discovery_arguments, security_arguments
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -15,13 +15,16 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default="", help="node name (default: host name)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory for experts (default: 75%% of RAM)")
     discovery_arguments(p, "announce this node over mDNS")
+    security_arguments(p)
 
 
 def run(args) -> None:
     from ..nodes import Node, NodeConfig
+    from ..security import Security
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
-                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface))
+                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface,
+                           security=Security.from_args(args)))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ..errors import ExpertmeshError
-from . import discovery_arguments
+from . import discovery_arguments, security_arguments
 
 HELP = "run the dense model and drive the nodes"
 
@@ -23,11 +23,13 @@ def add_arguments(p) -> None:
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
     p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    security_arguments(p)
 
 
 def run(args) -> None:
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
+    from ..security import Security
 
     try:
         peers = parse_peers(args.peer)
@@ -38,7 +40,8 @@ def run(args) -> None:
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
-                                 discovery_timeout=args.wait, http_port=args.http_port))
+                                 discovery_timeout=args.wait, http_port=args.http_port,
+                                 security=Security.from_args(args)))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)

@@ -133,7 +133,7 @@ class Membership:
         return found
 
     def _link(self, address: str) -> NodeLink:
-        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put)
+        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security)
 
     def _check(self, link: NodeLink) -> None:
         info = link.info

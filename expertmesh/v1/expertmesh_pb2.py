@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xpertmesh/v1/expertmesh.proto\x12\rexpertmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\"J\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.expertmesh.v1.DType\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"\x10\n\x0eGetInfoRequest\"\x89\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\x05\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x03\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.expertmesh.v1.NodeState\x12)\n\x04held\x18\t \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\x12\x11\n\tdata_port\x18\n \x01(\x05\"R\n\rAssignRequest\x12\x13\n\x0b\x63onfig_hash\x18\x01 \x01(\t\x12,\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\"t\n\x0e\x41ssignProgress\x12\x14\n\x0cloaded_bytes\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blayers_done\x18\x03 \x01(\x05\x12\x14\n\x0clayers_total\x18\x04 \x01(\x05\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\xad\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12)\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\"\x88\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x11\n\x0fGetStatsRequest\"\x82\x01\n\tNodeStats\x12\x18\n\x10\x66orward_requests\x18\x01 \x01(\x04\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\xde\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x1f\n\x17repetition_context_size\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaf\x02\n\x0b\x43hatRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x1f\n\x17repetition_context_size\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x35\n\x14\x63hat_template_kwargs\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructB\x07\n\x05_seed\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x05 \x01(\x05\x12\x16\n\x0egeneration_tps\x18\x06 \x01(\x01\"\x13\n\x11GetClusterRequest\"\xc9\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.expertmesh.v1.NodeState\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12,\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x87\x01\n\x0b\x43lusterInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x12\n\nmoe_layers\x18\x04 \x03(\x05\x12(\n\x05nodes\x18\x05 \x03(\x0b\x32\x19.expertmesh.v1.NodeStatus*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04*S\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\x08\n\x04\x44OWN\x10\x04\x32\xaf\x02\n\rExpertService\x12\x41\n\x07GetInfo\x12\x1d.expertmesh.v1.GetInfoRequest\x1a\x17.expertmesh.v1.NodeInfo\x12G\n\x06\x41ssign\x12\x1c.expertmesh.v1.AssignRequest\x1a\x1d.expertmesh.v1.AssignProgress0\x01\x12L\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse(\x01\x30\x01\x12\x44\n\x08GetStats\x12\x1e.expertmesh.v1.GetStatsRequest\x1a\x18.expertmesh.v1.NodeStats2\xf4\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12\x45\n\x04\x43hat\x12\x1a.expertmesh.v1.ChatRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12J\n\nGetCluster\x12 .expertmesh.v1.GetClusterRequest\x1a\x1a.expertmesh.v1.ClusterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xpertmesh/v1/expertmesh.proto\x12\rexpertmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\"J\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.expertmesh.v1.DType\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"\x10\n\x0eGetInfoRequest\"\xa1\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\x05\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x03\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.expertmesh.v1.NodeState\x12)\n\x04held\x18\t \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\x12\x11\n\tdata_port\x18\n \x01(\x05\x12\x16\n\x0etoken_required\x18\x0b \x01(\x08\"R\n\rAssignRequest\x12\x13\n\x0b\x63onfig_hash\x18\x01 \x01(\t\x12,\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\"t\n\x0e\x41ssignProgress\x12\x14\n\x0cloaded_bytes\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blayers_done\x18\x03 \x01(\x05\x12\x14\n\x0clayers_total\x18\x04 \x01(\x05\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\xad\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12)\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\"\x88\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x1f\n\x0e\x44\x61taPlaneHello\x12\r\n\x05token\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\x82\x01\n\tNodeStats\x12\x18\n\x10\x66orward_requests\x18\x01 \x01(\x04\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\xde\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x1f\n\x17repetition_context_size\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaf\x02\n\x0b\x43hatRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x1f\n\x17repetition_context_size\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x35\n\x14\x63hat_template_kwargs\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructB\x07\n\x05_seed\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x05 \x01(\x05\x12\x16\n\x0egeneration_tps\x18\x06 \x01(\x01\"\x13\n\x11GetClusterRequest\"\xc9\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.expertmesh.v1.NodeState\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12,\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x87\x01\n\x0b\x43lusterInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x12\n\nmoe_layers\x18\x04 \x03(\x05\x12(\n\x05nodes\x18\x05 \x03(\x0b\x32\x19.expertmesh.v1.NodeStatus*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04*S\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\x08\n\x04\x44OWN\x10\x04\x32\xaf\x02\n\rExpertService\x12\x41\n\x07GetInfo\x12\x1d.expertmesh.v1.GetInfoRequest\x1a\x17.expertmesh.v1.NodeInfo\x12G\n\x06\x41ssign\x12\x1c.expertmesh.v1.AssignRequest\x1a\x1d.expertmesh.v1.AssignProgress0\x01\x12L\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse(\x01\x30\x01\x12\x44\n\x08GetStats\x12\x1e.expertmesh.v1.GetStatsRequest\x1a\x18.expertmesh.v1.NodeStats2\xf4\x01\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12\x45\n\x04\x43hat\x12\x1a.expertmesh.v1.ChatRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12J\n\nGetCluster\x12 .expertmesh.v1.GetClusterRequest\x1a\x1a.expertmesh.v1.ClusterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'expertmesh.v1.expertmesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2245
-  _globals['_DTYPE']._serialized_end=2326
-  _globals['_NODESTATE']._serialized_start=2328
-  _globals['_NODESTATE']._serialized_end=2411
+  _globals['_DTYPE']._serialized_start=2302
+  _globals['_DTYPE']._serialized_end=2383
+  _globals['_NODESTATE']._serialized_start=2385
+  _globals['_NODESTATE']._serialized_end=2468
   _globals['_TENSOR']._serialized_start=79
   _globals['_TENSOR']._serialized_end=153
   _globals['_LAYEREXPERTS']._serialized_start=155
@@ -43,35 +43,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=203
   _globals['_GETINFOREQUEST']._serialized_end=219
   _globals['_NODEINFO']._serialized_start=222
-  _globals['_NODEINFO']._serialized_end=487
-  _globals['_ASSIGNREQUEST']._serialized_start=489
-  _globals['_ASSIGNREQUEST']._serialized_end=571
-  _globals['_ASSIGNPROGRESS']._serialized_start=573
-  _globals['_ASSIGNPROGRESS']._serialized_end=689
-  _globals['_FORWARDREQUEST']._serialized_start=692
-  _globals['_FORWARDREQUEST']._serialized_end=865
-  _globals['_FORWARDRESPONSE']._serialized_start=868
-  _globals['_FORWARDRESPONSE']._serialized_end=1004
-  _globals['_GETSTATSREQUEST']._serialized_start=1006
-  _globals['_GETSTATSREQUEST']._serialized_end=1023
-  _globals['_NODESTATS']._serialized_start=1026
-  _globals['_NODESTATS']._serialized_end=1156
-  _globals['_GENERATEREQUEST']._serialized_start=1159
-  _globals['_GENERATEREQUEST']._serialized_end=1381
-  _globals['_CHATMESSAGE']._serialized_start=1383
-  _globals['_CHATMESSAGE']._serialized_end=1427
-  _globals['_CHATREQUEST']._serialized_start=1430
-  _globals['_CHATREQUEST']._serialized_end=1733
-  _globals['_GENERATERESPONSE']._serialized_start=1736
-  _globals['_GENERATERESPONSE']._serialized_end=1880
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1882
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1901
-  _globals['_NODESTATUS']._serialized_start=1904
-  _globals['_NODESTATUS']._serialized_end=2105
-  _globals['_CLUSTERINFO']._serialized_start=2108
-  _globals['_CLUSTERINFO']._serialized_end=2243
-  _globals['_EXPERTSERVICE']._serialized_start=2414
-  _globals['_EXPERTSERVICE']._serialized_end=2717
-  _globals['_INFERENCESERVICE']._serialized_start=2720
-  _globals['_INFERENCESERVICE']._serialized_end=2964
+  _globals['_NODEINFO']._serialized_end=511
+  _globals['_ASSIGNREQUEST']._serialized_start=513
+  _globals['_ASSIGNREQUEST']._serialized_end=595
+  _globals['_ASSIGNPROGRESS']._serialized_start=597
+  _globals['_ASSIGNPROGRESS']._serialized_end=713
+  _globals['_FORWARDREQUEST']._serialized_start=716
+  _globals['_FORWARDREQUEST']._serialized_end=889
+  _globals['_FORWARDRESPONSE']._serialized_start=892
+  _globals['_FORWARDRESPONSE']._serialized_end=1028
+  _globals['_DATAPLANEHELLO']._serialized_start=1030
+  _globals['_DATAPLANEHELLO']._serialized_end=1061
+  _globals['_GETSTATSREQUEST']._serialized_start=1063
+  _globals['_GETSTATSREQUEST']._serialized_end=1080
+  _globals['_NODESTATS']._serialized_start=1083
+  _globals['_NODESTATS']._serialized_end=1213
+  _globals['_GENERATEREQUEST']._serialized_start=1216
+  _globals['_GENERATEREQUEST']._serialized_end=1438
+  _globals['_CHATMESSAGE']._serialized_start=1440
+  _globals['_CHATMESSAGE']._serialized_end=1484
+  _globals['_CHATREQUEST']._serialized_start=1487
+  _globals['_CHATREQUEST']._serialized_end=1790
+  _globals['_GENERATERESPONSE']._serialized_start=1793
+  _globals['_GENERATERESPONSE']._serialized_end=1937
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1939
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1958
+  _globals['_NODESTATUS']._serialized_start=1961
+  _globals['_NODESTATUS']._serialized_end=2162
+  _globals['_CLUSTERINFO']._serialized_start=2165
+  _globals['_CLUSTERINFO']._serialized_end=2300
+  _globals['_EXPERTSERVICE']._serialized_start=2471
+  _globals['_EXPERTSERVICE']._serialized_end=2774
+  _globals['_INFERENCESERVICE']._serialized_start=2777
+  _globals['_INFERENCESERVICE']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)
