@@ -60,6 +60,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                           f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
                           f"not config {request.config_hash}")
         wanted = {le.layer: list(le.experts) for le in request.experts}
+        if len(wanted) != len(request.experts):
+            layers = [le.layer for le in request.experts]
+            twice = next(l for l in layers if layers.count(l) > 1)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer {twice} is listed more than once")
         try:
             self.store.validate_assignment(wanted)
         except ExpertmeshError as e:
@@ -103,7 +107,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         """One Forward request, on a thread allowed to use mlx.
 
         Raises:
-            InvalidRequestError: malformed tensors, or layers/experts not held.
+            InvalidRequestError: malformed tensors, NaN or inf, or layers/experts not held.
         """
         start = time.perf_counter()
         if req.expert_ids.dtype != pb.INT32:
@@ -112,7 +116,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             raise InvalidRequestError("weights must be FLOAT32")
         if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        hidden = wire.decode(req.hidden, "hidden")
+        hidden = wire.decode_numpy(req.hidden, "hidden")
+        if not wire.all_finite(hidden, req.hidden.dtype):
+            raise InvalidRequestError("hidden contains NaN or inf")
+        hidden = wire.from_numpy(hidden, req.hidden.dtype)
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
         out = self.store.forward(req.layer, hidden, ids, weights)
