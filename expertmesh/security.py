@@ -51,8 +51,8 @@ class Security:
         given = [f for f in ("tls_cert", "tls_key", "tls_ca") if getattr(self, f) is not None]
         if given and len(given) != 3:
             raise AuthError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-        if self.tls:
-            self._pem  # unreadable files fail here, in one line, before anything listens
+        if self.tls:  # unreadable or mismatched files fail here, in one line, before anything listens
+            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
 
     @classmethod
     def from_args(cls, args) -> "Security":
@@ -124,11 +124,15 @@ class Security:
     def _load(self, ctx: ssl.SSLContext) -> None:
         cert, key, ca = self._pem
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_verify_locations(cadata=ca.decode())
+        try:
+            ctx.load_verify_locations(cadata=ca.decode(errors="replace"))
+        except ssl.SSLError as e:
+            raise AuthError(f"--tls-ca {self.tls_ca} holds no usable CA certificate ({e.reason or e})") from None
         try:
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
         except ssl.SSLError as e:
-            raise AuthError(f"--tls-cert {self.tls_cert} and --tls-key {self.tls_key} do not go together: {e}") from None
+            raise AuthError(f"--tls-cert {self.tls_cert} and --tls-key {self.tls_key} do not go together: "
+                            f"{e.reason}") from None
 
 
 def bearer(header: str | None) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from concurrent import futures
 
 import grpc
@@ -32,6 +34,7 @@ _CHANNEL_OPTIONS = _OPTIONS + [
     ("grpc.use_local_subchannel_pool", 1),
 ]
 _SERVER_OPTIONS = _OPTIONS + [
+    ("grpc.so_reuseport", 0),  # a second node on a taken port must fail, not share it
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
@@ -65,6 +68,12 @@ def create_server(address: str | list[str], register, service_names: list[str], 
 
 
 def _bind(server: grpc.Server, address: str, security: Security) -> int:
+    host, port = split_address(address)
+    if port:  # say "in use" in one line (gRPC would log its own lines and say less)
+        try:
+            socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+        except OSError as e:
+            raise UnavailableError(f"cannot listen on {address}: {os.strerror(e.errno) if e.errno else e}") from None
     try:
         if security.tls:
             port = server.add_secure_port(address, security.server_credentials())

@@ -213,6 +213,6 @@ def test_bad_security_settings_are_one_clear_error(certs, tmp_path):
     with pytest.raises(AuthError, match="junk.pem is not a PEM file"):
         Security(**{**tls(certs, "node"), "tls_ca": tmp_path / "junk.pem"})
     with pytest.raises(AuthError, match="do not go together"):
-        Security(**{**tls(certs, "node"), "tls_key": certs / "router-key.pem"}).server_ssl_context()
+        Security(**{**tls(certs, "node"), "tls_key": certs / "router-key.pem"})
     with pytest.raises(AuthError, match="printable ASCII"):
         Security("tök\n")

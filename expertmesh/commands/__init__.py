@@ -37,6 +37,24 @@ def sampling_options(args):
                              seed=args.seed, stop=tuple(args.stop)).validate()
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
 def discovery_arguments(p: argparse.ArgumentParser, what: str) -> None:
     """``--discovery/--no-discovery`` and ``--interface``, shared by node and router.
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments, security_arguments
+from . import discovery_arguments, port, positive, security_arguments
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -11,9 +11,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--host", default=None,
                    help="address to listen on (default: the --interface addresses; 127.0.0.1 without discovery)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
+    p.add_argument("--port", type=port, default=0, help="port (default 0: pick a free one)")
     p.add_argument("--name", default="", help="node name (default: host name)")
-    p.add_argument("--memory-gb", type=float, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--memory-gb", type=positive, default=None, help="memory for experts (default: 75%% of RAM)")
     discovery_arguments(p, "announce this node over mDNS")
     security_arguments(p)
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ..errors import ExpertmeshError
-from . import discovery_arguments, security_arguments
+from . import discovery_arguments, port, positive, security_arguments
 
 HELP = "run the dense model and drive the nodes"
 
@@ -11,18 +11,18 @@ HELP = "run the dense model and drive the nodes"
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50050, help="port (default 50050; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible API on this port")
+    p.add_argument("--port", type=port, default=50050, help="port (default 50050; 0 picks a free one)")
+    p.add_argument("--http-port", type=port, default=None, help="also serve an OpenAI-compatible API on this port")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a node to use besides those found over mDNS (repeat for each)")
     discovery_arguments(p, "find nodes over mDNS")
     p.add_argument("--expect", type=int, default=None, metavar="N",
                    help="wait until N nodes of this model are found (default: until none new for --settle s)")
-    p.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--settle", type=positive, default=3.0, metavar="SECONDS",
                    help="without --expect: plan once no new node has appeared for this long (default 3)")
-    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
-    p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    p.add_argument("--forward-timeout", type=positive, default=60.0, help="seconds a node may take for one layer")
     security_arguments(p)
 
 
