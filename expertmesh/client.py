@@ -95,6 +95,8 @@ class Client:
             InvalidRequestError: a bad option, or a prompt longer than the context.
         """
         options = (options or GenerationOptions()).replace(**changes).validate()
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}", param="prompt")
         return self._stream(self._stub.Generate, pb.GenerateRequest(prompt=prompt, **options.to_fields()))
 
     def chat(self, messages: list[dict], options: GenerationOptions | None = None,
@@ -122,7 +124,11 @@ class Client:
             raise InvalidRequestError(f"messages must be {{'role': str, 'content': str}} dicts: {e}",
                                       param="messages") from None
         if chat_template_kwargs:
-            request.chat_template_kwargs.update(chat_template_kwargs)
+            try:
+                request.chat_template_kwargs.update(chat_template_kwargs)
+            except (AttributeError, TypeError, ValueError) as e:
+                raise InvalidRequestError(f"chat_template_kwargs must be a dict of JSON values: {e}",
+                                          param="chat_template_kwargs") from None
         return self._stream(self._stub.Chat, request)
 
     def _stream(self, method, request) -> Iterator[Piece]:

@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
-from expertmesh import wire
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.errors import ModelError
+from expertmesh import Client, wire
+from expertmesh.errors import InvalidRequestError, ModelError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.serving import MAX_MESSAGE_BYTES
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -235,3 +235,18 @@ def test_malformed_safetensors_header_is_a_model_error(model_copy):
     shard.write_bytes(data[:8] + raw + data[8 + n:])
     with pytest.raises(ModelError, match=f"tensor {name} has shape"):
         Checkpoint(model).tensors
+
+
+# --- the SDK ----------------------------------------------------------------------------
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.generate(123), "prompt must be a string, not int"),
+    (lambda c: c.generate("hi", max_tokenz=2), "unknown option 'max_tokenz'"),
+    (lambda c: c.generate("hi", temperature=float("nan")), "temperature must be a finite number"),
+    (lambda c: c.chat(["hello"]), "messages must be {'role': str, 'content': str} dicts"),
+    (lambda c: c.chat([{"role": "user", "content": "x"}], chat_template_kwargs={"a": object()}),
+     "chat_template_kwargs must be a dict of JSON values"),
+])
+def test_sdk_misuse_is_invalid_request_error_before_any_call(call, message):
+    with Client("127.0.0.1:1", timeout=5) as c, pytest.raises(InvalidRequestError) as err:
+        call(c)
+    assert message in str(err.value) and "\n" not in str(err.value)
