@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from expertmesh.checkpoint import Checkpoint
 from expertmesh import Client, wire
+from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, ModelError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.serving import MAX_MESSAGE_BYTES
