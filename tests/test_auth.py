@@ -117,6 +117,13 @@ def test_a_router_without_the_token_cannot_use_the_nodes(tiny, token_mesh):
             router.stop(grace=0)
 
 
+def test_router_warns_about_a_node_that_lets_anyone_in(tiny, caplog):
+    with mesh(tiny, Security(), Security(TOKEN)) as (node, router):
+        with Client(f"127.0.0.1:{router.port}", token=TOKEN) as c:
+            assert text(c)  # works, but the node is open to all
+    assert "node n0 (127.0.0.1" in caplog.text and "accepts calls without the cluster token" in caplog.text
+
+
 def hello_then_request(port: int, first_frames: list, sock_wrap=lambda s: s) -> list:
     """Send ``first_frames`` on a fresh data-plane connection; the replies until it closes (or 2)."""
     with sock_wrap(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:

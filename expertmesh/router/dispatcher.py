@@ -86,6 +86,8 @@ class NodeLink:
             self._requests = queue.SimpleQueue()
             self._broken = None
             self.error = ""
+        if self.security.token and not self.info.token_required:
+            logger.warning("%r accepts calls without the cluster token: start it with --token too", self)
         call = self.stub.Forward(iter(self._requests.get, None))
         self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
                                         name=f"forward-{self.address}")
