@@ -9,6 +9,7 @@ import grpc
 
 from .errors import InvalidRequestError, from_rpc_error
 from .options import GenerationOptions
+from .security import Security, default_token
 from .serving import channel
 from .v1 import expertmesh_pb2 as pb
 from .v1 import expertmesh_pb2_grpc as pb_grpc
@@ -52,16 +53,24 @@ class Client:
     Args:
         address: the router's ``HOST:PORT``.
         timeout: seconds allowed for each call (a whole generation included).
+        token: the cluster token; default: the ``EXPERTMESH_TOKEN`` environment variable.
+        tls_cert, tls_key, tls_ca: PEM files for mutual TLS (all three, or none).
+
+    Raises:
+        AuthError: a malformed token, or TLS files missing or unreadable.
 
     Raises (from every method):
         UnavailableError: the router cannot be reached or a node went down.
         InvalidRequestError: the request was rejected (e.g. prompt too long).
+        AuthError: the router wants another token or certificate.
     """
 
-    def __init__(self, address: str, timeout: float = 600.0):
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None,
+                 tls_cert=None, tls_key=None, tls_ca=None):
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        security = Security(default_token() if token is None else token or None, tls_cert, tls_key, tls_ca)
+        self._channel = channel(address, security)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -86,6 +95,8 @@ class Client:
             InvalidRequestError: a bad option, or a prompt longer than the context.
         """
         options = (options or GenerationOptions()).replace(**changes).validate()
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}", param="prompt")
         return self._stream(self._stub.Generate, pb.GenerateRequest(prompt=prompt, **options.to_fields()))
 
     def chat(self, messages: list[dict], options: GenerationOptions | None = None,
@@ -113,7 +124,11 @@ class Client:
             raise InvalidRequestError(f"messages must be {{'role': str, 'content': str}} dicts: {e}",
                                       param="messages") from None
         if chat_template_kwargs:
-            request.chat_template_kwargs.update(chat_template_kwargs)
+            try:
+                request.chat_template_kwargs.update(chat_template_kwargs)
+            except (AttributeError, TypeError, ValueError) as e:
+                raise InvalidRequestError(f"chat_template_kwargs must be a dict of JSON values: {e}",
+                                          param="chat_template_kwargs") from None
         return self._stream(self._stub.Chat, request)
 
     def _stream(self, method, request) -> Iterator[Piece]:

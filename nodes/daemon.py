@@ -14,6 +14,7 @@ from ..checkpoint import Checkpoint
 from ..discovery import Advertiser, NodeRecord, resolve_interfaces
 from ..metrics import MetricsServer, node_families
 from ..models import get_adapter
+from ..security import Security
 from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ class NodeConfig:
     discovery: bool = False           # announce the node over mDNS (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
     metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
+    security: Security = field(default_factory=Security)  # cluster token and TLS files
 
 
 class Node:
@@ -70,8 +72,10 @@ class Node:
             [join_address(h, config.port) for h in hosts],
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
             ["ExpertService"],
+            security=config.security,
         )
-        self.dataplane = DataPlane(hosts, self.servicer.forward)
+        self.dataplane = DataPlane(hosts, self.servicer.forward, security=config.security)
+        self.servicer.token_required = bool(config.security.token)
         self.servicer.data_port = self.dataplane.port
         self.addresses = [join_address(h, self.port) for h in hosts]
         self._metrics_host = hosts[0]

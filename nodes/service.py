@@ -32,6 +32,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.on_state_change: Callable[[], None] = lambda: None  # e.g. republish the TXT record
         self.state = pb.IDLE
         self.data_port = 0  # set by the Node once its data plane listens
+        self.token_required = False  # the data plane wants a DataPlaneHello first
         self.stats = pb.NodeStats()
         self.compute = Histogram()  # seconds per Forward request
         self._assign_lock = threading.Lock()
@@ -56,6 +57,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             model_id=ck.model_id, config_hash=ck.config_hash,
             memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes,
             state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
+            token_required=self.token_required,
         )
 
     def Assign(self, request, context):
@@ -65,6 +67,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                           f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
                           f"not config {request.config_hash}")
         wanted = {le.layer: list(le.experts) for le in request.experts}
+        if len(wanted) != len(request.experts):
+            layers = [le.layer for le in request.experts]
+            twice = next(l for l in layers if layers.count(l) > 1)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer {twice} is listed more than once")
         try:
             self.store.validate_assignment(wanted)
         except ExpertmeshError as e:
@@ -114,7 +120,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         """One Forward request, on a thread allowed to use mlx.
 
         Raises:
-            InvalidRequestError: malformed tensors, or layers/experts not held.
+            InvalidRequestError: malformed tensors, NaN or inf, or layers/experts not held.
         """
         start = time.perf_counter()
         if req.expert_ids.dtype != pb.INT32:
@@ -123,7 +129,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             raise InvalidRequestError("weights must be FLOAT32")
         if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        hidden = wire.decode(req.hidden, "hidden")
+        hidden = wire.decode_numpy(req.hidden, "hidden")
+        if not wire.all_finite(hidden, req.hidden.dtype):
+            raise InvalidRequestError("hidden contains NaN or inf")
+        hidden = wire.from_numpy(hidden, req.hidden.dtype)
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
         out = self.store.forward(req.layer, hidden, ids, weights)

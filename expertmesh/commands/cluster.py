@@ -1,17 +1,18 @@
 """expertmesh cluster: show the nodes and what they hold."""
 
+from . import connect, router_arguments
+
 HELP = "show the nodes and what they hold"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
 
 
 def run(args) -> None:
-    from ..client import Client
     from ..ranges import per_layer
 
-    with Client(args.router) as client:
+    with connect(args) as client:
         c = client.cluster()
     print(f"model {c.model_id} (config {c.config_hash}): {len(c.moe_layers)} MoE layers x {c.num_experts} experts")
     print(f"{'NODE':<16} {'ADDRESS':<22} {'STATE':<8} {'MEMORY (used/budget)':<22} EXPERTS PER LAYER")

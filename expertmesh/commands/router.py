@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import ExpertmeshError
 from ..progress import Progress
-from . import discovery_arguments, metrics_argument
+from . import at_least_one, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "run the dense model and drive the nodes"
 
@@ -13,29 +13,31 @@ HELP = "run the dense model and drive the nodes"
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50050, help="port (default 50050; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible API on this port")
+    p.add_argument("--port", type=port, default=50050, help="port (default 50050; 0 picks a free one)")
+    p.add_argument("--http-port", type=port, default=None, help="also serve an OpenAI-compatible API on this port")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a node to use besides those found over mDNS (repeat for each)")
     discovery_arguments(p, "find nodes over mDNS")
     p.add_argument("--expect", type=int, default=None, metavar="N",
                    help="wait until N nodes of this model are found (default: until none new for --settle s)")
-    p.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--settle", type=positive, default=3.0, metavar="SECONDS",
                    help="without --expect: plan once no new node has appeared for this long (default 3)")
-    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
-    p.add_argument("--forward-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--forward-timeout", type=positive, default=10.0, metavar="SECONDS",
                    help="seconds a node may take for one layer before it counts as down (default 10)")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
+    p.add_argument("--replicas", type=at_least_one, default=1, metavar="N",
                    help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
     metrics_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
+    security_arguments(p)
 
 
 def run(args) -> None:
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
+    from ..security import Security
 
     try:
         peers = parse_peers(args.peer)
@@ -43,15 +45,11 @@ def run(args) -> None:
         raise ExpertmeshError(str(e)) from None
     if args.expect is not None and args.expect < 1:
         raise ExpertmeshError("--expect must be at least 1")
-    if args.replicas < 1:
-        raise ExpertmeshError("--replicas must be at least 1")
-    if not args.forward_timeout > 0:
-        raise ExpertmeshError("--forward-timeout must be above 0")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port))
+                                 metrics_port=args.metrics_port, security=Security.from_args(args)))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)

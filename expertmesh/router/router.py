@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
+from ..security import Security
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -44,6 +45,7 @@ class RouterConfig:
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
     metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
+    security: Security = field(default_factory=Security)  # cluster token and TLS files, both directions
 
 
 class Router:
@@ -70,6 +72,7 @@ class Router:
                 f"{config.host}:{config.port}",
                 lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
                 ["InferenceService"],
+                security=config.security,
             )
         except BaseException:
             self.membership.close()

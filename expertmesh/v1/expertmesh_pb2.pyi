@@ -57,7 +57,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port")
+    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class NodeInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -78,7 +79,8 @@ class NodeInfo(_message.Message):
     state: NodeState
     held: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     data_port: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ...) -> None: ...
+    token_required: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("config_hash", "experts")
@@ -129,6 +131,12 @@ class ForwardResponse(_message.Message):
     error_code: int
     error: str
     def __init__(self, request_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class DataPlaneHello(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
