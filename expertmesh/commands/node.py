@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
     p.add_argument("--name", default="", help="node name (default: host name)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--kv-idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")
 
 
@@ -21,7 +23,8 @@ def run(args) -> None:
     from ..nodes import Node, NodeConfig
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
-                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface))
+                           memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
+                           discovery=args.discovery, interfaces=args.interface))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""

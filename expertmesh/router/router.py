@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
@@ -20,6 +21,7 @@ from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer
 from .service import InferenceServicer
+from .stages import StageRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
+    mode: str = "expert"                           # expert | pipeline | auto (the CLI's default: auto); see costmodel
 
 
 class Router:
@@ -72,6 +75,7 @@ class Router:
             raise
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
+        self.plan: costmodel.Plan | None = None
         self.http: OpenAIServer | None = None
 
     @property
@@ -82,16 +86,36 @@ class Router:
     def connect(self) -> None:
         """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them."""
         links = self.membership.gather()
-        tensors = self.checkpoint.tensors
-        expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
-        self.placement = planner.contiguous(
-            [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links],
-            self.adapter.num_experts, expert_bytes)
+        self.plan = self._plan(links)
+        self.placement = self.plan.placement
         self.membership.bring_up(self.placement)
         dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout)
         self.adapter.attach(self.model, dispatcher)
+        if self.plan.stages:
+            self._bring_up_stages(links)
         self.membership.watch(dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
+
+    # --- pipeline stages (costmodel.py, router/stages.py) ------------------------
+    def _plan(self, links: list[NodeLink]) -> costmodel.Plan:
+        if self.config.mode == "expert":
+            nodes = [costmodel.NodeCost(l.name, l.info.memory_budget_bytes) for l in links]
+        else:
+            nodes = [costmodel.measure(l, self.adapter, self.config.assign_timeout) for l in links]
+        plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors)
+        for line in plan.describe(self.adapter.args.num_hidden_layers):
+            logger.info("%s", line)
+        return plan
+
+    def _bring_up_stages(self, links: list[NodeLink]) -> None:
+        """Load every node's spans, then swap them into the model for stand-ins."""
+        by_name = {l.name: l for l in links}
+        for name, spans in self.plan.stages.items():
+            by_name[name].assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+        runtime = StageRuntime([(a, b, by_name[n]) for n, s in self.plan.stages.items() for a, b in s],
+                               self.config.forward_timeout)
+        self.worker.run(runtime.install, self.model)
+        self.engine.scheduler.on_step = runtime.sweep
 
     def start(self) -> "Router":
         self.server.start()
