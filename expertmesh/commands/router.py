@@ -23,6 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
     p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
+                   help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
+                        "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
 
 
 def run(args) -> None:
@@ -38,13 +41,15 @@ def run(args) -> None:
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
-                                 discovery_timeout=args.wait, http_port=args.http_port))
+                                 discovery_timeout=args.wait, http_port=args.http_port, mode=args.mode))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
             wanted = f"{args.expect} nodes" if args.expect else "nodes"
             print(f"expertmesh router looking for {wanted} over mDNS on {interfaces}", flush=True)
         router.connect()
+        for line in router.plan.describe(router.adapter.args.num_hidden_layers):
+            print(line, flush=True)
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
               f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "

@@ -42,7 +42,7 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
-    mode: str = "expert"                           # expert | pipeline | auto (the CLI's default: auto); see costmodel
+    mode: str = "expert"                           # expert | pipeline | auto: see costmodel
 
 
 class Router:
