@@ -65,15 +65,19 @@ class Plan:
         spans = sorted((a, b, n) for n, s in self.stages.items() for a, b in s)
         covered = 0
         for a, b, n in spans:
-            lines.append(f"  layers {a}-{b - 1}: whole layers on {n} (pipeline stage)")
+            lines.append(f"  {_layers(a, b)}: whole layers on {n} (pipeline stage)")
             covered = b
         if covered < num_layers:
-            lines.append(f"  layers {covered}-{num_layers - 1}: experts spread across "
+            lines.append(f"  {_layers(covered, num_layers)}: experts spread across "
                          f"{', '.join(self.placement.nodes)}, attention on the router")
         for mode, tps in self.alternatives.items():
             if mode != self.mode:
                 lines.append(f"  ({mode}: {rate(tps)})")
         return lines
+
+
+def _layers(a: int, b: int) -> str:
+    return f"layer {a}" if b - a == 1 else f"layers {a}-{b - 1}"
 
 
 def step_seconds(nodes: list[NodeCost], stages: dict, expert_layers: int, dense_layers: int, batch: int) -> float:

@@ -48,11 +48,11 @@ class _Span:
         self.layers = module.layers
         self.start, self.end = start, start + len(module.layers)
         self.nbytes = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-        self._batches: dict[tuple[int, ...], list[BatchKVCache]] = {}  # row composition -> one cache per layer
+        self._batches: dict[tuple[int, ...], list] = {}  # row composition -> one (Batch)KVCache per layer
         self._loose: dict[int, list[KVCache]] = {}                    # sequence -> one cache per layer
         self._used: dict[object, float] = {}                          # batch key or sequence -> last use
 
-    def caches(self, sequences: tuple[int, ...]) -> list[BatchKVCache]:
+    def caches(self, sequences: tuple[int, ...]) -> list:
         if sequences in self._batches:
             return self._batches[sequences]
         wanted = set(sequences)
@@ -61,7 +61,8 @@ class _Span:
         per = [self._loose.pop(s, None) or [KVCache() for _ in self.layers] for s in sequences]
         for s in sequences:
             self._used.pop(s, None)
-        batch = [BatchKVCache.merge([p[i] for p in per]) for i in range(len(self.layers))]
+        # one row runs on its own KVCache: the mask-free path mlx-lm decodes a single stream with
+        batch = per[0] if len(per) == 1 else [BatchKVCache.merge([p[i] for p in per]) for i in range(len(self.layers))]
         self._batches[sequences] = batch
         return batch
 
@@ -69,7 +70,8 @@ class _Span:
         batch = self._batches.pop(key)
         self._used.pop(key, None)
         for row, s in enumerate(key):
-            self._loose[s] = [KVCache() if c.keys is None else c.extract(row) for c in batch]
+            self._loose[s] = batch if len(key) == 1 else [KVCache() if c.keys is None else c.extract(row)
+                                                          for c in batch]
             self._used[s] = time.monotonic()
 
     def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int]) -> mx.array:
@@ -80,7 +82,7 @@ class _Span:
             mx.eval(x)
             return x
         caches = self.caches(sequences)
-        if right_padding:
+        if right_padding:  # never with one row: nothing pads a batch of one
             for c in caches:
                 c.prepare(right_padding=right_padding)
         mask = create_attention_mask(x, caches[0])
@@ -248,8 +250,12 @@ class StageStore:
             raise InvalidRequestError("a sequence id appears in two rows")
         if right_padding and (len(right_padding) != B or not all(0 <= p <= T for p in right_padding)):
             raise InvalidRequestError(f"right_padding needs {B} values in [0, {T}]")
+        if any(right_padding) and B == 1:
+            raise InvalidRequestError("right_padding on a batch of one row: there is nothing to pad against")
         with self._lock:
-            return span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [])
+            out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [])
+            self._lock.notify_all()
+            return out
 
     def release(self, sequences) -> None:
         """Free these sequences' KV caches (unknown ids are ignored)."""

@@ -78,7 +78,7 @@ def run(args) -> None:
         stages = plan.stages.get(n.name, [])
         used = placement.bytes_of(n.name, expert_bytes) + sum(
             adapter.layer_bytes(tensors, l) for a, b in stages for l in range(a, b))
-        where = ", ".join([f"layers {a}-{b - 1} whole" for a, b in stages] + ([per_layer(held)] if count else []))
+        where = ", ".join([f"whole layers {a}-{b - 1}" for a, b in stages] + ([per_layer(held)] if count else []))
         print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {size(used):>10}  {where}")
     staged = sum(adapter.layer_bytes(tensors, l) for s in plan.stages.values() for a, b in s for l in range(a, b))
     print(f"{'router (dense)':<16} {'':>10} {'':>8} {size(dense - staged + experts_on(plan, adapter, expert_bytes)):>10}")
