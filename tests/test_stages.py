@@ -39,7 +39,8 @@ def test_stages_decode_the_tokens_mlx_lm_decodes(checkpoints, families, variant,
         with Client(f"127.0.0.1:{router.port}") as client:
             assert tokens(client, PROMPT, 24) == expected
             info = [client_info(n) for n in nodes]
-        assert [(s.start, s.end) for i in info for s in i.stages] == [(0, 2), (2, 4)]
+        spans = [(s.start, s.end) for i in info for s in i.stages]  # sized by each node's measured speed
+        assert len(spans) == 2 and spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == 4
         assert all(i.memory_used_bytes > 0 and not i.held for i in info)
         # the router keeps no weight of a layer a node runs
         names = [k for k, _ in tree_flatten(router.model.parameters())]
