@@ -52,8 +52,12 @@ def client_info(node) -> pb.NodeInfo:
         return pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10)
 
 
-def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny):
-    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="auto") as router:
+@pytest.mark.parametrize("memory_gb,mode", [(1.0, "pipeline"), (0.00085, "mixed")])
+def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny, memory_gb, mode):
+    with running_nodes(tiny, 2, memory_gb) as nodes, \
+            running_router(tiny, [n.address for n in nodes], mode="auto") as router:
+        # mixed: one whole layer per node, the others' experts spread, their attention on the router
+        assert router.plan.mode == mode
         with Client(f"127.0.0.1:{router.port}") as client:
             singles = [tokens(client, p, 12) for p in PROMPTS]
             long_one = client.generate(PROMPTS[1], max_tokens=40)
@@ -75,6 +79,33 @@ def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny):
         for node in nodes:
             assert node.stages.wait_sequences(lambda s: not s, timeout=30)
             assert client_info(node).kv_sequences == 0 and client_info(node).kv_cache_bytes == 0
+
+
+def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):
+    """Prompts of different lengths, right-padded in one prefill and cut into
+    4-token chunks, then decoded as one batch: what mlx-lm's own BatchGenerator
+    computes on the whole model."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    ref_model, tok = load(str(tiny))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+
+    def run(model):
+        gen = BatchGenerator(model, prefill_step_size=4, prefill_batch_size=8)
+        uids = gen.insert(prompts, max_tokens=[10] * len(prompts))
+        out = {u: [] for u in uids}
+        while any(len(t) < 10 for t in out.values()):
+            for r in gen.next()[1]:
+                out[r.uid].append(r.token)
+        return [out[u] for u in uids]
+
+    expected = run(ref_model)
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+        assert router.worker.run(run, router.model) == expected
+        router.worker.run(router.engine.scheduler.on_step)
+        assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
 
 
 def test_the_idle_timeout_frees_kv_the_router_never_released(tiny):
