@@ -35,6 +35,21 @@ from .store import ExpertStore
 logger = logging.getLogger(__name__)
 
 
+class _DecodeStep(nn.Module):
+    """A layer's MoE (or MLP) block, compiled for decode steps (one token per
+    row): the same kernels in fewer MLX dispatches, which is most of a small
+    layer's time on a CPU. Prefill shapes vary per prompt, so they run the
+    block as is rather than compile each one."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self._step = mx.compile(block.__call__)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._step(x) if x.shape[1] == 1 else self.block(x)
+
+
 class _Layers(nn.Module):
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
@@ -206,6 +221,9 @@ class StageStore:
         module.eval()
         mx.eval(module.parameters())
         eval_private_arrays(module)
+        attr = self.adapter.block_attr
+        for layer in module.layers:
+            setattr(layer, attr, _DecodeStep(getattr(layer, attr)))
         return _Span(start, module)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
