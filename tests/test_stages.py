@@ -39,6 +39,7 @@ def test_stages_decode_the_tokens_mlx_lm_decodes(checkpoints, families, variant,
         with Client(f"127.0.0.1:{router.port}") as client:
             assert tokens(client, PROMPT, 24) == expected
             info = [client_info(n) for n in nodes]
+            assert [v.stages for v in client.cluster().nodes] == [[(s.start, s.end)] for i in info for s in i.stages]
         spans = [(s.start, s.end) for i in info for s in i.stages]  # sized by each node's measured speed
         assert len(spans) == 2 and spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == 4
         assert all(i.memory_used_bytes > 0 and not i.held for i in info)
@@ -79,6 +80,16 @@ def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny, memor
         for node in nodes:
             assert node.stages.wait_sequences(lambda s: not s, timeout=30)
             assert client_info(node).kv_sequences == 0 and client_info(node).kv_cache_bytes == 0
+
+
+def test_a_cancelled_request_releases_its_kv(tiny):
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+        with Client(f"127.0.0.1:{router.port}") as client:
+            stream = iter(client.generate(PROMPT, max_tokens=200))
+            next(stream)
+            assert all(n.stages.sequences for n in nodes)
+            stream.close()  # the client goes away mid-generation
+            assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
 
 
 def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):

@@ -156,13 +156,14 @@ class Router:
 
     def cluster(self) -> pb.ClusterInfo:
         """The planned nodes (down ones too), then nodes seen over mDNS that hold nothing."""
-        nodes = []
+        nodes, stages = [], self.plan.stages if self.plan else {}
         for m in self.membership.members:
             info = m.link.info
             nodes.append(pb.NodeStatus(
                 name=m.name, address=m.link.address, state=pb.DOWN if m.down else info.state,
                 memory_budget_bytes=info.memory_budget_bytes, memory_used_bytes=info.memory_used_bytes,
-                experts=layer_experts(m.experts), error=m.error or m.link.error))
+                experts=layer_experts(m.experts), error=m.error or m.link.error,
+                stages=[pb.LayerSpan(start=a, end=b) for a, b in stages.get(m.name, [])]))
         planned = {m.instance for m in self.membership.members}
         for ann in self.membership.compatible():
             if ann.instance not in planned:

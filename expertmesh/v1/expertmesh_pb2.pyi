@@ -279,7 +279,7 @@ class GetClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "state", "memory_budget_bytes", "memory_used_bytes", "experts", "error")
+    __slots__ = ("name", "address", "state", "memory_budget_bytes", "memory_used_bytes", "experts", "error", "stages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,7 @@ class NodeStatus(_message.Message):
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: NodeState
@@ -294,7 +295,8 @@ class NodeStatus(_message.Message):
     memory_used_bytes: int
     experts: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     error: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., error: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
     __slots__ = ("model_id", "config_hash", "num_experts", "moe_layers", "nodes")
