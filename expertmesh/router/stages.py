@@ -178,14 +178,15 @@ class StageRuntime:
 
     def run(self, link: NodeLink, start: int, x: mx.array, cache) -> mx.array:
         B, T, _ = x.shape
-        stage = pb.StageRequest()
+        stage, state = pb.StageRequest(), []
         if cache is not None:
             dummy = mx.zeros((B, 1, T, 1), mx.float16)
             cache.update_and_fetch(dummy, dummy)
+            state = cache.state  # nothing else reads it: evaluate here, or its graph grows every step
             stage.sequences.extend(cache.sequences)
             stage.right_padding.extend(cache.take_padding(T))
             self._sent.update(cache.sequences)
-        mx.eval(x)
+        mx.eval(x, state)
         reply = self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS), layer=start,
                                                    hidden=wire.encode(x), stage=stage))
         return wire.decode(reply.output, "output")
