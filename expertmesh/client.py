@@ -140,3 +140,16 @@ class Client:
                       n.memory_used_bytes, {le.layer: list(le.experts) for le in n.experts}, n.error,
                       [(s.start, s.end) for s in n.stages])
              for n in c.nodes])
+
+    def stats(self, reset: bool = False) -> pb.RouterStats:
+        """What the router routed and served since it started or was last reset
+        (the ``RouterStats`` message: per-layer expert and node load, per-node
+        traffic and round trips, balance ratio, bytes per token).
+
+        Args:
+            reset: zero the router's counters after reading them.
+        """
+        try:
+            return self._stub.GetStats(pb.RouterStatsRequest(reset=reset), timeout=min(self.timeout, 30.0))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, f"router {self.address}") from None

@@ -87,17 +87,21 @@ def step_seconds(nodes: list[NodeCost], stages: dict, expert_layers: int, dense_
     return t + expert_layers * (max(n.rtt_s for n in nodes) + layer) + dense_layers * layer
 
 
-def _plan(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict, stages: dict, left: list[int]) -> Plan:
+def _plan(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict, stages: dict, left: list[int],
+          replicas: int) -> Plan:
     covered = {l for s in stages.values() for a, b in s for l in range(a, b)}
     expert_layers = [l for l in adapter.moe_layers if l not in covered]
     dense = adapter.args.num_hidden_layers - len(covered) - len(expert_layers)
-    placement = contiguous([NodeBudget(n.name, m) for n, m in zip(nodes, left)], adapter.num_experts,
-                           {l: adapter.expert_bytes(tensors, l) for l in expert_layers})
+    if expert_layers:
+        placement = contiguous([NodeBudget(n.name, m) for n, m in zip(nodes, left)], adapter.num_experts,
+                               {l: adapter.expert_bytes(tensors, l) for l in expert_layers}, replicas)
+    else:
+        placement = Placement([n.name for n in nodes], {})
     tps = {b: b / step_seconds(nodes, stages, len(expert_layers), dense, b) for b in BATCHES}
     return Plan(mode if expert_layers or mode == "expert" else "pipeline", stages, placement, tps)
 
 
-def _staged(nodes: list[NodeCost], adapter: Adapter, tensors: dict) -> Plan:
+def _staged(nodes: list[NodeCost], adapter: Adapter, tensors: dict, replicas: int) -> Plan:
     """Contiguous spans sized by each node's speed, as far as its memory goes;
     layers left over keep their experts spread (a mixed plan)."""
     L = adapter.args.num_hidden_layers
@@ -115,13 +119,14 @@ def _staged(nodes: list[NodeCost], adapter: Adapter, tensors: dict) -> Plan:
         left.append(n.memory_bytes - used)
     if not stages:
         raise PlacementError("no node has the memory for a single whole layer")
-    return _plan("mixed", nodes, adapter, tensors, stages, left)
+    return _plan("mixed", nodes, adapter, tensors, stages, left, replicas)
 
 
-def choose(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict) -> Plan:
+def choose(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict, replicas: int = 1) -> Plan:
     """The plan for ``mode``: ``expert`` and ``pipeline`` force it (pipeline
     keeps experts spread for layers no node has room for), ``auto`` takes the
-    one predicted fastest at batch 1.
+    one predicted fastest at batch 1. Experts spread get ``replicas`` copies
+    where memory allows (stage layers have one copy: their node's).
 
     Raises:
         PlacementError: nothing fits the nodes' memory, or ``mode`` is unknown.
@@ -130,8 +135,8 @@ def choose(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict) ->
         raise PlacementError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
     plans, errors = {}, []
     for name, make in (("expert", lambda: _plan("expert", nodes, adapter, tensors, {},
-                                                  [n.memory_bytes for n in nodes])),
-                       ("pipeline", lambda: _staged(nodes, adapter, tensors))):
+                                                  [n.memory_bytes for n in nodes], replicas)),
+                       ("pipeline", lambda: _staged(nodes, adapter, tensors, replicas))):
         if mode in (name, "auto"):
             try:
                 plans[name] = make()

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import Checkpoint
 from ..discovery import Advertiser, NodeRecord, resolve_interfaces
+from ..metrics import MetricsServer, node_families
 from ..models import get_adapter
 from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
 from ..v1 import expertmesh_pb2 as pb
@@ -41,6 +42,7 @@ class NodeConfig:
     discovery: bool = False           # announce the node over mDNS (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
     kv_idle_timeout: float = 300.0    # pipeline stages: free a sequence's KV cache unused this long
+    metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
 
 
 class Node:
@@ -75,6 +77,8 @@ class Node:
         self.dataplane = DataPlane(hosts, self.servicer.forward)
         self.servicer.data_port = self.dataplane.port
         self.addresses = [join_address(h, self.port) for h in hosts]
+        self._metrics_host = hosts[0]
+        self.metrics: MetricsServer | None = None
         self.advertiser: Advertiser | None = None
         if config.discovery:
             advertised = [i.ip for i in interfaces] if hosts[0] in _WILDCARDS else hosts
@@ -106,6 +110,9 @@ class Node:
     def start(self) -> "Node":
         self.server.start()
         self.dataplane.start()
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(self._metrics_host, self.config.metrics_port,
+                                         lambda: node_families(*self.servicer.snapshot(), self.servicer.info()))
         set_serving(self._health, True)
         if self.advertiser:
             self.advertiser.start()
@@ -118,6 +125,8 @@ class Node:
         if self.advertiser:
             self.advertiser.close()  # goodbye first: routers stop counting on us
         set_serving(self._health, False)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop(grace).wait()
         self.dataplane.stop()
         self.stages.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from concurrent import futures
 from typing import Callable
 
 import grpc
@@ -12,6 +14,7 @@ import mlx.core as mx
 
 from .. import __version__, wire
 from ..errors import ExpertmeshError, InvalidRequestError, status_code
+from ..metrics import Histogram
 from ..serving import PROTOCOL_VERSION, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -33,6 +36,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.state = pb.IDLE
         self.data_port = 0  # set by the Node once its data plane listens
         self.stats = pb.NodeStats()
+        self.compute = Histogram()  # seconds per Forward request
         self._assign_lock = threading.Lock()
         self._stats_lock = threading.Lock()
 
@@ -46,6 +50,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.on_state_change()
 
     def GetInfo(self, request, context):
+        return self.info()
+
+    def info(self) -> pb.NodeInfo:
         ck = self.store.checkpoint
         return pb.NodeInfo(
             name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
@@ -76,15 +83,21 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
         try:
             self.state = pb.LOADING
-            updates: list[pb.AssignProgress] = []
+            updates: queue.SimpleQueue = queue.SimpleQueue()  # streamed while the worker loads
             layers_total = len(wanted)
 
             def progress(loaded, total, done):
-                updates.append(pb.AssignProgress(loaded_bytes=loaded, total_bytes=total,
-                                                 layers_done=done, layers_total=layers_total))
+                updates.put(pb.AssignProgress(loaded_bytes=loaded, total_bytes=total,
+                                              layers_done=done, layers_total=layers_total))
 
-            self.worker.run(self.store.assign, wanted, progress)
-            yield from updates
+            loading = self.worker.submit(self.store.assign, wanted, progress)
+            loading.add_done_callback(lambda _: updates.put(None))
+            try:
+                while (update := updates.get()) is not None:
+                    yield update
+            finally:  # also when the caller goes away: the store is ours until it is done
+                futures.wait([loading])
+            loading.result()
             self.state = pb.READY
             yield pb.AssignProgress(loaded_bytes=self.store.nbytes, total_bytes=self.store.nbytes,
                                     layers_done=layers_total, layers_total=layers_total, done=True)
@@ -131,6 +144,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             s.bytes_received += req.ByteSize()
             s.bytes_sent += resp.ByteSize()
             s.compute_seconds += resp.compute_seconds
+            self.compute.observe(resp.compute_seconds)
         return resp
 
     # --- pipeline stages (nodes/stages.py) ------------------------------------
@@ -183,5 +197,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return resp
 
     def GetStats(self, request, context):
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[pb.NodeStats, pb.Histogram]:
+        """The Forward counters and the compute-time histogram, consistently."""
         with self._stats_lock:
-            return pb.NodeStats.FromString(self.stats.SerializeToString())
+            return pb.NodeStats.FromString(self.stats.SerializeToString()), self.compute.to_message()

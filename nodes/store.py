@@ -86,6 +86,8 @@ class ExpertStore:
         todo = [l for l in sorted(wanted) if l not in self.layers or self.layers[l].experts != wanted[l]]
         total = sum(self.expert_bytes(l) * len(wanted[l]) for l in todo)
         loaded = 0
+        if progress:
+            progress(0, total, 0)
         fresh = {}
         for n, layer in enumerate(todo, 1):
             fresh[layer] = self._load_layer(layer, wanted[layer])

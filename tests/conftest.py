@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from expertmesh.demo import Process
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
 from expertmesh.tinymodel import write_tiny_model
@@ -41,8 +43,8 @@ def tiny(checkpoints) -> Path:
 
 
 @contextlib.contextmanager
-def running_nodes(model: Path, count: int, memory_gb: float = 1.0):
-    nodes = [Node(NodeConfig(model=model, name=f"n{i}", memory_gb=memory_gb)).start() for i in range(count)]
+def running_nodes(model: Path, count: int, memory_gb: float = 1.0, **kw):
+    nodes = [Node(NodeConfig(model=model, name=f"n{i}", memory_gb=memory_gb, **kw)).start() for i in range(count)]
     try:
         yield nodes
     finally:
@@ -72,3 +74,19 @@ def live_router(tiny):
     """One mesh for tests that only talk to it: 2 nodes, a router with its HTTP API on."""
     with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], http_port=0) as router:
         yield router
+
+
+
+@contextlib.contextmanager
+def node_processes(model: Path, count: int, tmp: Path, memory_gb: float = 1.0):
+    """``count`` ``expertmesh node`` subprocesses on loopback (started in
+    parallel), for tests that SIGKILL or SIGSTOP them; continued and killed on exit."""
+    procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", str(memory_gb),
+                      "--no-discovery"], tmp / f"n{i}.log") for i in range(count)]
+    try:
+        yield [(p, p.address(timeout=60)) for p in procs]
+    finally:
+        for p in procs:
+            p.proc.send_signal(signal.SIGCONT)
+            p.proc.kill()
+            p.proc.wait(timeout=30)

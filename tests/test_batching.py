@@ -34,12 +34,20 @@ def test_concurrent_streams_share_steps_and_match_single_requests(tiny):
     assert steps < sum(len(e) for e in expected)  # streams were batched together
 
 
-def test_a_cancelled_stream_stops_and_others_finish(tiny):
+def test_a_cancelled_stream_frees_its_kv_cache_and_the_node_stops_seeing_it(tiny):
     with running_nodes(tiny, 1) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+        scheduler, stats = router.engine.scheduler, nodes[0].servicer.stats
         with Client(f"127.0.0.1:{router.port}") as c:
             stream = c.generate("Once upon a time", max_tokens=400)
             next(stream)
             stream.close()  # the client walks away
-            pieces = list(c.generate("Hello", max_tokens=8))
+            assert scheduler.kv_cache_bytes() == 0  # once the router's loop has nothing left to run
+            rows = [stats.forward_tokens]
+            for _ in range(2):
+                pieces = list(c.generate("Hello", max_tokens=8))
+                rows.append(stats.forward_tokens)
         assert len(pieces) == 8
-        assert router.engine.scheduler.steps < 100  # the abandoned request did not run to 400
+        assert scheduler.steps < 100  # the abandoned request did not run to 400
+        # after the cancel, a request costs the node the same rows alone as after another request:
+        # the abandoned sequence sends nothing any more
+        assert rows[1] - rows[0] == rows[2] - rows[1] > 0

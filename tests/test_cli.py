@@ -1,9 +1,12 @@
 """The CLI as a user runs it: real processes, one clear line on every error."""
 
 import signal
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh.demo import Process
 from expertmesh.tinymodel import write_tiny_model
@@ -15,23 +18,30 @@ from conftest import cli
 class Mesh:
     address: str      # the router
     nodes: list[str]  # the nodes' addresses
+    router_log: Path
+    metrics: list[str]  # /metrics URLs: the router's, then mini0's
 
 
 @pytest.fixture(scope="module")
 def mesh(tiny, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    nodes = [Process(["node", "--model", str(tiny), "--port", "0", "--name", f"mini{i}", "--memory-gb", "1"],
-                     logs / f"node{i}.log") for i in range(2)]
+    nodes = [Process(["node", "--model", str(tiny), "--port", "0", "--name", f"mini{i}", "--memory-gb", "1"]
+                     + ["--metrics-port", "0"] * (i == 0), logs / f"node{i}.log") for i in range(2)]
     procs = list(nodes)
     try:
         peers = [n.address(timeout=120) for n in nodes]
-        router = Process(["router", "--model", str(tiny), "--port", "0", "--peer", peers[0], "--peer", peers[1]],
-                         logs / "router.log")
+        node_metrics = nodes[0].wait_for(_METRICS, timeout=30).group(1)
+        router = Process(["router", "--model", str(tiny), "--port", "0", "--peer", peers[0], "--peer", peers[1],
+                          "--metrics-port", "0"], logs / "router.log")
         procs.append(router)
-        yield Mesh(router.address(timeout=120), peers)
+        address = router.address(timeout=120)
+        yield Mesh(address, peers, router.log, [router.wait_for(_METRICS, timeout=30).group(1), node_metrics])
     finally:
         for p in procs:
             p.stop()
+
+
+_METRICS = r"Prometheus metrics at (http://\S+/metrics)"
 
 
 def one_line_error(result, command):
@@ -55,6 +65,17 @@ def test_generate_streams_text_and_cluster_shows_the_nodes(mesh):
     assert table.stdout.count("ready") == 2
 
 
+def test_router_logs_each_node_loading_and_both_serve_metrics(mesh):
+    log = mesh.router_log.read_text()
+    for node in ("mini0", "mini1"):  # stderr is no terminal: a line when it starts, one when it is done
+        assert f"loading {node}: " in log and f"loading {node}: done" in log
+    assert "\r" not in log  # no progress bar
+    for url, name in zip(mesh.metrics, ["expertmesh_router_node_tokens", "expertmesh_node_memory_used_bytes"]):
+        with urllib.request.urlopen(url, timeout=10) as r:
+            families = {f.name for f in text_string_to_metric_families(r.read().decode())}
+        assert name in families
+
+
 def test_prompt_longer_than_the_context_is_one_line(mesh):
     address = mesh.address
     out = cli("generate", "--router", address, "word " * 600)
@@ -66,9 +87,23 @@ def test_generate_without_a_router_is_one_line():
     assert "cannot reach router 127.0.0.1:1" in one_line_error(out, "generate")
 
 
+def test_stats_errors_are_one_line(mesh, tmp_path):
+    out = cli("stats", "--router", "127.0.0.1:1")
+    assert "cannot reach router 127.0.0.1:1" in one_line_error(out, "stats")
+    out = cli("stats", "--router", mesh.address, "--plot", str(tmp_path / "no" / "such" / "dir.png"))
+    assert "cannot write" in one_line_error(out, "stats")
+
+
 def test_router_without_reachable_peer_is_one_line(tiny):
     out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1")
     assert "no reachable node" in one_line_error(out, "router")
+
+
+@pytest.mark.parametrize("flag,value,says", [("--replicas", "0", "--replicas must be at least 1"),
+                                             ("--forward-timeout", "0", "--forward-timeout must be above 0")])
+def test_router_bad_replicas_or_deadline_is_one_line(tiny, flag, value, says):
+    out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1", flag, value)
+    assert says in one_line_error(out, "router")
 
 
 def test_missing_and_unsupported_checkpoints_are_one_line(tmp_path):

@@ -11,8 +11,9 @@ from conftest import cli
 from safetensors_files import headers_only, write_checkpoint
 
 
-def plan(capsys, model, *nodes):
-    assert main(["plan", "--model", str(model), "--mode", "expert", *[a for n in nodes for a in ("--node", n)]]) == 0
+def plan(capsys, model, *nodes, replicas=1):
+    assert main(["plan", "--model", str(model), "--mode", "expert", *[a for n in nodes for a in ("--node", n)],
+                 "--replicas", str(replicas)]) == 0
     return capsys.readouterr().out
 
 
@@ -32,8 +33,8 @@ def test_plan_from_headers_alone_equals_the_plan_from_the_full_checkpoint(tmp_pa
     assert f"{layers} MoE layers x 8 routed experts, top-2" in out
     assert f"routed experts {size(experts)}" in out and f"dense part on the router {size(dense)}" in out
     rows = {line.split()[0]: line for line in out.splitlines()[3:]}
-    assert rows["mini-a"].split()[3:] == [f"{5 * layers}", *size(experts * 5 // 8).split(), "0-4", "(every", "layer)"]
-    assert rows["mini-b"].split()[3:] == [f"{3 * layers}", *size(experts * 3 // 8).split(), "5-7", "(every", "layer)"]
+    assert rows["mini-a"].split()[3:] == [f"{5 * layers}", "0", *size(experts * 5 // 8).split(), "0-4", "(every", "layer)"]
+    assert rows["mini-b"].split()[3:] == [f"{3 * layers}", "0", *size(experts * 3 // 8).split(), "5-7", "(every", "layer)"]
     assert rows["router"].split()[-2:] == size(dense).split()
 
 
@@ -71,8 +72,24 @@ def test_plan_sizes_qwen3_30b_a3b_from_a_config_only_directory(tmp_path, capsys)
     assert "Qwen3-30B-A3B-4bit (qwen3_moe): 48 MoE layers x 128 routed experts, top-8" in out
     assert f"routed experts 16.31 GB (2.65 MB each); dense part on the router {size(total - 48 * 128 * expert)}" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
-    assert rows["mini-a"][1:] == ["12.00", "GB", str(85 * 48), *size(85 * 48 * expert).split(), "0-84", "(every", "layer)"]
-    assert rows["mini-b"][1:] == ["6.00", "GB", str(43 * 48), *size(43 * 48 * expert).split(), "85-127", "(every", "layer)"]
+    assert rows["mini-a"][1:] == ["12.00", "GB", str(85 * 48), "0", *size(85 * 48 * expert).split(), "0-84", "(every", "layer)"]
+    assert rows["mini-b"][1:] == ["6.00", "GB", str(43 * 48), "0", *size(43 * 48 * expert).split(), "85-127", "(every", "layer)"]
+
+
+def test_plan_with_replicas_copies_what_fits_and_names_the_rest(tmp_path, capsys):
+    config, tensors = qwen3_30b_a3b_4bit()
+    write_checkpoint(tmp_path / "m", config, tensors, data=False)
+    out = plan(capsys, tmp_path / "m", "mini-a:20", "mini-b:12", replicas=2)
+    expert = 2_654_208
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
+    # mini-a holds its 80 primaries per layer and copies of all 48 of mini-b's (128 * 48 in all);
+    # mini-b has room for 4521 experts: its 48 * 48 primaries and 2217 copies of mini-a's
+    assert rows["mini-a"][3:5] == [str(128 * 48), str(48 * 48)]
+    assert rows["mini-b"][3:5] == [str(4521), str(4521 - 48 * 48)]
+    assert int(rows["mini-b"][3]) * expert <= 12e9 < (int(rows["mini-b"][3]) + 1) * expert
+    short = out.splitlines()[-1]  # 2217 = 27 layers x 80 + 57: copies stop at layer 27 expert 57
+    assert short.startswith("memory allows fewer than 2 copies of layer 27 experts 57-79; layer 28 experts 0-79; ")
+    assert short.endswith("; layer 47 experts 0-79")
 
 
 def one_line_error(result):

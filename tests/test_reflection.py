@@ -48,7 +48,7 @@ def test_list_shows_the_inference_health_and_reflection_services(reflect):
 
 def test_describe_shows_the_methods_and_their_json_fields(reflect):
     methods = reflect.describe(SERVICE)
-    assert set(methods) == {"Generate", "Chat", "GetCluster"}
+    assert set(methods) == {"Generate", "Chat", "GetCluster", "GetStats"}
     assert methods["Generate"].server_streaming and methods["Chat"].server_streaming
     assert not methods["GetCluster"].server_streaming
     fields = {f.name for f in methods["Generate"].input_type.fields}
@@ -66,3 +66,6 @@ def test_get_cluster_and_generate_by_name(reflect, live_router):
     chat = reflect.call(SERVICE, "Chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
                                           "chat_template_kwargs": {"enable_thinking": False}})
     assert len(chat) == 4
+    stats = reflect.call(SERVICE, "GetStats", {})
+    assert [n["name"] for n in stats["nodes"]] == ["n0", "n1"]
+    assert int(stats["tokensGenerated"]) >= 12 and 0 < stats["balanceRatio"] <= 1

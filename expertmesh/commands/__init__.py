@@ -51,3 +51,8 @@ def interface_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interface", action="append", default=[], metavar="NAME_OR_IP",
                    help="network interface for mDNS, e.g. en0 or bridge0 (repeat for more; "
                         "default: every non-loopback interface)")
+
+
+def metrics_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default off)")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments
+from . import discovery_arguments, metrics_argument
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -17,6 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-idle-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")
+    metrics_argument(p)
 
 
 def run(args) -> None:
@@ -24,13 +25,15 @@ def run(args) -> None:
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
                            memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
-                           discovery=args.discovery, interfaces=args.interface))
+                           discovery=args.discovery, interfaces=args.interface, metrics_port=args.metrics_port))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""
         print(f"expertmesh node {node.name} listening on {node.address}{also} "
               f"(model {node.store.checkpoint.model_id}, budget {node.servicer.memory_budget / 1e9:.1f} GB)",
               flush=True)
+        if node.metrics is not None:
+            print(f"Prometheus metrics at {node.metrics.url}", flush=True)
         if node.advertiser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in node.advertiser.mdns.interfaces)
             renamed = f" ({node.name} was taken)" if node.instance != node.name else ""

@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (headers suffice)")
     p.add_argument("--node", action="append", default=[], metavar="NAME:GB",
                    help="a node and the memory it gives experts, in GB (repeat for each)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="copies of each expert, where memory allows (default 1)")
     p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="auto",
                    help="experts spread, whole-layer pipeline stages, or the faster one (default auto)")
     p.add_argument("--rtt-us", type=float, default=None, help="data-plane round trip to a node, in us (default 200)")
@@ -48,7 +50,7 @@ def run(args) -> None:
     from ..checkpoint import Checkpoint
     from ..models import get_adapter
     from .. import costmodel
-    from ..placement import size
+    from ..placement import describe, size
     from ..ranges import per_layer
 
     nodes = [parse_node(spec) for spec in args.node]
@@ -57,13 +59,15 @@ def run(args) -> None:
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise ExpertmeshError(f"node names must differ: {', '.join(names)}")
+    if args.replicas < 1:
+        raise ExpertmeshError("--replicas must be at least 1")
     checkpoint = Checkpoint(args.model)
     adapter = get_adapter(checkpoint.config)
     tensors = checkpoint.tensors
     expert_bytes = {l: adapter.expert_bytes(tensors, l) for l in adapter.moe_layers}
     experts_total = adapter.num_experts * sum(expert_bytes.values())
     dense = sum(t.nbytes for name, t in tensors.items() if not adapter.is_expert_weight(name))
-    plan = costmodel.choose(args.mode, _costs(args, nodes), adapter, tensors)
+    plan = costmodel.choose(args.mode, _costs(args, nodes), adapter, tensors, args.replicas)
     placement = plan.placement
 
     print(f"model {checkpoint.model_id} ({adapter.model_type}): {len(adapter.moe_layers)} MoE layers x "
@@ -71,7 +75,7 @@ def run(args) -> None:
     sizes = sorted(set(expert_bytes.values()))
     each = f"{sizes[0] / 1e6:.2f}" + (f"-{sizes[-1] / 1e6:.2f}" if len(sizes) > 1 else "")
     print(f"routed experts {size(experts_total)} ({each} MB each); dense part on the router {size(dense)}")
-    print(f"{'NODE':<16} {'BUDGET':>10} {'EXPERTS':>8} {'MEMORY':>10}  EXPERTS PER LAYER")
+    print(f"{'NODE':<16} {'BUDGET':>10} {'EXPERTS':>8} {'REPLICAS':>8} {'MEMORY':>10}  EXPERTS PER LAYER")
     for n in nodes:
         held = placement.experts_of(n.name)
         count = sum(len(e) for e in held.values())
@@ -79,11 +83,15 @@ def run(args) -> None:
         used = placement.bytes_of(n.name, expert_bytes) + sum(
             adapter.layer_bytes(tensors, l) for a, b in stages for l in range(a, b))
         where = ", ".join([f"whole layers {a}-{b - 1}" for a, b in stages] + ([per_layer(held)] if count else []))
-        print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {size(used):>10}  {where}")
+        print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {placement.replicas_of(n.name):>8} "
+              f"{size(used):>10}  {where}")
     staged = sum(adapter.layer_bytes(tensors, l) for s in plan.stages.values() for a, b in s for l in range(a, b))
-    print(f"{'router (dense)':<16} {'':>10} {'':>8} {size(dense - staged + experts_on(plan, adapter, expert_bytes)):>10}")
+    router = dense - staged + experts_on(plan, adapter, expert_bytes)
+    print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(router):>10}")
     for line in plan.describe(adapter.args.num_hidden_layers):
         print(line)
+    if placement.short:
+        print(f"memory allows fewer than {args.replicas} copies of {describe(placement.short)}")
 
 
 def experts_on(plan, adapter, expert_bytes) -> int:

@@ -1,9 +1,11 @@
 """expertmesh router: run the dense model and drive the nodes."""
 
+import argparse
 from pathlib import Path
 
 from ..errors import ExpertmeshError
-from . import discovery_arguments
+from ..progress import Progress
+from . import discovery_arguments, metrics_argument
 
 HELP = "run the dense model and drive the nodes"
 
@@ -22,7 +24,13 @@ def add_arguments(p) -> None:
                    help="without --expect: plan once no new node has appeared for this long (default 3)")
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
-    p.add_argument("--forward-timeout", type=float, default=60.0, help="seconds a node may take for one layer")
+    p.add_argument("--forward-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds a node may take for one layer before it counts as down (default 10)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
+    metrics_argument(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
     p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
                    help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
                         "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
@@ -38,16 +46,23 @@ def run(args) -> None:
         raise ExpertmeshError(str(e)) from None
     if args.expect is not None and args.expect < 1:
         raise ExpertmeshError("--expect must be at least 1")
+    if args.replicas < 1:
+        raise ExpertmeshError("--replicas must be at least 1")
+    if not args.forward_timeout > 0:
+        raise ExpertmeshError("--forward-timeout must be above 0")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
-                                 forward_timeout=args.forward_timeout, discovery=args.discovery,
+                                 forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
-                                 discovery_timeout=args.wait, http_port=args.http_port, mode=args.mode))
+                                 discovery_timeout=args.wait, http_port=args.http_port,
+                                 metrics_port=args.metrics_port, mode=args.mode))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
             wanted = f"{args.expect} nodes" if args.expect else "nodes"
             print(f"expertmesh router looking for {wanted} over mDNS on {interfaces}", flush=True)
-        router.connect()
+        with Progress("loading", bars=args.progress) as loading:
+            router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
+                                                           p.total_bytes))
         for line in router.plan.describe(router.adapter.args.num_hidden_layers):
             print(line, flush=True)
         router.start()
@@ -56,6 +71,8 @@ def run(args) -> None:
               f"model {router.checkpoint.model_id})", flush=True)
         if router.http is not None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
+        if router.metrics is not None:
+            print(f"Prometheus metrics at {router.metrics.url}", flush=True)
         router.wait()
     finally:
         router.stop()

@@ -72,6 +72,11 @@ class Scheduler:
             self._incoming.put(request)
             self._start_locked()
 
+    def kv_cache_bytes(self, timeout: float = 60.0) -> int:
+        """Bytes of KV cache held once the running steps are done (the loop
+        gives the worker back only when no sequence is left)."""
+        return self.worker.submit(lambda: self._generator.prompt_cache_nbytes if self._generator else 0).result(timeout)
+
     def _start_locked(self) -> None:
         """Run the loop on the worker unless it runs already (hold ``_lock``)."""
         if not self._running and not self._incoming.empty():

@@ -8,6 +8,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
@@ -18,12 +19,16 @@ import numpy as np
 
 from .. import wire
 from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
-from ..placement import Placement
+from ..placement import Placement, describe
 from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
+
+# (node name, its latest AssignProgress): a node's loading as it goes
+AssignProgressCallback = Callable[[str, pb.AssignProgress], None]
 
 # one increasing sequence per process, so a reply's id tells whether it is stale
 _REQUEST_IDS = itertools.count(1)
@@ -64,13 +69,16 @@ class NodeLink:
             self.name = self.info.name
         return self.info
 
-    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float) -> None:
+    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float,
+               progress: AssignProgressCallback | None = None) -> None:
         request = pb.AssignRequest(
             config_hash=config_hash,
             experts=layer_experts(experts))
         try:
-            for progress in self.stub.Assign(request, timeout=timeout):
-                logger.debug("%r: loaded %d/%d bytes", self, progress.loaded_bytes, progress.total_bytes)
+            for update in self.stub.Assign(request, timeout=timeout):
+                logger.debug("%r: loaded %d/%d bytes", self, update.loaded_bytes, update.total_bytes)
+                if progress is not None:
+                    progress(self.name, update)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
 
@@ -102,7 +110,7 @@ class NodeLink:
             try:
                 self._sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
             except OSError as e:
-                raise self._fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
+                raise self.fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _read(self, call) -> None:
@@ -115,9 +123,9 @@ class NodeLink:
             err = UnavailableError(f"{self!r} closed its Forward stream")
         except grpc.RpcError as e:
             err = from_rpc_error(e, repr(self))
-        self._fail(err)
+        self.fail(err)
 
-    def _fail(self, err: ExpertmeshError) -> ExpertmeshError:
+    def fail(self, err: ExpertmeshError) -> ExpertmeshError:
         """Mark the link down (once: then ``on_broken``) and fail what waits on it."""
         with self._lock:
             first = self._broken is None
@@ -146,7 +154,7 @@ class NodeLink:
             try:
                 wire.send_frame(self._sock, request)
             except OSError as e:
-                raise self._fail(UnavailableError(f"{self!r} is unreachable: {e}")) from None
+                raise self.fail(UnavailableError(f"{self!r} is unreachable: {e}")) from None
             return _SocketReply(self, request.request_id)
         fut: Future = Future()
         with self._lock:
@@ -162,17 +170,17 @@ class NodeLink:
                 self._sock.settimeout(timeout)
                 resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
             except socket.timeout:
-                raise self._fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
+                raise self.fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
             except (OSError, ExpertmeshError) as e:
-                raise self._fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
+                raise self.fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
             if resp is None:
-                raise self._fail(UnavailableError(f"{self!r} closed the data plane"))
+                raise self.fail(UnavailableError(f"{self!r} closed the data plane"))
             if 0 < resp.request_id < request_id:
                 continue
             if resp.error_code:
                 raise from_status(resp.error_code, resp.error, repr(self), raised="")
             if resp.request_id != request_id:
-                raise self._fail(UnavailableError(
+                raise self.fail(UnavailableError(
                     f"{self!r} answered request {resp.request_id}, expected {request_id}"))
             return resp
 
@@ -199,13 +207,24 @@ class _SocketReply:
 
 
 class Dispatcher:
-    """Sends each MoE layer's routed tokens to the nodes holding their experts."""
+    """Sends each MoE layer's routed tokens to live nodes holding their experts.
 
-    def __init__(self, links: list[NodeLink], placement: Placement, timeout: float):
+    Tokens of a replicated expert are spread over its live copies by token
+    row. When a node fails during a layer, only the (token, slot) pairs it
+    had are sent again, to live copies; when no live node holds an expert,
+    ``recover(missing)`` may load it onto live nodes (re-plan) or raise.
+    """
+
+    def __init__(self, links: list[NodeLink], placement: Placement, timeout: float,
+                 recover: Callable[[dict[int, list[int]]], None] | None = None,
+                 stats: RoutingStats | None = None):
         by_name = {link.name: link for link in links}
         self.links = [by_name[n] for n in placement.nodes]
         self.placement = placement
         self.timeout = timeout
+        self.recover = recover
+        self.stats = stats
+        self.retries = 0  # layers partly sent again after a node failed during them
 
     def replace(self, link: NodeLink) -> None:
         """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
@@ -218,14 +237,51 @@ class Dispatcher:
         hidden = wire.to_numpy(x).reshape(-1, shape[-1])
         ids = np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False)
         weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
-        owner = self.placement.owners[layer][ids]
+        out = np.zeros((ids.shape[0], shape[-1]), np.float32)
+        todo = np.ones(ids.shape, bool)
+        served = np.full(ids.shape, -1, np.intp)  # the node that answered each slot
+        sent: list[tuple[int, int, int, float]] = []
+        while True:  # each failed round takes a node out, until _choose finds none left
+            node = self._choose(layer, ids, todo)
+            failed = self._exchange(layer, code, hidden, ids, weights, node, out, sent)
+            served = np.where(todo & ~failed, node, served)
+            if not failed.any():
+                break
+            self.retries += 1
+            todo = failed
+        if self.stats is not None:
+            self.stats.record_layer(layer, ids, served, sent)
+        return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
+
+    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray) -> np.ndarray:
+        """[T, k] node index per (token, slot) to compute (-1 elsewhere): the
+        (row mod copies)-th live holder of the expert."""
+        live = np.array([not link.down for link in self.links])
+        holders = self.placement.owners[layer][ids]  # [T, k, R]
+        ok = (holders >= 0) & live[np.maximum(holders, 0)]
+        if (todo & ~ok.any(-1)).any():
+            missing = self.placement.missing(live)
+            if self.recover is not None:
+                self.recover(missing)
+                holders = self.placement.owners[layer][ids]
+                ok = (holders >= 0) & live[np.maximum(holders, 0)]
+            if (todo & ~ok.any(-1)).any():
+                raise UnavailableError(f"no live node holds {describe(missing)}")
+        count = ok.sum(-1)
+        pick = np.arange(ids.shape[0])[:, None] % np.maximum(count, 1)
+        column = np.argmax(ok & (np.cumsum(ok, -1) - 1 == pick[..., None]), -1)
+        node = np.take_along_axis(holders, column[..., None], -1)[..., 0]
+        return np.where(todo, node, -1)
+
+    def _exchange(self, layer, code, hidden, ids, weights, node, out, sent) -> np.ndarray:
+        """One request per chosen node, answers added into ``out`` and their
+        traffic to ``sent``; returns the (token, slot) pairs of nodes that failed."""
         T = ids.shape[0]
+        failed = np.zeros(ids.shape, bool)
         calls = []
-        for n, link in enumerate(self.links):
-            mine = owner == n
+        for n in np.unique(node[node >= 0]):
+            link, mine = self.links[n], node == n
             rows = np.flatnonzero(mine.any(axis=1))
-            if rows.size == 0:
-                continue  # nothing for this node: no message at all
             every = rows.size == T
             req = pb.ForwardRequest(
                 request_id=next(_REQUEST_IDS), layer=layer,
@@ -233,13 +289,30 @@ class Dispatcher:
                 expert_ids=wire.encode_numpy(np.where(mine, ids, -1)[rows], pb.INT32),
                 weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),
             )
-            calls.append((link, None if every else rows, link.submit(req)))
-        out = np.zeros((T, shape[-1]), np.float32)
-        for link, rows, pending in calls:
+            try:
+                calls.append((n, link, mine, None if every else rows, req.ByteSize(), time.perf_counter(),
+                              link.submit(req)))
+            except UnavailableError as e:
+                self._note_failure(layer, link, e, mine, failed)
+        for n, link, mine, rows, nbytes, t0, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
             except FutureTimeout:
-                raise UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s") from None
+                e = link.fail(UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s"))
+                self._note_failure(layer, link, e, mine, failed)
+                continue
+            except UnavailableError as e:
+                if not link.down:  # the node itself refused: no failover helps
+                    raise
+                self._note_failure(layer, link, e, mine, failed)
+                continue
+            sent.append((int(n), nbytes, resp.ByteSize(), time.perf_counter() - t0))
             part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
             out[slice(None) if rows is None else rows] += part
-        return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
+        return failed
+
+    @staticmethod
+    def _note_failure(layer, link, err, mine, failed) -> None:
+        logger.warning("layer %d: %s failed (%s); sending its %d tokens to other holders", layer, link, err,
+                       int(mine.any(axis=1).sum()))
+        failed |= mine

@@ -4,6 +4,7 @@ batched across requests by the Scheduler on the router's MLX thread."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Iterator
 
 import mlx.nn as nn
@@ -12,6 +13,7 @@ from ..errors import InvalidRequestError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import Piece, Request, Scheduler
+from .stats import RequestStats
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
         self.scheduler = Scheduler(model, tokenizer, self.worker)
+        self.stats = RequestStats()
 
     def close(self) -> None:
         self.worker.close()
@@ -65,7 +68,7 @@ class Engine:
         """
         if not isinstance(prompt, str):
             raise InvalidRequestError("prompt must be a string", param="prompt")
-        return self._start(self.encode(prompt), options, "prompt", is_active)
+        return self._start(self.encode(prompt), options, "prompt", is_active, "generate")
 
     def chat(self, messages: list[dict], options: GenerationOptions = GenerationOptions(),
              chat_template_kwargs: dict | None = None,
@@ -76,9 +79,11 @@ class Engine:
             InvalidRequestError: see ``apply_chat_template`` and ``generate``.
             UnavailableError: a node went down.
         """
-        return self._start(self.apply_chat_template(messages, chat_template_kwargs), options, "messages", is_active)
+        return self._start(self.apply_chat_template(messages, chat_template_kwargs), options, "messages", is_active,
+                           "chat")
 
-    def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active) -> Iterator[Piece]:
+    def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active,
+               kind: str) -> Iterator[Piece]:
         options.validate()
         if not tokens:
             raise InvalidRequestError(f"the {param} is empty", param=param)
@@ -89,15 +94,20 @@ class Engine:
         if self.vocab_size and options.top_k >= self.vocab_size:
             raise InvalidRequestError(f"top_k must be below the vocabulary size {self.vocab_size}", param="top_k")
         max_tokens = min(options.max_tokens or self.default_max_tokens, self.context_length - len(tokens))
+        self.stats.started(kind)
         return self._stream(tokens, max_tokens, options, is_active)
 
     def _stream(self, tokens, max_tokens, options, is_active) -> Iterator[Piece]:
         request = Request(tokens, max_tokens, options)
+        start = time.perf_counter()
         self.scheduler.submit(request)
         try:
             while (item := request.pieces.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                if item.generation_tokens == 1:
+                    self.stats.first_token(time.perf_counter() - start)
+                self.stats.token()
                 yield item
                 if not is_active():
                     break

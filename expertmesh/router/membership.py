@@ -6,6 +6,8 @@ reaches each; ``bring_up`` assigns the plan. Then one thread, ``watch``,
 owns every change: a node whose Forward stream breaks, or that leaves mDNS
 and stops answering, is down; a down node that is announced again, or
 answers again at its address, is re-admitted and re-assigned its experts.
+When no live node holds some experts, ``recover`` (called by the dispatcher
+mid-layer) has live nodes with room load them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..discovery import Announcement, Browser, resolve_interfaces
-from ..errors import ConfigMismatchError, ExpertmeshError, UnavailableError
-from ..placement import Placement
+from ..errors import ConfigMismatchError, ExpertmeshError, PlacementError, UnavailableError
+from ..placement import Placement, describe, take_over
 from ..serving import PROTOCOL_VERSION
-from .dispatcher import Dispatcher, NodeLink
+from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 
 if TYPE_CHECKING:
     from .router import RouterConfig
@@ -60,6 +62,9 @@ class Membership:
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
         self._spares: set[str] = set()           # compatible instances outside the plan, logged once
         self.dispatcher: Dispatcher | None = None
+        self.placement: Placement | None = None
+        self.expert_bytes: dict[int, int] = {}
+        self._lock = threading.Lock()            # one change of who holds what at a time
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.browser: Browser | None = None
@@ -197,17 +202,20 @@ class Membership:
         return text
 
     # --- the plan ----------------------------------------------------------------
-    def bring_up(self, placement: Placement) -> None:
-        """Assign every member its experts (in parallel) and open its Forward stream.
+    def bring_up(self, placement: Placement, expert_bytes: dict[int, int],
+                 progress: AssignProgressCallback | None = None) -> None:
+        """Assign every member its experts (in parallel, ``progress`` hearing
+        each node's loading) and open its Forward stream.
 
         Raises:
             ExpertmeshError: a node refused or failed its assignment.
         """
+        self.placement, self.expert_bytes = placement, expert_bytes
         errors: list[ExpertmeshError] = []
 
         def assign(member: Member) -> None:
             try:
-                self._assign(member.link, member.experts)
+                self._assign(member.link, member.experts, progress)
             except ExpertmeshError as e:
                 errors.append(e)
         threads = []
@@ -220,10 +228,37 @@ class Membership:
         if errors:
             raise errors[0]
 
-    def _assign(self, link: NodeLink, experts: dict[int, list[int]]) -> None:
-        link.assign(self.config_hash, experts, self.config.assign_timeout)
+    def _assign(self, link: NodeLink, experts: dict[int, list[int]],
+                progress: AssignProgressCallback | None = None) -> None:
+        link.assign(self.config_hash, experts, self.config.assign_timeout, progress)
         link.get_info()
         link.open_stream()
+
+    def recover(self, missing: dict[int, list[int]]) -> None:
+        """Have live nodes with room load the ``missing`` experts (layer -> ids)
+        that no live node holds, and record them in the placement.
+
+        Raises:
+            UnavailableError: naming the experts, when the live nodes lack the
+                memory or fail to load them.
+        """
+        with self._lock:
+            live = {i: m for i, m in enumerate(self.members) if not m.down}
+            free = {i: m.link.info.memory_budget_bytes - sum(len(e) * self.expert_bytes[l] for l, e in m.experts.items())
+                    for i, m in live.items()}
+            try:
+                moves = take_over(self.placement, missing, free, self.expert_bytes)
+            except PlacementError as e:
+                raise UnavailableError(str(e)) from None
+            logger.warning("re-planning %s onto %s", describe(missing), ", ".join(live[i].name for i in moves))
+            for i, experts in moves.items():
+                m = live[i]
+                wanted = {l: sorted({*m.experts.get(l, []), *experts.get(l, [])}) for l in {*m.experts, *experts}}
+                try:
+                    m.link.assign(self.config_hash, wanted, self.config.assign_timeout)
+                except ExpertmeshError as e:
+                    raise UnavailableError(f"no live node holds {describe(missing)}: {m.name} failed to load them ({e})") from None
+                m.experts = wanted
 
     # --- after the plan: one thread owns every change ----------------------------
     def watch(self, dispatcher: Dispatcher) -> None:
@@ -238,7 +273,7 @@ class Membership:
         if self.browser is not None:
             self.browser.close()
         for link in self.links:
-            link.close()
+            link.close(graceful=not link.down)
 
     def _run(self) -> None:
         while True:
@@ -306,6 +341,10 @@ class Membership:
             probe.close()
 
     def _readmit(self, member: Member, address: str) -> None:
+        with self._lock:
+            self._readmit_locked(member, address)
+
+    def _readmit_locked(self, member: Member, address: str) -> None:
         link = self._link(address)
         try:
             link.get_info(_PROBE_TIMEOUT)

@@ -11,17 +11,19 @@ from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
+from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .dense import load_dense
-from .dispatcher import Dispatcher, NodeLink
+from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer
 from .service import InferenceServicer
 from .stages import StageRuntime
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ class RouterConfig:
     port: int = 50050                              # 0 picks a free port
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
-    forward_timeout: float = 60.0                  # one MoE layer on one node
+    forward_timeout: float = 10.0                  # one MoE layer on one node; then the node counts as down
+    replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
     discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
@@ -43,6 +46,7 @@ class RouterConfig:
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
     mode: str = "expert"                           # expert | pipeline | auto: see costmodel
+    metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
 
 
 class Router:
@@ -76,24 +80,37 @@ class Router:
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
         self.plan: costmodel.Plan | None = None
+        self.routing: RoutingStats | None = None
+        self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
+        self.metrics: MetricsServer | None = None
 
     @property
     def links(self) -> list[NodeLink]:
         return self.membership.links
 
     # --- bringing the mesh up -------------------------------------------------
-    def connect(self) -> None:
-        """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them."""
+    def connect(self, progress: AssignProgressCallback | None = None) -> None:
+        """Find the nodes, check they serve our checkpoint, plan, assign, and keep watching them.
+
+        ``progress(node name, AssignProgress)`` hears each node's loading as it goes.
+        """
         links = self.membership.gather()
         self.plan = self._plan(links)
         self.placement = self.plan.placement
-        self.membership.bring_up(self.placement)
-        dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout)
-        self.adapter.attach(self.model, dispatcher)
+        if self.placement.short:
+            logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
+                           planner.describe(self.placement.short))
+        tensors = self.checkpoint.tensors
+        expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.placement.owners}
+        self.membership.bring_up(self.placement, expert_bytes, progress)
+        self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes)
+        self.dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover,
+                                     self.routing)
+        self.adapter.attach(self.model, self.dispatcher)
         if self.plan.stages:
             self._bring_up_stages(links)
-        self.membership.watch(dispatcher)
+        self.membership.watch(self.dispatcher)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
     # --- pipeline stages (costmodel.py, router/stages.py) ------------------------
@@ -121,6 +138,9 @@ class Router:
         self.server.start()
         if self.config.http_port is not None:
             self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
+                                         lambda: router_families(self.stats()))
         set_serving(self._health, True)
         return self
 
@@ -128,6 +148,8 @@ class Router:
         set_serving(self._health, False)
         if self.http is not None:
             self.http.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop(grace).wait()
         self.engine.close()
         self.membership.close()
@@ -173,3 +195,15 @@ class Router:
         return pb.ClusterInfo(
             model_id=self.checkpoint.model_id, config_hash=self.checkpoint.config_hash,
             num_experts=self.adapter.num_experts, moe_layers=self.adapter.moe_layers, nodes=nodes)
+
+    def stats(self, reset: bool = False) -> pb.RouterStats:
+        """What was routed and served since the start or the last ``reset``; then reset if asked."""
+        m = pb.RouterStats()
+        self.engine.stats.fill(m)
+        if self.routing is not None:
+            self.routing.fill(m)
+        if reset:
+            self.engine.stats.reset()
+            if self.routing is not None:
+                self.routing.reset()
+        return m

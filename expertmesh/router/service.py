@@ -41,3 +41,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def GetCluster(self, request, context):
         return self.router.cluster()
+
+    def GetStats(self, request, context):
+        return self.router.stats(reset=request.reset)

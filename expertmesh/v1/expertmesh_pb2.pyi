@@ -311,3 +311,82 @@ class ClusterInfo(_message.Message):
     moe_layers: _containers.RepeatedScalarFieldContainer[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     def __init__(self, model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., num_experts: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class RouterStatsRequest(_message.Message):
+    __slots__ = ("reset",)
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum", "count")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    count: int
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class LayerLoad(_message.Message):
+    __slots__ = ("layer", "expert_tokens", "node_tokens", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
+    node_tokens: _containers.RepeatedScalarFieldContainer[int]
+    tokens: int
+    def __init__(self, layer: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., node_tokens: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class NodeTraffic(_message.Message):
+    __slots__ = ("name", "tokens", "requests", "bytes_sent", "bytes_received", "rtt_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tokens: int
+    requests: int
+    bytes_sent: int
+    bytes_received: int
+    rtt_seconds: Histogram
+    def __init__(self, name: _Optional[str] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rtt_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class RouterStats(_message.Message):
+    __slots__ = ("seconds", "num_experts", "top_k", "layers", "nodes", "tokens_processed", "tokens_generated", "requests", "balance_ratio", "bytes_per_token", "ttft_seconds")
+    class RequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    seconds: float
+    num_experts: int
+    top_k: int
+    layers: _containers.RepeatedCompositeFieldContainer[LayerLoad]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeTraffic]
+    tokens_processed: int
+    tokens_generated: int
+    requests: _containers.ScalarMap[str, int]
+    balance_ratio: float
+    bytes_per_token: float
+    ttft_seconds: Histogram
+    def __init__(self, seconds: _Optional[float] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeTraffic, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., balance_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...

@@ -336,6 +336,11 @@ class InferenceServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ClusterInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/expertmesh.v1.InferenceService/GetStats',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -359,6 +364,12 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -376,6 +387,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetCluster,
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.GetClusterRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ClusterInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -459,6 +475,33 @@ class InferenceService:
             '/expertmesh.v1.InferenceService/GetCluster',
             expertmesh_dot_v1_dot_expertmesh__pb2.GetClusterRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.ClusterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.InferenceService/GetStats',
+            expertmesh_dot_v1_dot_expertmesh__pb2.RouterStatsRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.RouterStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,138 @@
+"""What the router routed and what its requests saw, counted on the hot path.
+
+``RoutingStats.record_layer`` runs once per MoE layer with the arrays the
+dispatcher already has in numpy: two ``bincount``s and a few additions per
+request, never a Python loop over tokens. ``RequestStats`` counts requests,
+generated tokens and time to first token. Both can be reset; ``snapshot``
+turns them into one ``RouterStats`` message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from ..metrics import Histogram
+from ..v1 import expertmesh_pb2 as pb
+
+
+class RoutingStats:
+    """Per MoE layer: token-slots per expert and per node; per node: requests,
+    bytes each way and round-trip latency."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, nodes: list[str]):
+        self.moe_layers = list(moe_layers)
+        self.num_experts = num_experts
+        self.nodes = list(nodes)
+        self._row = {l: i for i, l in enumerate(self.moe_layers)}
+        self._lock = threading.Lock()
+        self.top_k = 0
+        self.reset()
+
+    def reset(self) -> None:
+        L, E, N = len(self.moe_layers), self.num_experts, len(self.nodes)
+        with self._lock:
+            self.expert_tokens = np.zeros((L, E), np.int64)
+            self.node_tokens = np.zeros((L, N), np.int64)
+            self.layer_tokens = np.zeros(L, np.int64)
+            self.requests = np.zeros(N, np.int64)
+            self.bytes_sent = np.zeros(N, np.int64)
+            self.bytes_received = np.zeros(N, np.int64)
+            self.rtt = [Histogram() for _ in range(N)]
+
+    def record_layer(self, layer: int, ids: np.ndarray, slot_nodes: np.ndarray,
+                     sent: list[tuple[int, int, int, float]]) -> None:
+        """One MoE layer's routing.
+
+        Args:
+            layer: the MoE layer.
+            ids: [T, k] global expert per token slot.
+            slot_nodes: [T, k] index (into ``nodes``) of the node serving each slot.
+            sent: per request, ``(node index, bytes sent, bytes received, round trip seconds)``.
+        """
+        i = self._row[layer]
+        experts = np.bincount(ids.ravel(), minlength=self.num_experts)
+        nodes = np.bincount(slot_nodes.ravel(), minlength=len(self.nodes))
+        with self._lock:
+            self.top_k = ids.shape[1]
+            self.expert_tokens[i] += experts
+            self.node_tokens[i] += nodes
+            self.layer_tokens[i] += ids.shape[0]
+            for n, out, back, rtt in sent:
+                self.requests[n] += 1
+                self.bytes_sent[n] += out
+                self.bytes_received[n] += back
+                self.rtt[n].observe(rtt)
+
+    def fill(self, m: pb.RouterStats) -> None:
+        """Copy the counts into ``m`` (with the balance ratio and bytes per token)."""
+        with self._lock:
+            m.num_experts, m.top_k = self.num_experts, self.top_k
+            for i, layer in enumerate(self.moe_layers):
+                m.layers.add(layer=layer, expert_tokens=self.expert_tokens[i].tolist(),
+                             node_tokens=self.node_tokens[i].tolist(), tokens=int(self.layer_tokens[i]))
+            for n, name in enumerate(self.nodes):
+                m.nodes.add(name=name, tokens=int(self.node_tokens[:, n].sum()), requests=int(self.requests[n]),
+                            bytes_sent=int(self.bytes_sent[n]), bytes_received=int(self.bytes_received[n]),
+                            rtt_seconds=self.rtt[n].to_message())
+            m.tokens_processed = int(self.layer_tokens.max(initial=0))
+            m.balance_ratio = balance_ratio(self.node_tokens)
+            traffic = int(self.bytes_sent.sum() + self.bytes_received.sum())
+            m.bytes_per_token = traffic / m.tokens_processed if m.tokens_processed else 0.0
+
+
+def balance_ratio(node_tokens: np.ndarray) -> float:
+    """mean/max of node load per layer ([layers, nodes]), averaged over the layers
+    that saw traffic; 1.0 is perfectly even, 1/nodes is one node doing all (0 when idle)."""
+    busy = node_tokens[node_tokens.max(axis=1) > 0]
+    if busy.size == 0:
+        return 0.0
+    return float((busy.mean(axis=1) / busy.max(axis=1)).mean())
+
+
+class RequestStats:
+    """Requests by kind, generated tokens and time to first token."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.since = time.monotonic()
+            self.requests: dict[str, int] = {}
+            self.tokens_generated = 0
+            self.ttft = Histogram()
+
+    def started(self, kind: str) -> None:
+        with self._lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def token(self) -> None:
+        with self._lock:
+            self.tokens_generated += 1
+
+    def fill(self, m: pb.RouterStats) -> None:
+        with self._lock:
+            m.seconds = time.monotonic() - self.since
+            m.requests.update(self.requests)
+            m.tokens_generated = self.tokens_generated
+            m.ttft_seconds.CopyFrom(self.ttft.to_message())
+
+
+def hot_experts(m: pb.RouterStats, top: int) -> list[tuple[int, int, float]]:
+    """The ``top`` busiest ``(layer, expert, share of the layer's token-slots)``, busiest first."""
+    if not m.layers or not m.num_experts:
+        return []
+    counts = np.array([l.expert_tokens for l in m.layers], np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    order = np.argsort(-counts, axis=None, kind="stable")[:top]
+    rows, cols = np.unravel_index(order, counts.shape)
+    return [(m.layers[r].layer, int(c), float(share[r, c])) for r, c in zip(rows, cols) if counts[r, c] > 0]

@@ -1,0 +1,35 @@
+"""Load: 32 concurrent Generate streams, round after round, against a router
+with 2 node processes: every stream completes with its single-request greedy
+output, and no process grows (``pytest -s`` prints the latencies)."""
+
+import sys
+
+from mlx_lm import load
+from mlx_lm.generate import stream_generate
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from load import mesh, percentiles, prompts, rss_mb, run_round  # noqa: E402
+
+STREAMS, ROUNDS, TOKENS = 32, 4, 8
+# A leaked KV cache of one round's batch is 32 x 262 KB = 8.4 MB on the tiny model (4 layers x
+# K and V x 2 heads x 16 dims x mlx-lm's 256-token step x 4 bytes per sequence), 16.8 MB over the
+# two rounds compared; RSS otherwise moves by up to 6 MB between rounds here (allocator, gRPC).
+LEAK_MB = 8
+
+
+def test_32_concurrent_streams_all_complete_with_single_request_output_and_no_process_grows(tiny, tmp_path):
+    model, tok = load(str(tiny))
+    texts = prompts(STREAMS)
+    expected = [[r.token for r in stream_generate(model, tok, t, max_tokens=TOKENS)] for t in texts]
+    with mesh(tiny, 2, tmp_path) as (address, procs):
+        rss = []
+        for n in range(ROUNDS):
+            r = run_round(address, texts, TOKENS)
+            assert r.tokens == expected, f"round {n + 1}"
+            rss.append([rss_mb(p.proc.pid) for p in procs])
+            print(f"\nround {n + 1}: TTFT {percentiles(r.ttft)}; inter-token {percentiles(r.itl)}; "
+                  f"RSS MB (nodes, router) {', '.join(f'{m:.0f}' for m in rss[-1])}")
+    # the first rounds warm caches and pools up; the last two must not add to them
+    assert all(after - before < LEAK_MB for before, after in zip(rss[1], rss[-1])), rss

@@ -1,0 +1,95 @@
+"""Routing statistics: what the router counts, `expertmesh stats` and its plot."""
+
+import json
+
+import numpy as np
+import pytest
+
+from expertmesh import Client
+from expertmesh.cli import main
+from expertmesh.router.stats import RoutingStats, balance_ratio
+
+from conftest import running_nodes, running_router
+
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny):
+    """Two nodes and a router that has generated TOKENS tokens for one request."""
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+        address = f"127.0.0.1:{router.port}"
+        with Client(address) as client:
+            pieces = list(client.generate("Hello there", max_tokens=TOKENS))
+        assert len(pieces) == TOKENS
+        yield address, router, pieces[-1].prompt_tokens
+
+
+def test_record_layer_counts_experts_nodes_and_traffic():
+    stats = RoutingStats([1, 3], num_experts=4, nodes=["a", "b"])
+    ids = np.array([[0, 1], [1, 3], [1, 2]], np.int32)
+    owner = np.array([0, 0, 1, 1])[ids]
+    stats.record_layer(3, ids, owner, [(0, 100, 50, 0.002), (1, 80, 40, 0.2)])
+    assert stats.expert_tokens.tolist() == [[0, 0, 0, 0], [1, 3, 1, 1]]
+    assert stats.node_tokens.tolist() == [[0, 0], [4, 2]]
+    assert stats.bytes_sent.tolist() == [100, 80] and stats.bytes_received.tolist() == [50, 40]
+    assert stats.rtt[1].count == 1 and stats.rtt[1].sum == pytest.approx(0.2)
+    assert balance_ratio(stats.node_tokens) == pytest.approx(3 / 4)  # mean 3, max 4; the idle layer left out
+    stats.reset()
+    assert stats.expert_tokens.sum() == 0 and stats.rtt[0].count == 0
+
+
+def test_stats_add_up_after_a_generate(mesh, capsys):
+    address, router, prompt_tokens = mesh
+    assert main(["stats", "--router", address, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    layers, k = len(router.adapter.moe_layers), s["top_k"]
+    assert (k, len(s["layers"]), len(s["nodes"])) == (2, layers, 2)
+    # the prompt once, then each generated token goes back through the model (mlx-lm may
+    # have computed the step after the last one already)
+    assert prompt_tokens + TOKENS - 1 <= int(s["tokens_processed"]) <= prompt_tokens + TOKENS
+    assert int(s["tokens_generated"]) == TOKENS and s["requests"] == {"generate": "1"}
+    expert_total = sum(int(t) for l in s["layers"] for t in l["expert_tokens"])
+    assert expert_total == int(s["tokens_processed"]) * k * layers
+    assert sum(int(n["tokens"]) for n in s["nodes"]) == expert_total
+    assert 0 < s["balance_ratio"] <= 1
+    traffic = sum(int(n["bytes_sent"]) + int(n["bytes_received"]) for n in s["nodes"])
+    assert s["bytes_per_token"] == pytest.approx(traffic / int(s["tokens_processed"]))
+    for n in s["nodes"]:  # one request per layer per forward pass that routed it anything
+        assert int(n["rtt_seconds"]["count"]) == int(n["requests"]) > 0
+
+
+def test_table_shows_nodes_balance_and_hot_experts(mesh, capsys):
+    address, router, _ = mesh
+    assert main(["stats", "--router", address, "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "n0" in out and "n1" in out and "RTT p50" in out
+    assert "balance ratio 0." in out or "balance ratio 1.000" in out
+    assert "bytes per token" in out
+    hot = out.split("hot experts (layer:expert, share of the layer): ")[1].strip().split(", ")
+    assert len(hot) == 3
+    layer, expert = hot[0].split(" ")[0].split(":")
+    assert int(layer) in router.adapter.moe_layers and 0 <= int(expert) < router.adapter.num_experts
+
+
+def test_plot_writes_a_heatmap_png(mesh, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    address, _, _ = mesh
+    png = tmp_path / "stats.png"
+    assert main(["stats", "--router", address, "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    image = imread(png)
+    assert image.shape[:2] == (700, 1000)  # figsize 10x7 inches at 100 dpi
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_reset_zeroes_the_counters(tiny, capsys):
+    with running_nodes(tiny, 1) as nodes, running_router(tiny, [nodes[0].address]) as router:
+        address = f"127.0.0.1:{router.port}"
+        with Client(address) as client:
+            list(client.generate("Hi", max_tokens=2))
+            assert client.stats(reset=True).tokens_generated == 2
+            after = client.stats()
+        assert after.tokens_generated == 0 and after.tokens_processed == 0
+        assert after.balance_ratio == 0 and sum(n.requests for n in after.nodes) == 0
