@@ -119,7 +119,8 @@ class Router:
             nodes = [costmodel.NodeCost(l.name, l.info.memory_budget_bytes) for l in links]
         else:
             nodes = [costmodel.measure(l, self.adapter, self.config.assign_timeout) for l in links]
-        plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors)
+        plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors,
+                                self.config.replicas)
         for line in plan.describe(self.adapter.args.num_hidden_layers):
             logger.info("%s", line)
         return plan
