@@ -36,6 +36,7 @@ class NodeView:
     memory_used_bytes: int
     experts: dict[int, list[int]]    # layer -> global expert ids held
     error: str = ""
+    stages: list[tuple[int, int]] = field(default_factory=list)  # [start, end) spans of whole layers it runs
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Client:
         return ClusterView(
             c.model_id, c.config_hash, c.num_experts, list(c.moe_layers),
             [NodeView(n.name, n.address, pb.NodeState.Name(n.state).lower(), n.memory_budget_bytes,
-                      n.memory_used_bytes, {le.layer: list(le.experts) for le in n.experts}, n.error)
+                      n.memory_used_bytes, {le.layer: list(le.experts) for le in n.experts}, n.error,
+                      [(s.start, s.end) for s in n.stages])
              for n in c.nodes])
 
     def stats(self, reset: bool = False) -> pb.RouterStats:

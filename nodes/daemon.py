@@ -21,6 +21,7 @@ from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
 from .dataplane import DataPlane
 from .service import ExpertServicer
+from .stages import StageStore
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class NodeConfig:
     memory_gb: float | None = None    # expert memory budget; default 75% of RAM
     discovery: bool = False           # announce the node over mDNS (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
+    kv_idle_timeout: float = 300.0    # pipeline stages: free a sequence's KV cache unused this long
     metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
     security: Security = field(default_factory=Security)  # cluster token and TLS files
 
@@ -67,7 +69,8 @@ class Node:
             hosts = [config.host]
         budget = config.memory_gb * 1e9 if config.memory_gb else 0.75 * physical_memory()
         self.worker = MLXWorker(f"mlx-{self.name}")
-        self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker)
+        self.stages = StageStore(self.store, config.kv_idle_timeout)
+        self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker, self.stages)
         self.server, self.port, self._health = create_server(
             [join_address(h, config.port) for h in hosts],
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
@@ -130,6 +133,7 @@ class Node:
             self.metrics.stop()
         self.server.stop(grace).wait()
         self.dataplane.stop()
+        self.stages.close()
         self.worker.close()
 
     def wait(self) -> None:

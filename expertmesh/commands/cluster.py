@@ -17,7 +17,8 @@ def run(args) -> None:
     print(f"model {c.model_id} (config {c.config_hash}): {len(c.moe_layers)} MoE layers x {c.num_experts} experts")
     print(f"{'NODE':<16} {'ADDRESS':<22} {'STATE':<8} {'MEMORY (used/budget)':<22} EXPERTS PER LAYER")
     for n in c.nodes:
-        held = per_layer(n.experts)
+        spans = [f"whole layers {a}-{b - 1}" for a, b in n.stages]
+        held = ", ".join(spans + [per_layer(n.experts)] if n.experts or not spans else spans)
         memory = f"{n.memory_used_bytes / 1e6:.1f}/{n.memory_budget_bytes / 1e9:.1f} GB"
         print(f"{n.name:<16} {n.address:<22} {n.state:<8} {memory:<22} {held}")
         if n.error:

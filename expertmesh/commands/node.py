@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=port, default=0, help="port (default 0: pick a free one)")
     p.add_argument("--name", default="", help="node name (default: host name)")
     p.add_argument("--memory-gb", type=positive, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--kv-idle-timeout", type=positive, default=300.0, metavar="SECONDS",
+                   help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")
     metrics_argument(p)
     security_arguments(p)
@@ -24,7 +26,8 @@ def run(args) -> None:
     from ..security import Security
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
-                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface,
+                           memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
+                           discovery=args.discovery, interfaces=args.interface,
                            metrics_port=args.metrics_port, security=Security.from_args(args)))
     try:
         node.start()

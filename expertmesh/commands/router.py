@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
     security_arguments(p)
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
+                   help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
+                        "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
 
 
 def run(args) -> None:
@@ -49,7 +52,8 @@ def run(args) -> None:
                                  forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port, security=Security.from_args(args)))
+                                 metrics_port=args.metrics_port, mode=args.mode,
+                                 security=Security.from_args(args)))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
@@ -58,6 +62,8 @@ def run(args) -> None:
         with Progress("loading", bars=args.progress) as loading:
             router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
                                                            p.total_bytes))
+        for line in router.plan.describe(router.adapter.args.num_hidden_layers):
+            print(line, flush=True)
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
               f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "

@@ -85,6 +85,16 @@ class NodeLink:
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
 
+    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
+        """Have the node hold these spans of whole layers (pipeline stages)."""
+        request = pb.AssignStagesRequest(config_hash=config_hash,
+                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans])
+        try:
+            for _ in self.stub.AssignStages(request, timeout=timeout):
+                pass
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, repr(self)) from None
+
     # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:
         """Open the gRPC Forward stream, which also tells at once when the node
