@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test proto bench clean
+.PHONY: install demo test proto bench certs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 proto: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/expertmesh/v1/expertmesh.proto
+
+# a test CA and node/router/client certificates for --tls-*; more hosts: make certs HOSTS="mini-a.local 10.0.0.2"
+certs: install
+	$(PY) -m expertmesh.certs certs $(foreach h,$(HOSTS),--host $(h))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

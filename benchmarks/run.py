@@ -56,13 +56,13 @@ def long_prompt(model: Path, tokens: int) -> str:
 class Mesh:
     """Node processes and a router process on loopback."""
 
-    def __init__(self, model: Path, nodes: int, logs: Path):
+    def __init__(self, model: Path, nodes: int, logs: Path, mode: str = "expert"):
         self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4",
                                "--no-discovery"],
                               logs / f"node{i}.log") for i in range(nodes)]
         peers = [p.address(timeout=300) for p in self.procs]
-        router = Process(["router", "--model", str(model), "--port", "0", "--no-discovery",
-                          *[a for peer in peers for a in ("--peer", peer)]], logs / "router.log")
+        router = Process(["router", "--model", str(model), "--port", "0", "--no-discovery", "--mode", mode,
+                          *[a for peer in peers for a in ("--peer", peer)]], logs / f"router-{mode}.log")
         self.procs.append(router)
         self.address = router.address(timeout=300)
 
@@ -157,6 +157,17 @@ def main() -> int:
             results["batch_tps_8"] = concurrent_tps(mesh.address, 8, tokens)
         finally:
             mesh.close()
+        mesh = Mesh(model, args.nodes, root, mode="auto")
+        try:
+            decode = []
+            with Client(mesh.address) as c:
+                for _ in range(repeats + 1):  # the first warms the nodes up
+                    *_, last = c.generate(PROMPT, max_tokens=tokens)
+                    decode.append(last.generation_tps)
+            results["decode_tps_auto"] = statistics.median(decode[1:])
+            results["batch_tps_8_auto"] = concurrent_tps(mesh.address, 8, tokens)
+        finally:
+            mesh.close()
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
     finally:
@@ -166,6 +177,8 @@ def main() -> int:
     r["prefill_ratio"] = r["prefill_tps_mesh"] / r["prefill_tps_local"]
     r["batch_gain"] = r["batch_tps_8"] / r["batch_tps_1"]
     r["peer_ratio"] = r["decode_tps_mesh"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
+    r["auto_ratio"] = r["decode_tps_auto"] / r["decode_tps_mesh"]
+    r["auto_peer_ratio"] = r["decode_tps_auto"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{'figure':<24} value")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ def config_hash(config: dict) -> str:
 class Checkpoint:
     """A model directory: ``config.json`` plus (sharded) safetensors.
 
+    Only files inside the directory are read: a name in the index, or a
+    symlink, that leads outside it is refused.
+
     Raises:
         ModelError: the directory, its config or its weights are missing or
             malformed.
@@ -71,7 +75,7 @@ class Checkpoint:
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_dir():
             raise ModelError(f"model directory {path} does not exist")
-        config_file = self.path / "config.json"
+        config_file = self._inside("config.json")
         if not config_file.is_file():
             raise ModelError(f"{path} has no config.json: not a model checkpoint")
         try:
@@ -91,18 +95,32 @@ class Checkpoint:
             raise ModelError(f"{self.path} has no safetensors weights")
         return tensors
 
+    def _inside(self, name: str) -> Path:
+        """``name`` resolved within the directory.
+
+        Raises:
+            ModelError: it (or a symlink on the way) leads outside.
+        """
+        file = (self.path / name).resolve()
+        if not file.is_relative_to(self.path):
+            raise ModelError(f"{name!r} lies outside the model directory {self.path}")
+        return file
+
     def _weight_files(self) -> list[Path]:
-        index = self.path / "model.safetensors.index.json"
+        index = self._inside("model.safetensors.index.json")
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            names = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map", {})
+                names = sorted(set(weight_map.values()))
+            except (ValueError, AttributeError, TypeError):
+                raise ModelError(f"{index} is not a safetensors index (a weight_map of names to files)") from None
+            if not all(isinstance(n, str) for n in names):
+                raise ModelError(f"{index}: the weight_map must name files")
         else:
             names = sorted(p.name for p in self.path.glob("*.safetensors"))
         files = []
         for name in names:
-            file = (self.path / name).resolve()
-            if not file.is_relative_to(self.path):
-                raise ModelError(f"weight file {name!r} lies outside {self.path}")
+            file = self._inside(name)
             if not file.is_file():
                 raise ModelError(f"weight file {file} listed in the index is missing")
             files.append(file)
@@ -127,7 +145,8 @@ class Checkpoint:
             shape[0] = hi - lo
         carrier, dtype = _DTYPES[info.dtype]
         buf = bytearray(count)
-        with open(info.file, "rb") as f:
+        # the file was resolved inside the directory; no symlink put there since is followed
+        with open(os.open(info.file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
             f.seek(start)
             if f.readinto(buf) != count:
                 raise ModelError(f"{info.file} is truncated (tensor {name})")
@@ -136,6 +155,7 @@ class Checkpoint:
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Every tensor's entry, checked for sense (the data itself may be absent: ``plan`` reads headers alone)."""
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -147,12 +167,25 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelError(f"{file} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{file} has a corrupt safetensors header")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in _DTYPES:
-            raise ModelError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
-        begin, _ = meta["data_offsets"]
-        out[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{file}: tensor {name} has a malformed header entry") from None
+        if dtype not in _DTYPES:
+            raise ModelError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        info = TensorInfo(name, file, dtype, shape, 8 + n + begin) if _ints(shape, begin, end) else None
+        if info is None or end - begin != info.nbytes:
+            raise ModelError(f"{file}: tensor {name} has shape {list(shape)} and offsets {[begin, end]} "
+                             f"that do not agree")
+        out[name] = info
     return out
+
+
+def _ints(shape: tuple, *offsets) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets)

@@ -9,6 +9,7 @@ import grpc
 
 from .errors import InvalidRequestError, from_rpc_error
 from .options import GenerationOptions
+from .security import Security, default_token
 from .serving import channel
 from .v1 import expertmesh_pb2 as pb
 from .v1 import expertmesh_pb2_grpc as pb_grpc
@@ -35,6 +36,7 @@ class NodeView:
     memory_used_bytes: int
     experts: dict[int, list[int]]    # layer -> global expert ids held
     error: str = ""
+    stages: list[tuple[int, int]] = field(default_factory=list)  # [start, end) spans of whole layers it runs
 
 
 @dataclass
@@ -52,16 +54,24 @@ class Client:
     Args:
         address: the router's ``HOST:PORT``.
         timeout: seconds allowed for each call (a whole generation included).
+        token: the cluster token; default: the ``EXPERTMESH_TOKEN`` environment variable.
+        tls_cert, tls_key, tls_ca: PEM files for mutual TLS (all three, or none).
+
+    Raises:
+        AuthError: a malformed token, or TLS files missing or unreadable.
 
     Raises (from every method):
         UnavailableError: the router cannot be reached or a node went down.
         InvalidRequestError: the request was rejected (e.g. prompt too long).
+        AuthError: the router wants another token or certificate.
     """
 
-    def __init__(self, address: str, timeout: float = 600.0):
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None,
+                 tls_cert=None, tls_key=None, tls_ca=None):
         self.address = address
         self.timeout = timeout
-        self._channel = channel(address)
+        security = Security(default_token() if token is None else token or None, tls_cert, tls_key, tls_ca)
+        self._channel = channel(address, security)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -86,6 +96,8 @@ class Client:
             InvalidRequestError: a bad option, or a prompt longer than the context.
         """
         options = (options or GenerationOptions()).replace(**changes).validate()
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}", param="prompt")
         return self._stream(self._stub.Generate, pb.GenerateRequest(prompt=prompt, **options.to_fields()))
 
     def chat(self, messages: list[dict], options: GenerationOptions | None = None,
@@ -113,7 +125,11 @@ class Client:
             raise InvalidRequestError(f"messages must be {{'role': str, 'content': str}} dicts: {e}",
                                       param="messages") from None
         if chat_template_kwargs:
-            request.chat_template_kwargs.update(chat_template_kwargs)
+            try:
+                request.chat_template_kwargs.update(chat_template_kwargs)
+            except (AttributeError, TypeError, ValueError) as e:
+                raise InvalidRequestError(f"chat_template_kwargs must be a dict of JSON values: {e}",
+                                          param="chat_template_kwargs") from None
         return self._stream(self._stub.Chat, request)
 
     def _stream(self, method, request) -> Iterator[Piece]:
@@ -136,7 +152,8 @@ class Client:
         return ClusterView(
             c.model_id, c.config_hash, c.num_experts, list(c.moe_layers),
             [NodeView(n.name, n.address, pb.NodeState.Name(n.state).lower(), n.memory_budget_bytes,
-                      n.memory_used_bytes, {le.layer: list(le.experts) for le in n.experts}, n.error)
+                      n.memory_used_bytes, {le.layer: list(le.experts) for le in n.experts}, n.error,
+                      [(s.start, s.end) for s in n.stages])
              for n in c.nodes])
 
     def stats(self, reset: bool = False) -> pb.RouterStats:

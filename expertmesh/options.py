@@ -4,9 +4,10 @@ gRPC service and the OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, RequestTooLargeError
 
 _NUMBER = (int, float)
 
@@ -21,6 +22,8 @@ _BOUNDS = {
     "repetition_context_size": (int, 1, None),
     "seed": (int, 0, (1 << 63) - 1),
 }
+MAX_STOPS = 64           # stop strings per request
+MAX_STOP_CHARS = 1024    # characters per stop string
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,20 @@ class GenerationOptions:
             if isinstance(value, bool) or not isinstance(value, types):
                 kind = "an integer" if types is int else "a number"
                 raise InvalidRequestError(f"{name} must be {kind}, not {value!r}", param=name)
-            if value != value or (low is not None and value < low) or (high is not None and value > high):
+            if not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, not {value!r}", param=name)
+            if (low is not None and value < low) or (high is not None and value > high):
                 span = f"in [{low}, {high}]" if high is not None else f">= {low}"
                 raise InvalidRequestError(f"{name} must be {span}, not {value!r}", param=name)
         if self.stop is None:
             raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+        if not all(self.stop):
+            raise InvalidRequestError("stop strings must not be empty", param="stop")
+        if len(self.stop) > MAX_STOPS or max(map(len, self.stop), default=0) > MAX_STOP_CHARS:
+            raise RequestTooLargeError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters",
+                                       param="stop")
         return self
 
     def replace(self, **changes) -> "GenerationOptions":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from concurrent import futures
 
 import grpc
@@ -9,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import InvalidRequestError, UnavailableError
+from .security import Security
 from .v1 import expertmesh_pb2 as pb
 
 PROTOCOL_VERSION = 1
@@ -31,38 +34,51 @@ _CHANNEL_OPTIONS = _OPTIONS + [
     ("grpc.use_local_subchannel_pool", 1),
 ]
 _SERVER_OPTIONS = _OPTIONS + [
+    ("grpc.so_reuseport", 0),  # a second node on a taken port must fail, not share it
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
-def create_server(address: str | list[str], register, service_names: list[str], workers: int = 16):
-    """Bind a server on ``address`` (or on several, one port for all) with health and reflection.
+def create_server(address: str | list[str], register, service_names: list[str], workers: int = 16,
+                  security: Security = Security()):
+    """Bind a server on ``address`` (or on several, one port for all) with health and reflection,
+    asking callers for ``security``'s token and client certificate.
 
     ``register(server)`` adds the servicers. Returns ``(server, port, health)``.
 
     Raises:
         UnavailableError: an address cannot be bound.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_SERVER_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_SERVER_OPTIONS,
+                         interceptors=security.server_interceptors())
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
     reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     first, *more = [address] if isinstance(address, str) else address
-    port = _bind(server, first)
+    port = _bind(server, first, security)
     for extra in more:
-        _bind(server, join_address(split_address(extra)[0], port))
+        _bind(server, join_address(split_address(extra)[0], port), security)
     for name in names + [""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, port, health_servicer
 
 
-def _bind(server: grpc.Server, address: str) -> int:
+def _bind(server: grpc.Server, address: str, security: Security) -> int:
+    host, port = split_address(address)
+    if port:  # say "in use" in one line (gRPC would log its own lines and say less)
+        try:
+            socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+        except OSError as e:
+            raise UnavailableError(f"cannot listen on {address}: {os.strerror(e.errno) if e.errno else e}") from None
     try:
-        port = server.add_insecure_port(address)
+        if security.tls:
+            port = server.add_secure_port(address, security.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as e:
         raise UnavailableError(f"cannot listen on {address}: {e}") from None
     if port == 0:
@@ -76,8 +92,8 @@ def set_serving(health_servicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def channel(address: str, security: Security = Security()) -> grpc.Channel:
+    return security.channel(address, _CHANNEL_OPTIONS)
 
 
 def split_address(address: str) -> tuple[str, int]:

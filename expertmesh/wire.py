@@ -105,6 +105,13 @@ def decode_numpy(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=carrier).reshape(shape)
 
 
+def all_finite(values: np.ndarray, code: "pb.DType") -> bool:
+    """No NaN or inf among wire-carrier values (integers always pass)."""
+    if code == pb.BFLOAT16:  # uint16 bits: an all-ones exponent is inf or NaN
+        return not ((values & 0x7F80) == 0x7F80).any()
+    return code == pb.INT32 or bool(np.isfinite(values).all())
+
+
 def decode(tensor: pb.Tensor, name: str = "tensor") -> mx.array:
     """Validate a Tensor and turn it into an ``mx.array`` (one copy)."""
     return from_numpy(decode_numpy(tensor, name), tensor.dtype)

@@ -14,12 +14,14 @@ from ..checkpoint import Checkpoint
 from ..discovery import Advertiser, NodeRecord, resolve_interfaces
 from ..metrics import MetricsServer, node_families
 from ..models import get_adapter
+from ..security import Security
 from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
 from .dataplane import DataPlane
 from .service import ExpertServicer
+from .stages import StageStore
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,9 @@ class NodeConfig:
     memory_gb: float | None = None    # expert memory budget; default 75% of RAM
     discovery: bool = False           # announce the node over mDNS (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
+    kv_idle_timeout: float = 300.0    # pipeline stages: free a sequence's KV cache unused this long
     metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
+    security: Security = field(default_factory=Security)  # cluster token and TLS files
 
 
 class Node:
@@ -65,13 +69,16 @@ class Node:
             hosts = [config.host]
         budget = config.memory_gb * 1e9 if config.memory_gb else 0.75 * physical_memory()
         self.worker = MLXWorker(f"mlx-{self.name}")
-        self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker)
+        self.stages = StageStore(self.store, config.kv_idle_timeout)
+        self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker, self.stages)
         self.server, self.port, self._health = create_server(
             [join_address(h, config.port) for h in hosts],
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
             ["ExpertService"],
+            security=config.security,
         )
-        self.dataplane = DataPlane(hosts, self.servicer.forward)
+        self.dataplane = DataPlane(hosts, self.servicer.forward, security=config.security)
+        self.servicer.token_required = bool(config.security.token)
         self.servicer.data_port = self.dataplane.port
         self.addresses = [join_address(h, self.port) for h in hosts]
         self._metrics_host = hosts[0]
@@ -126,6 +133,7 @@ class Node:
             self.metrics.stop()
         self.server.stop(grace).wait()
         self.dataplane.stop()
+        self.stages.close()
         self.worker.close()
 
     def wait(self) -> None:

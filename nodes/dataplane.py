@@ -5,7 +5,9 @@ layer of a decoded token is one small message each way, so the hot path uses
 a socket per router connection instead (benchmarks/README.md has the
 figures). gRPC ``Forward`` stays for tools and as the fallback. Each
 connection is served by an ``MLXWorker`` of its own, which runs the experts
-itself (no thread hand-off on the hot path).
+itself (no thread hand-off on the hot path). With TLS files a connection is
+TLS with client certificates; with a cluster token its first frame must be a
+``DataPlaneHello`` carrying it: both are checked once, before any request.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Callable
 
+import grpc
+
 from .. import wire
-from ..errors import ExpertmeshError, status_code
+from ..errors import AuthError, ExpertmeshError, status_code
+from ..security import Security
 from ..serving import MAX_MESSAGE_BYTES
 from ..v1 import expertmesh_pb2 as pb
 from ..worker import MLXWorker
@@ -25,9 +31,14 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
+HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
+_HELLO_BYTES = 4096
+_DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
+
 
 class DataPlane:
-    def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES,
+                 security: Security = Security()):
         """Listen on every one of ``hosts``, on one port (the first free one)."""
         self._listeners: list[socket.socket] = []
         self.port = 0
@@ -37,6 +48,8 @@ class DataPlane:
             self.port = self._listeners[0].getsockname()[1]
         self._handle = handle
         self._max_bytes = max_bytes
+        self._security = security
+        self._tls = security.server_ssl_context() if security.tls else None
         self._conns: set[socket.socket] = set()
         self._serving: list = []  # futures of the connection loops
         self._lock = threading.Lock()
@@ -61,33 +74,89 @@ class DataPlane:
                     conn.close()
                     return
                 self._conns.add(conn)
+            conn = self._wrap(conn)
             worker = MLXWorker(f"dataplane-{peer[0]}:{peer[1]}")
             with self._lock:
-                self._serving.append(worker.submit(self._serve, conn, worker))
+                self._serving.append(worker.submit(self._serve, conn, peer[0], worker))
 
-    def _serve(self, conn: socket.socket, worker: MLXWorker) -> None:
+    def _wrap(self, conn: socket.socket) -> socket.socket:
+        """With TLS, the TLS socket over ``conn`` (the handshake waits for ``_admitted``)."""
+        if self._tls is None and not self._security.token:
+            return conn
+        conn.settimeout(HELLO_TIMEOUT_S)
+        if self._tls is None:
+            return conn
+        with self._lock:
+            self._conns.discard(conn)
+            conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            self._conns.add(conn)
+        return conn
+
+    def _admitted(self, conn: socket.socket, peer: str) -> bool:
+        """Run the TLS handshake and check the hello, once per connection.
+
+        Raises:
+            OSError: the handshake failed or the peer went away.
+        """
+        if self._tls is not None:
+            conn.do_handshake()
+        if self._security.token:
+            try:
+                hello = wire.recv_frame(conn, pb.DataPlaneHello, _HELLO_BYTES)
+            except ExpertmeshError:
+                hello = None
+            why = self._security.token_error(hello.token if hello else None)
+            if why:
+                logger.warning("data plane: refused %s: %s", peer, why)
+                self._refuse(conn, pb.ForwardResponse(error_code=status_code(AuthError()).value[0], error=why))
+                return False
+            wire.send_frame(conn, pb.ForwardResponse())
+        conn.settimeout(None)
+        return True
+
+    @staticmethod
+    def _refuse(conn: socket.socket, reply: pb.ForwardResponse) -> None:
+        """Send ``reply`` and close so that the peer reads it: unread frames of
+        its own left in our buffer would otherwise reset the connection first."""
+        wire.send_frame(conn, reply)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(_DRAIN_S)
+        deadline = time.monotonic() + _DRAIN_S
+        while conn.recv(1 << 16) and time.monotonic() < deadline:
+            pass
+
+    def _serve(self, conn: socket.socket, peer: str, worker: MLXWorker) -> None:
         try:
+            if not self._admitted(conn, peer):
+                return
             while True:
                 try:
                     req = wire.recv_frame(conn, pb.ForwardRequest, self._max_bytes)
                 except ExpertmeshError as e:  # oversized or unparsable: the stream is lost
-                    wire.send_frame(conn, pb.ForwardResponse(error_code=status_code(e).value[0], error=str(e)))
+                    self._refuse(conn, pb.ForwardResponse(error_code=status_code(e).value[0], error=str(e)))
                     return
                 if req is None:
                     return
-                try:
-                    resp = self._handle(req)
-                except ExpertmeshError as e:
-                    resp = pb.ForwardResponse(request_id=req.request_id, error_code=status_code(e).value[0],
-                                              error=f"request {req.request_id}: {e}")
-                wire.send_frame(conn, resp)
-        except OSError:
-            pass  # peer went away, or stop() shut the socket
+                wire.send_frame(conn, self._answer(req))
+        except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
+            logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
             worker.release()
+
+    def _answer(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
+        """The reply to one request; a failed one is answered and the connection goes on."""
+        try:
+            return self._handle(req)
+        except ExpertmeshError as e:
+            code, error = status_code(e), str(e)
+        except Exception as e:  # a bug must not cost the router its connection
+            logger.exception("data plane: request %d failed", req.request_id)
+            code, error = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        return pb.ForwardResponse(request_id=req.request_id, error_code=code.value[0],
+                                  error=f"request {req.request_id}: {error}")
 
     def stop(self) -> None:
         with self._lock:

@@ -19,19 +19,23 @@ from ..serving import PROTOCOL_VERSION, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
+from .stages import StageStore
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
-    def __init__(self, name: str, store: ExpertStore, memory_budget: int, worker: MLXWorker):
+    def __init__(self, name: str, store: ExpertStore, memory_budget: int, worker: MLXWorker,
+                 stages: StageStore | None = None):
         self.name = name
+        self.stages = stages or StageStore(store)
         self.worker = worker
         self.store = store
         self.memory_budget = memory_budget
         self.on_state_change: Callable[[], None] = lambda: None  # e.g. republish the TXT record
         self.state = pb.IDLE
         self.data_port = 0  # set by the Node once its data plane listens
+        self.token_required = False  # the data plane wants a DataPlaneHello first
         self.stats = pb.NodeStats()
         self.compute = Histogram()  # seconds per Forward request
         self._assign_lock = threading.Lock()
@@ -54,8 +58,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return pb.NodeInfo(
             name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
             model_id=ck.model_id, config_hash=ck.config_hash,
-            memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes,
+            memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes + self.stages.nbytes,
             state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
+            token_required=self.token_required,
+            stages=[pb.LayerSpan(start=s.start, end=s.end) for s in self.stages.spans.values()],
+            kv_cache_bytes=self.stages.kv_bytes, kv_sequences=len(self.stages.sequences),
         )
 
     def Assign(self, request, context):
@@ -65,11 +72,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                           f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
                           f"not config {request.config_hash}")
         wanted = {le.layer: list(le.experts) for le in request.experts}
+        if len(wanted) != len(request.experts):
+            layers = [le.layer for le in request.experts]
+            twice = next(l for l in layers if layers.count(l) > 1)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer {twice} is listed more than once")
         try:
             self.store.validate_assignment(wanted)
         except ExpertmeshError as e:
             context.abort(status_code(e), str(e))
-        need = sum(self.store.expert_bytes(l) * len(e) for l, e in wanted.items())
+        need = sum(self.store.expert_bytes(l) * len(e) for l, e in wanted.items()) + self.stages.nbytes
         if need > self.memory_budget:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"node {self.name}: assignment needs {need / 1e9:.2f} GB, "
@@ -114,16 +125,21 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         """One Forward request, on a thread allowed to use mlx.
 
         Raises:
-            InvalidRequestError: malformed tensors, or layers/experts not held.
+            InvalidRequestError: malformed tensors, NaN or inf, or layers/experts not held.
         """
         start = time.perf_counter()
+        if req.HasField("stage"):
+            return self._stage(req, start)
         if req.expert_ids.dtype != pb.INT32:
             raise InvalidRequestError("expert_ids must be INT32")
         if req.weights.dtype != pb.FLOAT32:
             raise InvalidRequestError("weights must be FLOAT32")
         if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        hidden = wire.decode(req.hidden, "hidden")
+        hidden = wire.decode_numpy(req.hidden, "hidden")
+        if not wire.all_finite(hidden, req.hidden.dtype):
+            raise InvalidRequestError("hidden contains NaN or inf")
+        hidden = wire.from_numpy(hidden, req.hidden.dtype)
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
         out = self.store.forward(req.layer, hidden, ids, weights)
@@ -138,6 +154,55 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             s.bytes_sent += resp.ByteSize()
             s.compute_seconds += resp.compute_seconds
             self.compute.observe(resp.compute_seconds)
+        return resp
+
+    # --- pipeline stages (nodes/stages.py) ------------------------------------
+    def AssignStages(self, request, context):
+        ck = self.store.checkpoint
+        if request.config_hash != ck.config_hash:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
+                          f"not config {request.config_hash}")
+        spans = [(s.start, s.end) for s in request.stages]
+        try:
+            self.stages.validate(spans)
+        except ExpertmeshError as e:
+            context.abort(status_code(e), str(e))
+        need = self.stages.span_bytes(spans) + self.store.nbytes
+        if need > self.memory_budget:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"node {self.name}: stages and experts need {need / 1e9:.2f} GB, "
+                          f"budget is {self.memory_budget / 1e9:.2f} GB")
+        if not self._assign_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
+        try:
+            self.worker.run(self.stages.assign, spans)
+        except ExpertmeshError as e:
+            context.abort(status_code(e), str(e))
+        finally:
+            self._assign_lock.release()
+        yield pb.AssignProgress(loaded_bytes=self.stages.nbytes, total_bytes=self.stages.nbytes,
+                                layers_done=len(spans), layers_total=len(spans), done=True)
+
+    def Measure(self, request, context):
+        try:
+            b1, b8, nbytes = self.worker.run(self.stages.measure, request.layer, request.context or 32)
+        except ExpertmeshError as e:
+            context.abort(status_code(e), str(e))
+        return pb.Measurement(layer_seconds_batch1=b1, layer_seconds_batch8=b8, layer_bytes=nbytes)
+
+    def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:
+        stage = req.stage
+        if stage.release:
+            self.stages.release(stage.release)
+        resp = pb.ForwardResponse(request_id=req.request_id)
+        if req.HasField("hidden"):
+            if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
+                raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
+            out = self.stages.forward(req.layer, wire.decode(req.hidden, "hidden"),
+                                      list(stage.sequences), list(stage.right_padding))
+            resp.output.CopyFrom(wire.encode(out))
+        resp.compute_seconds = time.perf_counter() - start
         return resp
 
     def GetStats(self, request, context):

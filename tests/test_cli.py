@@ -1,6 +1,8 @@
 """The CLI as a user runs it: real processes, one clear line on every error."""
 
 import signal
+import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from expertmesh.certs import write_test_certs
 from expertmesh.demo import Process
 from expertmesh.tinymodel import write_tiny_model
 
@@ -18,8 +21,8 @@ from conftest import cli
 class Mesh:
     address: str      # the router
     nodes: list[str]  # the nodes' addresses
-    router_log: Path
-    metrics: list[str]  # /metrics URLs: the router's, then mini0's
+    router_log: Path | None = None
+    metrics: list[str] | None = None  # /metrics URLs: the router's, then mini0's
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +102,12 @@ def test_router_without_reachable_peer_is_one_line(tiny):
     assert "no reachable node" in one_line_error(out, "router")
 
 
-@pytest.mark.parametrize("flag,value,says", [("--replicas", "0", "--replicas must be at least 1"),
-                                             ("--forward-timeout", "0", "--forward-timeout must be above 0")])
+@pytest.mark.parametrize("flag,value,says", [("--replicas", "0", "'0' is not a whole number of at least 1"),
+                                             ("--forward-timeout", "0", "'0' is not a number above 0")])
 def test_router_bad_replicas_or_deadline_is_one_line(tiny, flag, value, says):
     out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1", flag, value)
-    assert says in one_line_error(out, "router")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"expertmesh router: error: argument {flag}: {says}"
 
 
 def test_missing_and_unsupported_checkpoints_are_one_line(tmp_path):
@@ -140,3 +144,80 @@ def test_ctrl_c_stops_a_process_cleanly(mesh, tiny, tmp_path, role):
     finally:
         p.stop()
 
+
+
+# --- a mesh with a cluster token and mutual TLS -------------------------------------------
+TOKEN = "cli-token"
+
+
+@pytest.fixture(scope="module")
+def secure_mesh(tiny, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("secure-logs")
+    certs = write_test_certs(logs / "certs")
+    tls = lambda name: ["--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}-key.pem"),
+                        "--tls-ca", str(certs / "ca.pem")]
+    with pytest.MonkeyPatch.context() as env:  # the node takes the token from the environment
+        env.setenv("EXPERTMESH_TOKEN", TOKEN)
+        node = Process(["node", "--model", str(tiny), "--port", "0", "--name", "vault", *tls("node")],
+                       logs / "node.log")
+    procs = [node]
+    try:
+        peer = node.address(timeout=120)
+        router = Process(["router", "--model", str(tiny), "--port", "0", "--peer", peer, "--token", TOKEN,
+                          *tls("router")], logs / "router.log")
+        procs.append(router)
+        yield Mesh(router.address(timeout=120), [peer]), tls("client"), node
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_token_and_tls_from_the_cli(secure_mesh, monkeypatch):
+    (mesh_, client_tls, _) = secure_mesh
+    monkeypatch.delenv("EXPERTMESH_TOKEN", raising=False)
+    out = cli("generate", "--router", mesh_.address, "Hello", "--max-tokens", "4", *client_tls)
+    assert "no cluster token given: pass --token or set EXPERTMESH_TOKEN" in one_line_error(out, "generate")
+    out = cli("cluster", "--router", mesh_.address, "--token", "guess", *client_tls)
+    assert "wrong cluster token" in one_line_error(out, "cluster")
+    out = cli("cluster", "--router", mesh_.address, "--token", TOKEN)  # plaintext to a TLS router
+    assert f"cannot reach router {mesh_.address}" in one_line_error(out, "cluster")
+    monkeypatch.setenv("EXPERTMESH_TOKEN", TOKEN)
+    out = cli("generate", "--router", mesh_.address, "Hello", "--max-tokens", "4", *client_tls)
+    assert out.returncode == 0 and "[4 tokens" in out.stderr, out.stderr
+
+
+def test_bad_tls_files_port_in_use_and_bad_flags_are_one_line(secure_mesh, tiny, tmp_path):
+    (mesh_, client_tls, _) = secure_mesh
+    missing = [*client_tls[:2], "--tls-key", str(tmp_path / "nope.pem"), *client_tls[4:]]
+    out = cli("generate", "--router", mesh_.address, "Hi", *missing)
+    assert "--tls-key" in one_line_error(out, "generate") and "No such file" in out.stderr
+    out = cli("cluster", "--router", mesh_.address, *client_tls[:2])
+    assert "TLS needs all of --tls-cert, --tls-key and --tls-ca" in one_line_error(out, "cluster")
+    out = cli("node", "--model", str(tiny), "--port", mesh_.nodes[0].rpartition(":")[2])
+    assert "Address already in use" in one_line_error(out, "node")
+    out = cli("node", "--model", str(tiny), "--port", "70000")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == \
+        "expertmesh node: error: argument --port: '70000' is not a port (0-65535)"
+
+
+def test_ctrl_c_and_a_node_dying_mid_generation_end_in_one_line(secure_mesh, tmp_path):
+    """Runs last in this module: it kills the mesh's node."""
+    (mesh_, client_tls, node) = secure_mesh
+    args = ["generate", "--router", mesh_.address, "Hi", "--max-tokens", "480", "--token", TOKEN, *client_tls]
+    for stop in ("ctrl-c", "node dies"):
+        gen = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            assert gen.stdout.read(1)  # generating
+            if stop == "ctrl-c":
+                gen.send_signal(signal.SIGINT)
+                assert gen.wait(timeout=60) == 130
+                assert "Traceback" not in gen.stderr.read()
+            else:
+                node.proc.kill()
+                _, err = gen.communicate(timeout=120)
+                result = subprocess.CompletedProcess(args, gen.returncode, "", err)
+                assert "vault" in one_line_error(result, "generate")
+        finally:
+            gen.kill()
+            gen.wait()

@@ -14,7 +14,7 @@ from safetensors_files import headers_only, write_checkpoint
 
 
 def plan(capsys, model, *nodes, replicas=1):
-    assert main(["plan", "--model", str(model), *[a for n in nodes for a in ("--node", n)],
+    assert main(["plan", "--model", str(model), "--mode", "expert", *[a for n in nodes for a in ("--node", n)],
                  "--replicas", str(replicas)]) == 0
     return capsys.readouterr().out
 

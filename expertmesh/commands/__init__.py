@@ -2,14 +2,15 @@
 
 Each module has ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args)``; ``expertmesh.cli`` finds them by name, so adding a command
-is adding a module. The sampling flags that ``generate`` and ``chat``
-share are defined here once.
+is adding a module. The flags several commands share (sampling, security,
+discovery) are defined here once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 
 def add_sampling_arguments(p, max_tokens: int = 256) -> None:
@@ -36,6 +37,31 @@ def sampling_options(args):
                              seed=args.seed, stop=tuple(args.stop)).validate()
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
 def discovery_arguments(p: argparse.ArgumentParser, what: str) -> None:
     """``--discovery/--no-discovery`` and ``--interface``, shared by node and router.
 
@@ -56,3 +82,28 @@ def interface_argument(p: argparse.ArgumentParser) -> None:
 def metrics_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default off)")
+def security_arguments(p: argparse.ArgumentParser) -> None:
+    """``--token`` (default ``EXPERTMESH_TOKEN``) and the three ``--tls-*`` files."""
+    p.add_argument("--token", default=os.environ.get("EXPERTMESH_TOKEN"), metavar="TOKEN",
+                   help="the cluster token every node, router and client shares (default: $EXPERTMESH_TOKEN)")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="this process's certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the mesh's certificates")
+
+
+def router_arguments(p: argparse.ArgumentParser) -> None:
+    """``--router`` and the security flags: what a client command needs to reach a router."""
+    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    security_arguments(p)
+
+
+def connect(args):
+    """A ``Client`` of ``--router`` with the security flags.
+
+    Raises:
+        AuthError: a malformed token, or TLS files missing or unreadable.
+    """
+    from ..client import Client
+
+    return Client(args.router, token=args.token or "", tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  tls_ca=args.tls_ca)

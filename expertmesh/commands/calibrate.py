@@ -5,6 +5,7 @@ from pathlib import Path
 import argparse
 
 from ..errors import ExpertmeshError
+from . import connect, router_arguments
 
 HELP = "run prompts through a router and save which experts they used (for --placement-stats / plan --stats)"
 
@@ -18,7 +19,7 @@ JSON, like `expertmesh stats --json`, which works as a stats file as well."""
 
 def add_arguments(p) -> None:
     p.epilog = EPILOG
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
     p.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="one prompt per line")
     p.add_argument("--out", type=Path, default=Path("stats.json"), metavar="FILE",
                    help="where to write the counts (default stats.json)")
@@ -28,7 +29,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
-    from ..client import Client
     from ..popularity import write_stats
     from ..progress import Progress
     from ..router.stats import hot_experts
@@ -41,7 +41,7 @@ def run(args) -> None:
         raise ExpertmeshError(f"cannot read {args.prompts}: {e}") from None
     if not prompts:
         raise ExpertmeshError(f"{args.prompts} has no prompts (one per line)")
-    with Client(args.router) as client:
+    with connect(args) as client:
         before = client.stats()
         with Progress("calibrating with", bars=args.progress, unit="prompts") as progress:
             for i, prompt in enumerate(prompts):

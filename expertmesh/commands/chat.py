@@ -4,7 +4,7 @@ import json
 import sys
 
 from ..errors import InvalidRequestError
-from . import add_sampling_arguments, sampling_options
+from . import add_sampling_arguments, connect, router_arguments, sampling_options
 
 HELP = "chat with the model through a router (/quit or Ctrl-D to leave)"
 
@@ -12,7 +12,7 @@ _COMMANDS = "/reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
     p.add_argument("--system-prompt", default=None, help="a system message that opens the conversation")
     p.add_argument("--chat-template-config", default=None, metavar="JSON",
                    help='passed to the chat template, e.g. \'{"enable_thinking": false}\'')
@@ -20,14 +20,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
-    from ..client import Client
-
     options = sampling_options(args)
     template_kwargs = _template_kwargs(args.chat_template_config)
     opening = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    with Client(args.router) as client:
+    with connect(args) as client:
         model = client.cluster().model_id  # an unreachable router fails here, in one line
         print(f"chatting with {model} through {args.router}; {_COMMANDS}", flush=True)
         history = list(opening)

@@ -1,22 +1,24 @@
 """expertmesh cluster: show the nodes and what they hold."""
 
+from . import connect, router_arguments
+
 HELP = "show the nodes and what they hold"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
 
 
 def run(args) -> None:
-    from ..client import Client
     from ..ranges import per_layer
 
-    with Client(args.router) as client:
+    with connect(args) as client:
         c = client.cluster()
     print(f"model {c.model_id} (config {c.config_hash}): {len(c.moe_layers)} MoE layers x {c.num_experts} experts")
     print(f"{'NODE':<16} {'ADDRESS':<22} {'STATE':<8} {'MEMORY (used/budget)':<22} EXPERTS PER LAYER")
     for n in c.nodes:
-        held = per_layer(n.experts)
+        spans = [f"whole layers {a}-{b - 1}" for a, b in n.stages]
+        held = ", ".join(spans + [per_layer(n.experts)] if n.experts or not spans else spans)
         memory = f"{n.memory_used_bytes / 1e6:.1f}/{n.memory_budget_bytes / 1e9:.1f} GB"
         print(f"{n.name:<16} {n.address:<22} {n.state:<8} {memory:<22} {held}")
         if n.error:

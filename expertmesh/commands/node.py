@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments, metrics_argument
+from . import discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -11,19 +11,24 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--host", default=None,
                    help="address to listen on (default: the --interface addresses; 127.0.0.1 without discovery)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
+    p.add_argument("--port", type=port, default=0, help="port (default 0: pick a free one)")
     p.add_argument("--name", default="", help="node name (default: host name)")
-    p.add_argument("--memory-gb", type=float, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--memory-gb", type=positive, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--kv-idle-timeout", type=positive, default=300.0, metavar="SECONDS",
+                   help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")
     metrics_argument(p)
+    security_arguments(p)
 
 
 def run(args) -> None:
     from ..nodes import Node, NodeConfig
+    from ..security import Security
 
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
-                           memory_gb=args.memory_gb, discovery=args.discovery, interfaces=args.interface,
-                           metrics_port=args.metrics_port))
+                           memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
+                           discovery=args.discovery, interfaces=args.interface,
+                           metrics_port=args.metrics_port, security=Security.from_args(args)))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""

@@ -4,12 +4,19 @@ from pathlib import Path
 
 from ..errors import ExpertmeshError
 
-HELP = "print where the experts would go and the memory each node needs, without loading weights"
+HELP = "print where the layers and experts would go, the memory each node needs and the predicted speed"
 
 EPILOG = """\
 Reads config.json and the safetensors headers only, so a directory holding
 config.json, model.safetensors.index.json and each shard's first bytes (its
-header) is enough: size a cluster before downloading the weights."""
+header) is enough: size a cluster before downloading the weights.
+
+--mode chooses per layer between routed experts spread across the nodes
+(expert) and whole layers on one node (pipeline stages); auto picks what the
+cost model predicts fastest. The prediction needs each node's round-trip time
+and per-layer decode time: a running router measures them; here they are
+--rtt-us and --layer-us (defaults: 200 us, and 600 / 1000 us per layer at
+batch 1 / 8), the same for every node."""
 
 
 def add_arguments(p) -> None:
@@ -20,7 +27,12 @@ def add_arguments(p) -> None:
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="copies of each expert, where memory allows (default 1)")
     p.add_argument("--stats", type=Path, default=None, metavar="FILE",
-                   help="place by the expert popularity in FILE (expertmesh calibrate --out, or stats --json)")
+                   help="place experts by the popularity in FILE (expertmesh calibrate --out, or stats --json)")
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="auto",
+                   help="experts spread, whole-layer pipeline stages, or the faster one (default auto)")
+    p.add_argument("--rtt-us", type=float, default=None, help="data-plane round trip to a node, in us (default 200)")
+    p.add_argument("--layer-us", type=float, nargs="+", default=None, metavar=("BATCH1", "BATCH8"),
+                   help="one layer's decode step on a node, in us, at batch 1 [and 8] (default 600 1000)")
 
 
 def parse_node(spec: str):
@@ -39,7 +51,8 @@ def parse_node(spec: str):
 def run(args) -> None:
     from ..checkpoint import Checkpoint
     from ..models import get_adapter
-    from ..placement import balanced, contiguous, describe, expected_balance, size
+    from .. import costmodel
+    from ..placement import contiguous, describe, expected_balance, size
     from ..popularity import read_load
     from ..ranges import per_layer
 
@@ -59,13 +72,9 @@ def run(args) -> None:
     expert_bytes = {l: adapter.expert_bytes(tensors, l) for l in adapter.moe_layers}
     experts_total = adapter.num_experts * sum(expert_bytes.values())
     dense = sum(t.nbytes for name, t in tensors.items() if not adapter.is_expert_weight(name))
-    placement = contiguous(nodes, adapter.num_experts, expert_bytes, args.replicas)
-    if args.stats is not None:
-        load = read_load(args.stats, adapter.moe_layers, adapter.num_experts)
-        even = balanced(nodes, adapter.num_experts, expert_bytes, load)
-        balance = (f"balance ratio expected on the traffic in {args.stats}: {expected_balance(even, load):.3f} "
-                   f"(contiguous ranges: {expected_balance(placement, load):.3f})")
-        placement = even
+    load = read_load(args.stats, adapter.moe_layers, adapter.num_experts) if args.stats is not None else None
+    plan = costmodel.choose(args.mode, _costs(args, nodes), adapter, tensors, args.replicas, load)
+    placement = plan.placement
 
     print(f"model {checkpoint.model_id} ({adapter.model_type}): {len(adapter.moe_layers)} MoE layers x "
           f"{adapter.num_experts} routed experts, top-{adapter.top_k}")
@@ -76,10 +85,40 @@ def run(args) -> None:
     for n in nodes:
         held = placement.experts_of(n.name)
         count = sum(len(e) for e in held.values())
+        stages = plan.stages.get(n.name, [])
+        used = placement.bytes_of(n.name, expert_bytes) + sum(
+            adapter.layer_bytes(tensors, l) for a, b in stages for l in range(a, b))
+        where = ", ".join([f"whole layers {a}-{b - 1}" for a, b in stages] + ([per_layer(held)] if count else []))
         print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {placement.replicas_of(n.name):>8} "
-              f"{size(placement.bytes_of(n.name, expert_bytes)):>10}  {per_layer(held)}")
-    print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(dense):>10}")
-    if args.stats is not None:
-        print(balance)
+              f"{size(used):>10}  {where}")
+    staged = sum(adapter.layer_bytes(tensors, l) for s in plan.stages.values() for a, b in s for l in range(a, b))
+    router = dense - staged + experts_on(plan, adapter, expert_bytes)
+    print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(router):>10}")
+    for line in plan.describe(adapter.args.num_hidden_layers):
+        print(line)
+    if load is not None and placement.owners:
+        spread = {l: expert_bytes[l] for l in placement.owners}
+        print(f"balance ratio expected on the traffic in {args.stats}: {expected_balance(placement, load):.3f} "
+              f"(contiguous ranges: {expected_balance(contiguous(nodes, adapter.num_experts, spread), load):.3f})")
     if placement.short:
         print(f"memory allows fewer than {args.replicas} copies of {describe(placement.short)}")
+
+
+def experts_on(plan, adapter, expert_bytes) -> int:
+    """Expert bytes inside stage spans: counted in ``staged`` but never on the router."""
+    return sum(adapter.num_experts * expert_bytes[l] for s in plan.stages.values() for a, b in s
+               for l in range(a, b) if l in expert_bytes)
+
+
+def _costs(args, nodes):
+    from ..costmodel import DEFAULT_LAYER_S, DEFAULT_RTT_S, NodeCost
+
+    layer = dict(DEFAULT_LAYER_S)
+    if args.layer_us:
+        if len(args.layer_us) > 2 or min(args.layer_us) <= 0:
+            raise ExpertmeshError("--layer-us takes one or two times in us, both > 0: BATCH1 [BATCH8]")
+        layer = {1: args.layer_us[0] * 1e-6, 8: args.layer_us[-1] * 1e-6}
+    if args.rtt_us is not None and args.rtt_us < 0:
+        raise ExpertmeshError("--rtt-us must be >= 0")
+    rtt = DEFAULT_RTT_S if args.rtt_us is None else args.rtt_us * 1e-6
+    return [NodeCost(n.name, n.memory_bytes, rtt, dict(layer)) for n in nodes]

@@ -3,6 +3,7 @@
 import argparse
 
 from ..errors import ExpertmeshError
+from . import connect, router_arguments
 
 HELP = "move or copy experts to even the node load the router has seen (generations keep running)"
 
@@ -19,7 +20,7 @@ _SHOWN = 20  # moves listed before "... and N more"
 
 def add_arguments(p) -> None:
     p.epilog = EPILOG
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="show the plan, move nothing")
     p.add_argument("--threshold", type=float, default=0.0, metavar="RATIO",
                    help="act only when the balance ratio is below this (default 0: whenever it helps)")
@@ -30,7 +31,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
-    from ..client import Client
     from ..progress import Progress
     from ..v1 import expertmesh_pb2 as pb
 
@@ -40,7 +40,7 @@ def run(args) -> None:
         raise ExpertmeshError("--min-tokens must be 0 or more")
     phases = {pb.REBALANCE_LOADING: Progress("loading", bars=args.progress),
               pb.REBALANCE_DROPPING: Progress("dropping old copies, reloading", bars=args.progress)}
-    with Client(args.router) as client:
+    with connect(args) as client:
         try:
             for p in client.rebalance(args.dry_run, args.threshold, args.min_tokens):
                 if p.phase in phases:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import ExpertmeshError
 from ..progress import Progress
-from . import discovery_arguments, metrics_argument
+from . import at_least_one, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "run the dense model and drive the nodes"
 
@@ -13,38 +13,43 @@ HELP = "run the dense model and drive the nodes"
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50050, help="port (default 50050; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible API on this port")
+    p.add_argument("--port", type=port, default=50050, help="port (default 50050; 0 picks a free one)")
+    p.add_argument("--http-port", type=port, default=None, help="also serve an OpenAI-compatible API on this port")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a node to use besides those found over mDNS (repeat for each)")
     discovery_arguments(p, "find nodes over mDNS")
     p.add_argument("--expect", type=int, default=None, metavar="N",
                    help="wait until N nodes of this model are found (default: until none new for --settle s)")
-    p.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--settle", type=positive, default=3.0, metavar="SECONDS",
                    help="without --expect: plan once no new node has appeared for this long (default 3)")
-    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
-    p.add_argument("--forward-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--forward-timeout", type=positive, default=10.0, metavar="SECONDS",
                    help="seconds a node may take for one layer before it counts as down (default 10)")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
+    p.add_argument("--replicas", type=at_least_one, default=1, metavar="N",
                    help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
     p.add_argument("--placement-stats", type=Path, default=None, metavar="FILE",
                    help="place experts by the popularity in FILE (expertmesh calibrate --out, or stats --json): "
                         "even node load, hot experts copied into spare memory")
     p.add_argument("--rebalance-threshold", type=float, default=None, metavar="RATIO",
                    help="rebalance live whenever the balance ratio falls below RATIO (default off)")
-    p.add_argument("--rebalance-interval", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--rebalance-interval", type=positive, default=30.0, metavar="SECONDS",
                    help="with --rebalance-threshold: seconds between checks (default 30)")
     p.add_argument("--rebalance-min-tokens", type=int, default=256, metavar="N",
                    help="with --rebalance-threshold: tokens since the last change before acting (default 256)")
     metrics_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
+    security_arguments(p)
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
+                   help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
+                        "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
 
 
 def run(args) -> None:
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
+    from ..security import Security
 
     try:
         peers = parse_peers(args.peer)
@@ -52,21 +57,18 @@ def run(args) -> None:
         raise ExpertmeshError(str(e)) from None
     if args.expect is not None and args.expect < 1:
         raise ExpertmeshError("--expect must be at least 1")
-    if args.replicas < 1:
-        raise ExpertmeshError("--replicas must be at least 1")
-    if not args.forward_timeout > 0:
-        raise ExpertmeshError("--forward-timeout must be above 0")
     if args.placement_stats is not None and args.replicas != 1:
         raise ExpertmeshError("--placement-stats plans the copies itself: leave --replicas out")
     if args.rebalance_threshold is not None and not 0 < args.rebalance_threshold <= 1:
         raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
-    if not args.rebalance_interval > 0 or args.rebalance_min_tokens < 0:
-        raise ExpertmeshError("--rebalance-interval must be above 0 and --rebalance-min-tokens 0 or more")
+    if args.rebalance_min_tokens < 0:
+        raise ExpertmeshError("--rebalance-min-tokens must be 0 or more")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
                                  forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port, placement_stats=args.placement_stats,
+                                 metrics_port=args.metrics_port, mode=args.mode,
+                                 security=Security.from_args(args), placement_stats=args.placement_stats,
                                  rebalance_threshold=args.rebalance_threshold,
                                  rebalance_interval=args.rebalance_interval,
                                  rebalance_min_tokens=args.rebalance_min_tokens))
@@ -78,6 +80,8 @@ def run(args) -> None:
         with Progress("loading", bars=args.progress) as loading:
             router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
                                                            p.total_bytes))
+        for line in router.plan.describe(router.adapter.args.num_hidden_layers):
+            print(line, flush=True)
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
               f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "

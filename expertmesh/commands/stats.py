@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 from ..errors import ExpertmeshError
+from . import connect, router_arguments
 
 HELP = "show what the router routed: node load, balance, hot experts, traffic"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    router_arguments(p)
     p.add_argument("--json", action="store_true", help="print the RouterStats message as JSON")
     p.add_argument("--top", type=int, default=10, metavar="N", help="hot experts to show (default 10)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
@@ -22,13 +23,11 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     from google.protobuf import json_format
 
-    from ..client import Client
-
     if args.top < 0:
         raise ExpertmeshError("--top must be 0 or more")
     if args.plot is not None:
         figure = _figure_class()  # before the call, so --reset never loses counts to a missing matplotlib
-    with Client(args.router) as client:
+    with connect(args) as client:
         s = client.stats(reset=args.reset)
     if args.json:
         print(json.dumps(json_format.MessageToDict(s, preserving_proto_field_name=True), indent=1))

@@ -123,6 +123,11 @@ class Adapter:
                     total += single.nbytes
         return total
 
+    def layer_bytes(self, tensors: dict, layer: int) -> int:
+        """Bytes of every weight of decoder layer ``layer`` (a pipeline stage's share), from headers."""
+        prefix = f"model.layers.{layer}."
+        return sum(t.nbytes for n, t in tensors.items() if n.startswith(prefix))
+
     def is_expert_weight(self, name: str) -> bool:
         return self._expert_re.match(name) is not None
 
@@ -161,3 +166,11 @@ class Adapter:
                 return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
 
         return DenseModel, self.args_class
+
+
+def eval_private_arrays(model: nn.Module) -> None:
+    """Evaluate the constants some mlx-lm models keep as private module members
+    (DeepSeek's ``_freqs``): loading evaluates only parameters, and a lazy
+    array cannot be evaluated on another thread than the one that built it,
+    while generation runs on an MLX worker."""
+    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])

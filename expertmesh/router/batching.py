@@ -13,6 +13,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -63,6 +65,7 @@ class Scheduler:
         self._running = False
         self._generator: BatchGenerator | None = None
         self.steps = 0  # forward passes run, for tests and stats
+        self.on_step: Callable[[], None] = lambda: None  # after each step: e.g. release finished sequences' KV
 
     def submit(self, request: Request) -> None:
         with self._lock:
@@ -93,6 +96,7 @@ class Scheduler:
                     gen.remove(gone)
                     for uid in gone:
                         active.pop(uid).request.pieces.put(None)
+                    self.on_step()
                 with self._lock:
                     if not active and self._incoming.empty():
                         self._running = False
@@ -102,13 +106,17 @@ class Scheduler:
                 _, responses = gen.next()
                 self.steps += 1
                 stopped = [r.uid for r in responses if self._emit(active, r)]
+                del responses  # finished ones carry their caches: on_step must not see them alive
                 if stopped:  # a stop string ended them before mlx-lm would have
                     gen.remove(stopped)
+                self.on_step()
         except Exception as e:  # a node went down, ...: every waiting request hears it
             logger.warning("generation failed: %s", e)
             for a in active.values():
                 a.request.pieces.put(e)
             self._generator = None  # a fresh one next time: this one's caches may be half-updated
+            gen = None
+            self.on_step()
             with self._lock:
                 self._running = False
                 self._start_locked()

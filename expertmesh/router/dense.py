@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, load_tokenizer
@@ -12,6 +11,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 from ..checkpoint import Checkpoint
 from ..errors import ModelError
 from ..models import Adapter, get_adapter
+from ..models.base import eval_private_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +31,7 @@ def load_dense(checkpoint: Checkpoint) -> tuple[nn.Module, object, Adapter]:
         tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ModelError(f"cannot load {checkpoint.path}: {e}") from None
-    _eval_private_arrays(model)
+    eval_private_arrays(model)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     logger.info("dense model of %s: %.1f M parameters", checkpoint.model_id, params / 1e6)
     return model, tokenizer, adapter
-
-
-def _eval_private_arrays(model: nn.Module) -> None:
-    """Evaluate the constants some mlx-lm models keep as private module members
-    (DeepSeek's ``_freqs``): ``load_model`` evaluates only parameters, and a
-    lazy array cannot be evaluated on another thread than the one that built
-    it, while generation runs on the router's MLX worker."""
-    mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])

@@ -20,6 +20,7 @@ import numpy as np
 from .. import wire
 from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement, describe
+from ..security import Security
 from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -41,14 +42,16 @@ class NodeLink:
     Forward stream ends; from then on ``submit`` fails at once.
     """
 
-    def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None):
+    def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None,
+                 security: Security = Security()):
         self.address = address
+        self.security = security
         self.timeout = timeout
         self.on_broken = on_broken
         self.name = address
         self.info: pb.NodeInfo | None = None
         self.error = ""
-        self._channel = channel(address)
+        self._channel = channel(address, security)
         self.stub = pb_grpc.ExpertServiceStub(self._channel)
         self._requests: queue.SimpleQueue | None = None
         self._pending: dict[int, Future] = {}
@@ -82,6 +85,16 @@ class NodeLink:
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
 
+    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
+        """Have the node hold these spans of whole layers (pipeline stages)."""
+        request = pb.AssignStagesRequest(config_hash=config_hash,
+                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans])
+        try:
+            for _ in self.stub.AssignStages(request, timeout=timeout):
+                pass
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, repr(self)) from None
+
     # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:
         """Open the gRPC Forward stream, which also tells at once when the node
@@ -91,6 +104,8 @@ class NodeLink:
             self._requests = queue.SimpleQueue()
             self._broken = None
             self.error = ""
+        if self.security.token and not self.info.token_required:
+            logger.warning("%r accepts calls without the cluster token: start it with --token too", self)
         call = self.stub.Forward(iter(self._requests.get, None))
         self._reader = threading.Thread(target=self._read, args=(call,), daemon=True,
                                         name=f"forward-{self.address}")
@@ -98,10 +113,36 @@ class NodeLink:
         if self.info.data_port:
             host = self.address.rpartition(":")[0].strip("[]")
             try:
-                self._sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
+                self._sock = self._connect(host)
             except OSError as e:
                 raise self.fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except ExpertmeshError as e:
+                raise self.fail(e) from None
+
+    def _connect(self, host: str) -> socket.socket:
+        """The data-plane socket, past TLS and the hello when the node wants them.
+
+        Raises:
+            OSError: unreachable, or the TLS handshake failed.
+            AuthError: the node refused our token.
+        """
+        sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.security.tls:
+                sock = self.security.client_ssl_context().wrap_socket(sock, server_hostname=host)
+            if self.info.token_required:
+                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or ""))
+                welcome = wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
+                if welcome is None:
+                    raise UnavailableError(f"{self!r} closed the data plane during the hello")
+                if welcome.error_code:
+                    raise from_status(welcome.error_code, f"{self!r} refused the data plane: {welcome.error}", repr(self),
+                                      raised="")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _read(self, call) -> None:
         try:

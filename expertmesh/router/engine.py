@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import mlx.nn as nn
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestTooLargeError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import Piece, Request, Scheduler
@@ -26,6 +26,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.context_length = int(config.get("max_position_embeddings") or 1 << 31)
         self.vocab_size = int(config.get("vocab_size") or 0)
+        # no token spans more characters than the longest in the vocabulary, so a longer
+        # text cannot fit the context: refused before tokenizing megabytes of it
+        self.max_chars = self.context_length * max(map(len, tokenizer.get_vocab()), default=64)
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
         self.scheduler = Scheduler(model, tokenizer, self.worker)
@@ -52,6 +55,7 @@ class Engine:
         messages = [_message(m, i) for i, m in enumerate(messages or [])]
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             return list(self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, **(chat_template_kwargs or {})))
@@ -68,6 +72,7 @@ class Engine:
         """
         if not isinstance(prompt, str):
             raise InvalidRequestError("prompt must be a string", param="prompt")
+        self._check_length(len(prompt), "prompt")
         return self._start(self.encode(prompt), options, "prompt", is_active, "generate")
 
     def chat(self, messages: list[dict], options: GenerationOptions = GenerationOptions(),
@@ -81,6 +86,12 @@ class Engine:
         """
         return self._start(self.apply_chat_template(messages, chat_template_kwargs), options, "messages", is_active,
                            "chat")
+
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_chars:
+            raise RequestTooLargeError(
+                f"the {param} is {chars} characters; more than the model's context of {self.context_length} "
+                f"tokens can hold", param=param, code="context_length_exceeded")
 
     def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active,
                kind: str) -> Iterator[Piece]:

@@ -143,7 +143,7 @@ class Membership:
         return found
 
     def _link(self, address: str) -> NodeLink:
-        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put)
+        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security)
 
     def _check(self, link: NodeLink) -> None:
         info = link.info
@@ -254,7 +254,8 @@ class Membership:
             try:
                 moves = take_over(self.placement, missing, free, self.expert_bytes)
             except PlacementError as e:
-                raise UnavailableError(str(e)) from None
+                down = ", ".join(f"{m.name} ({m.error or m.link.error or 'down'})" for m in self.members if m.down)
+                raise UnavailableError(f"{e}; down: {down}" if down else str(e)) from None
             logger.warning("re-planning %s onto %s", describe(missing), ", ".join(live[i].name for i in moves))
             for i, experts in moves.items():
                 m = live[i]

@@ -3,7 +3,9 @@ speak to mlx-lm's server, exo or LM Studio can speak to the mesh.
 
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``;
 streaming as server-sent events; errors as ``{"error": {"message", "type",
-"param", "code"}}``. Handler threads never touch mlx: they call
+"param", "code"}}``. With a cluster token every request needs
+``Authorization: Bearer <token>`` (401 otherwise); with TLS files it is HTTPS
+with client certificates, like the gRPC API. Handler threads never touch mlx: they call
 ``Router.generate`` / ``Router.chat``, which run the model on the router's
 MLX worker.
 """
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .. import __version__
 from ..errors import ExpertmeshError, InvalidRequestError, RequestTooLargeError, UnavailableError
 from ..options import GenerationOptions
+from ..security import bearer
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +41,14 @@ class OpenAIServer:
 
     def __init__(self, router, host: str, port: int):
         try:
-            self._httpd = ThreadingHTTPServer((host, port), _Handler)
+            self._httpd = _Server((host, port), _Handler)
         except OSError as e:
             raise UnavailableError(f"cannot listen for HTTP on {host}:{port}: {e}") from None
+        security = router.config.security
+        if security.tls:  # the handshake runs in the handler thread, not in accept()
+            self._httpd.socket = security.server_ssl_context().wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self._httpd.security = security
         self._httpd.daemon_threads = True
         self._httpd.router = router
         self._httpd.created = int(time.time())
@@ -50,7 +58,8 @@ class OpenAIServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        scheme = "https" if self._httpd.security.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}/v1"
 
     def start(self) -> "OpenAIServer":
         self._thread.start()
@@ -63,14 +72,29 @@ class OpenAIServer:
         self._httpd.server_close()
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        logger.debug("HTTP connection from %s failed", client_address[0], exc_info=True)  # e.g. a TLS handshake
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"expertmesh/{__version__}"
 
     def log_message(self, format, *args):
         logger.debug("%s %s", self.address_string(), format % args)
 
+    def _refused(self) -> bool:
+        """Answer 401 when the cluster token is wanted and not given."""
+        why = self.server.security.token_error(bearer(self.headers.get("Authorization")))
+        if why:
+            self._json(HTTPStatus.UNAUTHORIZED, _error_json(f"{why} (send Authorization: Bearer <token>)",
+                                                            "invalid_request_error", None, "invalid_api_key"))
+        return bool(why)
+
     # --- routes ----------------------------------------------------------------
     def do_GET(self):
+        if self._refused():
+            return
         if self.path.rstrip("/") == "/v1/models":
             model = self._model_card()
             self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
@@ -80,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found()
 
     def do_POST(self):
+        if self._refused():
+            return
         kinds = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
         kind = kinds.get(self.path)
         if kind is None:

@@ -93,8 +93,12 @@ class Rebalancer:
             if down:
                 raise UnavailableError(f"{', '.join(down)} down: rebalance once every node is up")
             old = membership.placement
-            budgets = [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes) for m in membership.members]
-            new = planner.balanced(budgets, self.router.adapter.num_experts, membership.expert_bytes, load, old)
+            if not old.owners:
+                report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before,
+                                            message="every layer is a pipeline stage: no experts are spread"))
+                return
+            new = planner.balanced(self._budgets(), self.router.adapter.num_experts, membership.expert_bytes, load,
+                                   old)
             planned = planner.expected_balance(new, load)
             moves = _moves(old, new)
             report(pb.RebalanceProgress(phase=pb.REBALANCE_PLANNED, balance_before=before, balance_planned=planned,
@@ -130,7 +134,7 @@ class Rebalancer:
         """
         membership, router = self.router.membership, self.router
         cost = membership.expert_bytes
-        budget = {m.name: m.link.info.memory_budget_bytes for m in membership.members}
+        budget = {b.name: b.memory_bytes for b in self._budgets()}
         held = {m.name: _pairs(m.experts) for m in membership.members}
         target = {m.name: _pairs(new.experts_of(m.name)) for m in membership.members}
         rounds = 0
@@ -171,6 +175,14 @@ class Rebalancer:
             held.update(shrunk)
         if router.placement is not new:  # the last round only added copies
             self._switch(new, report, rounds)
+
+    def _budgets(self) -> list[planner.NodeBudget]:
+        """Each node's memory for spread experts: its budget less its pipeline stages."""
+        r = self.router
+        stages = r.plan.stages if r.plan is not None else {}
+        return [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes - sum(
+            r.adapter.layer_bytes(r.checkpoint.tensors, l) for a, b in stages.get(m.name, []) for l in range(a, b)))
+            for m in r.membership.members]
 
     def _switch(self, placement: planner.Placement, report: Report, rounds: int) -> None:
         router = self.router

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
 from ..errors import UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..popularity import read_load
+from ..security import Security
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
@@ -23,6 +25,7 @@ from .membership import Membership
 from .openai import OpenAIServer
 from .rebalance import Rebalancer, Report
 from .service import InferenceServicer
+from .stages import StageRuntime
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,10 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
+    mode: str = "expert"                           # expert | pipeline | auto: see costmodel
     metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
-    placement_stats: Path | None = None            # plan from this expert popularity (stats JSON), not contiguously
+    security: Security = field(default_factory=Security)  # cluster token and TLS files, both directions
+    placement_stats: Path | None = None            # place experts by this popularity (stats JSON), not contiguously
     rebalance_threshold: float | None = None       # rebalance when the live balance ratio falls below; None: off
     rebalance_interval: float = 30.0               # seconds between automatic checks
     rebalance_min_tokens: int = 256                # tokens through the model since the last change before acting
@@ -76,12 +81,14 @@ class Router:
                 f"{config.host}:{config.port}",
                 lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
                 ["InferenceService"],
+                security=config.security,
             )
         except BaseException:
             self.membership.close()
             raise
         self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
+        self.plan: costmodel.Plan | None = None
         self.routing: RoutingStats | None = None
         self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
@@ -99,27 +106,51 @@ class Router:
         ``progress(node name, AssignProgress)`` hears each node's loading as it goes.
         """
         links = self.membership.gather()
-        tensors = self.checkpoint.tensors
-        expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.adapter.moe_layers}
-        budgets = [planner.NodeBudget(l.name, l.info.memory_budget_bytes) for l in links]
-        if self.config.placement_stats is not None:
-            load = read_load(self.config.placement_stats, self.adapter.moe_layers, self.adapter.num_experts)
-            self.placement = planner.balanced(budgets, self.adapter.num_experts, expert_bytes, load)
-            logger.info("placement from %s: balance ratio %.3f expected on its traffic",
-                        self.config.placement_stats, planner.expected_balance(self.placement, load))
-        else:
-            self.placement = planner.contiguous(budgets, self.adapter.num_experts, expert_bytes, self.config.replicas)
+        self.plan = self._plan(links)
+        self.placement = self.plan.placement
         if self.placement.short:
             logger.warning("memory allows fewer than %d copies of %s", self.config.replicas,
                            planner.describe(self.placement.short))
+        tensors = self.checkpoint.tensors
+        expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.placement.owners}
         self.membership.bring_up(self.placement, expert_bytes, progress)
         self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes)
         self.dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover,
                                      self.routing)
         self.adapter.attach(self.model, self.dispatcher)
+        if self.plan.stages:
+            self._bring_up_stages(links)
         self.membership.watch(self.dispatcher)
         self.rebalancer = Rebalancer(self)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
+
+    # --- pipeline stages (costmodel.py, router/stages.py) ------------------------
+    def _plan(self, links: list[NodeLink]) -> costmodel.Plan:
+        if self.config.mode == "expert":
+            nodes = [costmodel.NodeCost(l.name, l.info.memory_budget_bytes) for l in links]
+        else:
+            nodes = [costmodel.measure(l, self.adapter, self.config.assign_timeout) for l in links]
+        load = None
+        if self.config.placement_stats is not None:
+            load = read_load(self.config.placement_stats, self.adapter.moe_layers, self.adapter.num_experts)
+        plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors,
+                                self.config.replicas, load)
+        for line in plan.describe(self.adapter.args.num_hidden_layers):
+            logger.info("%s", line)
+        if load is not None:
+            logger.info("experts placed by %s: balance ratio %.3f expected on its traffic",
+                        self.config.placement_stats, planner.expected_balance(plan.placement, load))
+        return plan
+
+    def _bring_up_stages(self, links: list[NodeLink]) -> None:
+        """Load every node's spans, then swap them into the model for stand-ins."""
+        by_name = {l.name: l for l in links}
+        for name, spans in self.plan.stages.items():
+            by_name[name].assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+        runtime = StageRuntime([(a, b, by_name[n]) for n, s in self.plan.stages.items() for a, b in s],
+                               self.config.forward_timeout)
+        self.worker.run(runtime.install, self.model)
+        self.engine.scheduler.on_step = runtime.sweep
 
     def start(self) -> "Router":
         self.server.start()
@@ -182,13 +213,14 @@ class Router:
 
     def cluster(self) -> pb.ClusterInfo:
         """The planned nodes (down ones too), then nodes seen over mDNS that hold nothing."""
-        nodes = []
+        nodes, stages = [], self.plan.stages if self.plan else {}
         for m in self.membership.members:
             info = m.link.info
             nodes.append(pb.NodeStatus(
                 name=m.name, address=m.link.address, state=pb.DOWN if m.down else info.state,
                 memory_budget_bytes=info.memory_budget_bytes, memory_used_bytes=info.memory_used_bytes,
-                experts=layer_experts(m.experts), error=m.error or m.link.error))
+                experts=layer_experts(m.experts), error=m.error or m.link.error,
+                stages=[pb.LayerSpan(start=a, end=b) for a, b in stages.get(m.name, [])]))
         planned = {m.instance for m in self.membership.members}
         for ann in self.membership.compatible():
             if ann.instance not in planned:

@@ -74,7 +74,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port")
+    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required", "stages", "kv_cache_bytes", "kv_sequences")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,10 @@ class NodeInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -95,7 +99,45 @@ class NodeInfo(_message.Message):
     state: NodeState
     held: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     data_port: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ...) -> None: ...
+    token_required: bool
+    stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
+    kv_cache_bytes: int
+    kv_sequences: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., kv_cache_bytes: _Optional[int] = ..., kv_sequences: _Optional[int] = ...) -> None: ...
+
+class LayerSpan(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class AssignStagesRequest(_message.Message):
+    __slots__ = ("config_hash", "stages")
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    config_hash: str
+    stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
+    def __init__(self, config_hash: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ...) -> None: ...
+
+class MeasureRequest(_message.Message):
+    __slots__ = ("layer", "context")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    context: int
+    def __init__(self, layer: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
+
+class Measurement(_message.Message):
+    __slots__ = ("layer_seconds_batch1", "layer_seconds_batch8", "layer_bytes")
+    LAYER_SECONDS_BATCH1_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SECONDS_BATCH8_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    layer_seconds_batch1: float
+    layer_seconds_batch8: float
+    layer_bytes: int
+    def __init__(self, layer_seconds_batch1: _Optional[float] = ..., layer_seconds_batch8: _Optional[float] = ..., layer_bytes: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("config_hash", "experts")
@@ -120,18 +162,30 @@ class AssignProgress(_message.Message):
     def __init__(self, loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights")
+    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "stage")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     layer: int
     hidden: Tensor
     expert_ids: Tensor
     weights: Tensor
-    def __init__(self, request_id: _Optional[int] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    stage: StageRequest
+    def __init__(self, request_id: _Optional[int] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., stage: _Optional[_Union[StageRequest, _Mapping]] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("sequences", "right_padding", "release")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_PADDING_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedScalarFieldContainer[int]
+    right_padding: _containers.RepeatedScalarFieldContainer[int]
+    release: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "compute_seconds", "error_code", "error")
@@ -146,6 +200,12 @@ class ForwardResponse(_message.Message):
     error_code: int
     error: str
     def __init__(self, request_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class DataPlaneHello(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
@@ -244,7 +304,7 @@ class GetClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "state", "memory_budget_bytes", "memory_used_bytes", "experts", "error")
+    __slots__ = ("name", "address", "state", "memory_budget_bytes", "memory_used_bytes", "experts", "error", "stages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +312,7 @@ class NodeStatus(_message.Message):
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     state: NodeState
@@ -259,7 +320,8 @@ class NodeStatus(_message.Message):
     memory_used_bytes: int
     experts: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     error: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., error: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
     __slots__ = ("model_id", "config_hash", "num_experts", "moe_layers", "nodes")

@@ -54,6 +54,16 @@ class ExpertServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.AssignStages = channel.unary_stream(
+                '/expertmesh.v1.ExpertService/AssignStages',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.AssignStagesRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.AssignProgress.FromString,
+                _registered_method=True)
+        self.Measure = channel.unary_unary(
+                '/expertmesh.v1.ExpertService/Measure',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -83,6 +93,18 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignStages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Measure(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +127,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.GetStatsRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.NodeStats.SerializeToString,
+            ),
+            'AssignStages': grpc.unary_stream_rpc_method_handler(
+                    servicer.AssignStages,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.AssignStagesRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.AssignProgress.SerializeToString,
+            ),
+            'Measure': grpc.unary_unary_rpc_method_handler(
+                    servicer.Measure,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +247,60 @@ class ExpertService:
             '/expertmesh.v1.ExpertService/GetStats',
             expertmesh_dot_v1_dot_expertmesh__pb2.GetStatsRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignStages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expertmesh.v1.ExpertService/AssignStages',
+            expertmesh_dot_v1_dot_expertmesh__pb2.AssignStagesRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.AssignProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Measure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.ExpertService/Measure',
+            expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,320 @@
+"""StageStore: spans of whole decoder layers a node runs end to end.
+
+A pipeline stage saves the per-layer round trips of expert mode: the router
+sends a batch's hidden states once per span and gets them back once. The
+node keeps each sequence's KV cache for its layers, keyed by the sequence id
+the router gives it, until the router releases it or it sits idle too long.
+
+KV layout: the sequences of the last batch a request named stay merged in
+mlx-lm ``BatchKVCache``s; when a request names another row composition, the
+batches holding any of its sequences are split back into per-sequence
+``KVCache``s (``extract``) and the new rows merged (``BatchKVCache.merge``),
+so steady decoding of the same batch never copies its cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.utils import infer_quant_config
+
+from ..checkpoint import Checkpoint
+from ..errors import InvalidRequestError
+from ..models import Adapter
+from ..models.base import PROJECTIONS, eval_private_arrays
+from .store import ExpertStore
+
+logger = logging.getLogger(__name__)
+
+
+class _DecodeStep(nn.Module):
+    """A layer's MoE (or MLP) block, compiled for decode steps (one token per
+    row): the same kernels in fewer MLX dispatches, which is most of a small
+    layer's time on a CPU. Prefill shapes vary per prompt, so they run the
+    block as is rather than compile each one."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self._step = mx.compile(block.__call__)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._step(x) if x.shape[1] == 1 else self.block(x)
+
+
+class _Layers(nn.Module):
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = layers
+
+
+class _Span:
+    """Decoder layers ``[start, end)`` and the KV caches kept for them."""
+
+    def __init__(self, start: int, module: _Layers):
+        self.layers = module.layers
+        self.start, self.end = start, start + len(module.layers)
+        self.nbytes = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+        self._batches: dict[tuple[int, ...], list] = {}  # row composition -> one (Batch)KVCache per layer
+        self._loose: dict[int, list[KVCache]] = {}                    # sequence -> one cache per layer
+        self._used: dict[object, float] = {}                          # batch key or sequence -> last use
+
+    def caches(self, sequences: tuple[int, ...]) -> list:
+        if sequences in self._batches:
+            return self._batches[sequences]
+        wanted = set(sequences)
+        for key in [k for k in self._batches if wanted.intersection(k)]:
+            self._split(key)
+        per = [self._loose.pop(s, None) or [KVCache() for _ in self.layers] for s in sequences]
+        for s in sequences:
+            self._used.pop(s, None)
+        # one row runs on its own KVCache: the mask-free path mlx-lm decodes a single stream with
+        batch = per[0] if len(per) == 1 else [BatchKVCache.merge([p[i] for p in per]) for i in range(len(self.layers))]
+        self._batches[sequences] = batch
+        return batch
+
+    def _split(self, key: tuple[int, ...]) -> None:
+        batch = self._batches.pop(key)
+        self._used.pop(key, None)
+        for row, s in enumerate(key):
+            self._loose[s] = batch if len(key) == 1 else [KVCache() if c.keys is None else c.extract(row)
+                                                          for c in batch]
+            self._used[s] = time.monotonic()
+
+    def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int]) -> mx.array:
+        if not sequences:  # a one-off forward, no KV kept
+            mask = create_attention_mask(x, None)
+            for layer in self.layers:
+                x = layer(x, mask, None)
+            mx.eval(x)
+            return x
+        caches = self.caches(sequences)
+        if right_padding:  # never with one row: nothing pads a batch of one
+            for c in caches:
+                c.prepare(right_padding=right_padding)
+        mask = create_attention_mask(x, caches[0])
+        for layer, c in zip(self.layers, caches):
+            x = layer(x, mask, c)
+        if right_padding:
+            for c in caches:
+                c.finalize()
+        mx.eval(x, [c.state for c in caches])
+        self._used[sequences] = time.monotonic()
+        return x
+
+    def release(self, sequences: set[int]) -> None:
+        for key in [k for k in self._batches if sequences.intersection(k)]:
+            self._split(key)
+        for s in sequences:
+            self._loose.pop(s, None)
+            self._used.pop(s, None)
+
+    def expire(self, before: float) -> None:
+        """Drop the caches last used before ``before`` (no MLX op: any thread may do it)."""
+        for key, used in list(self._used.items()):
+            if used < before:
+                del self._used[key]
+                if isinstance(key, tuple):
+                    del self._batches[key]
+                else:
+                    del self._loose[key]
+
+    @property
+    def kv_bytes(self) -> int:
+        caches = [c for b in self._batches.values() for c in b] + [c for p in self._loose.values() for c in p]
+        return sum(c.nbytes for c in caches)
+
+    @property
+    def sequences(self) -> set[int]:
+        return set(self._loose).union(*self._batches) if self._batches else set(self._loose)
+
+
+@dataclass
+class StageStore:
+    """The spans this node holds, by first layer; thread-safe.
+
+    ``idle_timeout``: seconds a sequence's KV may sit unused before it is freed.
+    """
+
+    store: ExpertStore
+    idle_timeout: float = 300.0
+    spans: dict[int, _Span] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._lock = threading.Condition()
+        self._closed = False
+        self._sweeper = threading.Thread(target=self._sweep, name="stage-kv-sweeper", daemon=True)
+        self._sweeper.start()
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.store.checkpoint
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.store.adapter
+
+    # --- loading -------------------------------------------------------------
+    def validate(self, spans: list[tuple[int, int]]) -> None:
+        n = self.adapter.args.num_hidden_layers
+        for start, end in spans:
+            if not 0 <= start < end <= n:
+                raise InvalidRequestError(f"layer span [{start}, {end}) is not within the model's {n} layers")
+        ordered = sorted(spans)
+        if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+            raise InvalidRequestError(f"layer spans overlap: {ordered}")
+
+    def span_bytes(self, spans: list[tuple[int, int]]) -> int:
+        return sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for a, b in spans for l in range(a, b))
+
+    def assign(self, spans: list[tuple[int, int]]) -> None:
+        """Hold exactly ``spans`` afterwards (unchanged spans keep their KV)."""
+        self.validate(spans)
+        fresh = {a: self.spans[a] if (a in self.spans and self.spans[a].end == b) else self.load(a, b)
+                 for a, b in spans}
+        with self._lock:
+            self.spans = fresh
+            self._lock.notify_all()
+        logger.info("holding %d stage spans (%.1f MB)", len(fresh), self.nbytes / 1e6)
+
+    def load(self, start: int, end: int) -> _Span:
+        """Build layers ``[start, end)`` with mlx-lm's classes from their bytes only."""
+        model = self.adapter.model_class(self.adapter.args)  # parameters stay lazy: never materialised
+        ck, prefix = self.checkpoint, "model.layers."
+        weights = {}
+        for layer in range(start, end):
+            for name in ck.tensors:
+                if name.startswith(f"{prefix}{layer}.") and not self.adapter.is_expert_weight(name):
+                    weights[name] = ck.read(name)
+            if self.adapter.is_moe_layer(layer):
+                experts = list(range(self.adapter.num_experts))
+                for proj in PROJECTIONS:
+                    for part, value in self.store._read_proj(layer, proj, experts).items():
+                        weights[f"{self.adapter.stacked_path(layer, proj)}.{part}"] = value
+        if hasattr(model, "sanitize"):  # family fix-ups; experts are stacked already
+            weights = model.sanitize(weights)
+        module = _Layers(list(model.layers[start:end]))
+        del model
+        local = {f"layers.{int(n.split('.')[2]) - start}.{n.split('.', 3)[3]}": v for n, v in weights.items()}
+        quant = self.checkpoint.config.get("quantization") or {}
+
+        def quantized(path: str, module: nn.Module):
+            full = f"{prefix}{int(path.split('.')[1]) + start}.{path.split('.', 2)[2]}"
+            if full in quant:
+                return quant[full]
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in local:
+                return False
+            return infer_quant_config(path, module, local)
+
+        if quant:
+            nn.quantize(module, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
+                        mode=quant.get("mode", "affine"), class_predicate=quantized)
+        module.load_weights(list(local.items()), strict=True)
+        module.eval()
+        mx.eval(module.parameters())
+        eval_private_arrays(module)
+        attr = self.adapter.block_attr
+        for layer in module.layers:
+            setattr(layer, attr, _DecodeStep(getattr(layer, attr)))
+        return _Span(start, module)
+
+    def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
+        """Seconds of one decode step of ``layer`` at batch 1 and 8 (medians
+        over ``repeats``, after ``context`` tokens of prefill), and its bytes.
+        The layer is loaded for this and dropped afterwards."""
+        self.validate([(layer, layer + 1)])
+        span = self.load(layer, layer + 1)
+        dtype = next(v.dtype for _, v in tree_flatten(span.layers[0].parameters())
+                     if mx.issubdtype(v.dtype, mx.floating))
+        H, times = self.adapter.hidden_size, []
+        for B in (1, 8):
+            rows = tuple(range(B))
+            span(mx.random.normal((B, context, H)).astype(dtype), rows, [])
+            steps = []
+            for _ in range(repeats + 1):
+                x = mx.random.normal((B, 1, H)).astype(dtype)
+                mx.eval(x)
+                tic = time.perf_counter()
+                span(x, rows, [])
+                steps.append(time.perf_counter() - tic)
+            times.append(sorted(steps[1:])[repeats // 2])
+        return times[0], times[1], span.nbytes
+
+    # --- serving -------------------------------------------------------------
+    def forward(self, start: int, hidden: mx.array, sequences: list[int], right_padding: list[int]) -> mx.array:
+        """Run the span starting at ``start`` on ``hidden`` [B, T, H] (evaluated).
+
+        Raises:
+            InvalidRequestError: no such span, or rows that do not fit ``hidden``.
+        """
+        span = self.spans.get(start)
+        if span is None:
+            raise InvalidRequestError(f"no stage span starting at layer {start} is held by this node")
+        if hidden.ndim != 3 or hidden.shape[2] != self.adapter.hidden_size or 0 in hidden.shape:
+            raise InvalidRequestError(f"stage hidden has shape {list(hidden.shape)}, expected [B, T, "
+                                      f"{self.adapter.hidden_size}] with B, T > 0")
+        B, T, _ = hidden.shape
+        if sequences and len(sequences) != B:
+            raise InvalidRequestError(f"{len(sequences)} sequence ids for {B} batch rows")
+        if len(set(sequences)) != len(sequences):
+            raise InvalidRequestError("a sequence id appears in two rows")
+        if right_padding and (len(right_padding) != B or not all(0 <= p <= T for p in right_padding)):
+            raise InvalidRequestError(f"right_padding needs {B} values in [0, {T}]")
+        if any(right_padding) and B == 1:
+            raise InvalidRequestError("right_padding on a batch of one row: there is nothing to pad against")
+        with self._lock:
+            out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [])
+            self._lock.notify_all()
+            return out
+
+    def release(self, sequences) -> None:
+        """Free these sequences' KV caches (unknown ids are ignored)."""
+        gone = set(sequences)
+        with self._lock:
+            for span in self.spans.values():
+                span.release(gone)
+            self._lock.notify_all()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.spans.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        with self._lock:
+            return sum(s.kv_bytes for s in self.spans.values())
+
+    @property
+    def sequences(self) -> set[int]:
+        with self._lock:
+            return set().union(*(s.sequences for s in self.spans.values()))
+
+    def wait_sequences(self, predicate, timeout: float) -> bool:
+        """Wait until ``predicate(set of sequence ids held)`` holds; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: predicate(set().union(*(s.sequences for s in self.spans.values()))), timeout)
+
+    def _sweep(self) -> None:
+        with self._lock:
+            while not self._closed:
+                self._lock.wait(timeout=min(self.idle_timeout, 1.0))
+                before = time.monotonic() - self.idle_timeout
+                for span in self.spans.values():
+                    span.expire(before)
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._sweeper.join(timeout=5)
+

@@ -1,0 +1,178 @@
+"""Pipeline stages: nodes run spans of whole layers and keep the KV; the
+router plans expert / pipeline / auto and stays token-identical to mlx-lm."""
+
+import threading
+
+import grpc
+import pytest
+from mlx.utils import tree_flatten
+
+from expertmesh import Client
+from expertmesh.serving import channel
+from expertmesh.tinymodel import write_tiny_model
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+from conftest import cli, running_nodes, running_router
+from test_correctness import PROMPT, reference_tokens
+
+PROMPTS = ["a b", PROMPT, "The quick brown fox jumps over the lazy dog, again and again and again", "x"]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage-models")
+    return {f: write_tiny_model(root / f, model_type=f, seed=1, layout="hf") for f in ("mixtral", "deepseek_v2")}
+
+
+def tokens(client, prompt, n):
+    return [p.token for p in client.generate(prompt, max_tokens=n)]
+
+
+@pytest.mark.parametrize("variant,mode", [("mlx-4bit", "pipeline"), ("mixtral", "auto"), ("deepseek_v2", "pipeline")])
+def test_stages_decode_the_tokens_mlx_lm_decodes(checkpoints, families, variant, mode):
+    path = checkpoints.get(variant) or families[variant]
+    expected = reference_tokens(path, n=24)
+    with running_nodes(path, 2) as nodes, running_router(path, [n.address for n in nodes], mode=mode) as router:
+        assert router.plan.mode == "pipeline"  # auto: two round trips per token beat one per layer
+        assert sorted(router.plan.stages) == ["n0", "n1"]
+        with Client(f"127.0.0.1:{router.port}") as client:
+            assert tokens(client, PROMPT, 24) == expected
+            info = [client_info(n) for n in nodes]
+            assert [v.stages for v in client.cluster().nodes] == [[(s.start, s.end)] for i in info for s in i.stages]
+        spans = [(s.start, s.end) for i in info for s in i.stages]  # sized by each node's measured speed
+        assert len(spans) == 2 and spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == 4
+        assert all(i.memory_used_bytes > 0 and not i.held for i in info)
+        # the router keeps no weight of a layer a node runs
+        names = [k for k, _ in tree_flatten(router.model.parameters())]
+        assert not [k for k in names if ".layers." in k] and any("embed_tokens" in k for k in names)
+
+
+def client_info(node) -> pb.NodeInfo:
+    with channel(node.address) as ch:
+        return pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10)
+
+
+@pytest.mark.parametrize("memory_gb,mode", [(1.0, "pipeline"), (0.00085, "mixed")])
+def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny, memory_gb, mode):
+    with running_nodes(tiny, 2, memory_gb) as nodes, \
+            running_router(tiny, [n.address for n in nodes], mode="auto") as router:
+        # mixed: one whole layer per node, the others' experts spread, their attention on the router
+        assert router.plan.mode == mode
+        with Client(f"127.0.0.1:{router.port}") as client:
+            singles = [tokens(client, p, 12) for p in PROMPTS]
+            long_one = client.generate(PROMPTS[1], max_tokens=40)
+            first = next(iter(long_one))  # running: the others join its batch, with other prompt lengths
+            got = [None] * len(PROMPTS)
+
+            def one(i):
+                got[i] = tokens(client, PROMPTS[i], 12)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
+            for t in threads:
+                t.start()
+            assert nodes[0].stages.wait_sequences(lambda s: len(s) >= 2, timeout=60)  # rows on the node at once
+            for t in threads:
+                t.join(timeout=120)
+            rest = [first.token] + [p.token for p in long_one]
+        assert got == singles
+        assert rest[:12] == singles[1] and len(rest) == 40
+        # every sequence finished: the router released its KV on both nodes
+        for node in nodes:
+            assert node.stages.wait_sequences(lambda s: not s, timeout=30)
+            assert client_info(node).kv_sequences == 0 and client_info(node).kv_cache_bytes == 0
+
+
+def test_a_cancelled_request_releases_its_kv(tiny):
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+        with Client(f"127.0.0.1:{router.port}") as client:
+            stream = iter(client.generate(PROMPT, max_tokens=200))
+            next(stream)
+            assert all(n.stages.sequences for n in nodes)
+            stream.close()  # the client goes away mid-generation
+            assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
+
+
+def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):
+    """Prompts of different lengths, right-padded in one prefill and cut into
+    4-token chunks, then decoded as one batch: what mlx-lm's own BatchGenerator
+    computes on the whole model."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    ref_model, tok = load(str(tiny))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+
+    def run(model):
+        gen = BatchGenerator(model, prefill_step_size=4, prefill_batch_size=8)
+        uids = gen.insert(prompts, max_tokens=[10] * len(prompts))
+        out = {u: [] for u in uids}
+        while any(len(t) < 10 for t in out.values()):
+            for r in gen.next()[1]:
+                out[r.uid].append(r.token)
+        return [out[u] for u in uids]
+
+    expected = run(ref_model)
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+        assert router.worker.run(run, router.model) == expected
+        router.worker.run(router.engine.scheduler.on_step)
+        assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
+
+
+def test_the_idle_timeout_frees_kv_the_router_never_released(tiny):
+    from expertmesh.nodes import Node, NodeConfig
+
+    nodes = [Node(NodeConfig(model=tiny, name=f"idle{i}", memory_gb=1.0, kv_idle_timeout=0.5)).start()
+             for i in range(2)]
+    try:
+        with running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+            router.engine.scheduler.on_step = lambda: None  # the router forgets to release
+            with Client(f"127.0.0.1:{router.port}") as client:
+                stream = client.generate(PROMPT, max_tokens=4)
+                next(iter(stream))
+                assert nodes[0].stages.sequences  # held while decoding
+                list(stream)
+            for node in nodes:
+                assert node.stages.wait_sequences(lambda s: not s, timeout=30)
+                assert node.stages.kv_bytes == 0
+    finally:
+        for node in nodes:
+            node.stop(grace=0)
+
+
+def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
+    with running_nodes(tiny, 1) as (node,), channel(node.address) as ch:
+        stub = pb_grpc.ExpertServiceStub(ch)
+        config_hash = stub.GetInfo(pb.GetInfoRequest(), timeout=10).config_hash
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.AssignStages(pb.AssignStagesRequest(config_hash=config_hash,
+                                                          stages=[pb.LayerSpan(start=2, end=9)]), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "within the model's 4 layers" in e.value.details()
+        list(stub.AssignStages(pb.AssignStagesRequest(config_hash=config_hash,
+                                                      stages=[pb.LayerSpan(start=0, end=4)]), timeout=30))
+        response = node.servicer.forward(pb.ForwardRequest(request_id=1, layer=1, stage=pb.StageRequest()))
+        assert not response.HasField("output")  # a ping: no hidden, nothing run
+        with pytest.raises(Exception, match="no stage span starting at layer 1"):
+            node.servicer.forward(pb.ForwardRequest(request_id=2, layer=1, hidden=pb.Tensor(
+                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest()))
+        m = stub.Measure(pb.MeasureRequest(layer=0), timeout=60)
+        assert m.layer_seconds_batch1 > 0 and m.layer_seconds_batch8 > 0 and m.layer_bytes > 0
+        assert [(s.start, s.end) for s in stub.GetInfo(pb.GetInfoRequest(), timeout=10).stages] == [(0, 4)]
+
+
+def test_plan_shows_the_mode_per_layer_and_the_predicted_speed(tiny):
+    auto = cli("plan", "--model", str(tiny), "--node", "a:0.01", "--node", "b:0.01")
+    assert auto.returncode == 0, auto.stderr
+    assert "layers 0-1: whole layers on a (pipeline stage)" in auto.stdout
+    assert "layers 2-3: whole layers on b (pipeline stage)" in auto.stdout
+    assert "mode pipeline: predicted decode" in auto.stdout and "(expert: " in auto.stdout
+    forced = cli("plan", "--model", str(tiny), "--node", "a:0.01", "--node", "b:0.01", "--mode", "expert")
+    assert "layers 0-3: experts spread across a, b" in forced.stdout and "whole layers" not in forced.stdout
+    # only one layer fits each node: the rest keeps its experts spread (a mixed plan)
+    mixed = cli("plan", "--model", str(tiny), "--node", "a:0.00085", "--node", "b:0.00085", "--mode", "pipeline",
+                "--rtt-us", "100", "--layer-us", "500", "900")
+    assert mixed.returncode == 0, mixed.stderr
+    assert "mode mixed" in mixed.stdout and "layer 0: whole layers on a (pipeline stage)" in mixed.stdout
+    assert "layers 2-3: experts spread across a, b" in mixed.stdout
+    bad = cli("plan", "--model", str(tiny), "--node", "a:1", "--layer-us", "0")
+    assert bad.returncode == 1 and "--layer-us" in bad.stderr and "Traceback" not in bad.stderr
