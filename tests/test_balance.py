@@ -71,7 +71,7 @@ def test_calibrate_records_the_skew_and_plan_spreads_it(skewed, mesh, calibrated
     assert re.search(r"hot experts \(layer:expert\) \d+:[01] \(", text), text
     assert router.stats().balance_ratio <= 0.6
     assert main(["plan", "--model", str(path), "--node", "a:1", "--node", "b:1", "--node", "c:1",
-                 "--stats", str(out)]) == 0
+                 "--mode", "expert", "--stats", str(out)]) == 0
     plan = capsys.readouterr().out
     ratios = re.search(r"balance ratio expected on the traffic in .*: ([\d.]+) \(contiguous ranges: ([\d.]+)\)", plan)
     assert float(ratios[1]) >= 0.85 and float(ratios[2]) <= 0.6, plan

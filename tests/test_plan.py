@@ -130,7 +130,7 @@ def test_plan_with_stats_evens_the_expected_load_within_the_budgets(tmp_path, ca
     write_checkpoint(tmp_path / "m", config, tensors, data=False)
     stats = zipf_stats(tmp_path / "stats.json", 48, 128)
     assert main(["plan", "--model", str(tmp_path / "m"), "--node", "a:6", "--node", "b:6", "--node", "c:6",
-                 "--stats", str(stats)]) == 0
+                 "--mode", "expert", "--stats", str(stats)]) == 0
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("balance ratio expected"))
     planned, contiguous = (float(x) for x in re.findall(r"\d\.\d+", line))

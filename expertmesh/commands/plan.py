@@ -96,7 +96,9 @@ def run(args) -> None:
     print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(router):>10}")
     for line in plan.describe(adapter.args.num_hidden_layers):
         print(line)
-    if load is not None and placement.owners:
+    if load is not None and not placement.owners:
+        print(f"every layer is a pipeline stage: the popularity in {args.stats} has no experts to place")
+    elif load is not None:
         spread = {l: expert_bytes[l] for l in placement.owners}
         print(f"balance ratio expected on the traffic in {args.stats}: {expected_balance(placement, load):.3f} "
               f"(contiguous ranges: {expected_balance(contiguous(nodes, adapter.num_experts, spread), load):.3f})")
