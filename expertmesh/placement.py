@@ -229,6 +229,8 @@ def balanced(nodes: list[NodeBudget], num_experts: int, expert_bytes: dict[int, 
     copies = _copies(weights, expert_bytes, free.sum(), n)
     held = {l: np.zeros((num_experts, n), bool) for l in expert_bytes}
     for l, o in (current.owners.items() if current is not None else ()):
+        if l not in held:
+            continue
         rows, cols = np.nonzero(o >= 0)
         held[l][rows, o[rows, cols]] = True
     owners = {l: _place_layer(weights[l], copies[l], np.bincount(base.owners[l][:, 0], minlength=n), free,
@@ -245,7 +247,8 @@ def _layer_load(load: Load, layer: int, num_experts: int) -> np.ndarray:
     return w
 
 
-def _copies(weights: dict[int, np.ndarray], expert_bytes: dict[int, int], spare: float, n: int) -> dict[int, np.ndarray]:
+def _copies(weights: dict[int, np.ndarray], expert_bytes: dict[int, int], spare: float,
+            n: int) -> dict[int, np.ndarray]:
     """Copies per expert: one more for the largest share per copy, while that
     share is above half a node's fair share of its layer and memory is left."""
     copies = {l: np.ones(w.size, np.int64) for l, w in weights.items()}

@@ -81,7 +81,8 @@ class Rebalancer:
         before = planner.balance_ratio(node_tokens)
         skip = ""
         if tokens == 0 or tokens < min_tokens:
-            skip = f"{tokens} tokens went through the model since the placement last changed; waiting for {max(min_tokens, 1)}"
+            skip = (f"{tokens} tokens went through the model since the placement last changed; "
+                    f"waiting for {max(min_tokens, 1)}")
         elif threshold and before >= threshold:
             skip = f"the balance ratio {before:.3f} is not below the threshold {threshold:g}"
         if skip:
