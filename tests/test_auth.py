@@ -34,11 +34,11 @@ def tls(certs, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def mesh(model, node_security: Security, router_security: Security, http: bool = False):
+def mesh(model, node_security: Security, router_security: Security, http: bool = False, mode: str = "expert"):
     node = Node(NodeConfig(model=model, name="n0", memory_gb=1.0, security=node_security)).start()
     try:
         router = Router(RouterConfig(model=model, peers=[node.address], port=0, security=router_security,
-                                     http_port=0 if http else None))
+                                     http_port=0 if http else None, mode=mode))
         try:
             router.connect()
             router.start()
@@ -177,6 +177,17 @@ def test_mutual_tls_mesh_generates_and_refuses_strangers(tls_mesh, certs, tmp_pa
         c.cluster()  # a certificate from another CA
     with Client(address, token="guess", **tls(certs, "client")) as c, pytest.raises(AuthError):
         c.cluster()  # TLS does not replace the token
+
+
+def test_pipeline_stages_run_under_the_token_and_mutual_tls(tiny, certs, tls_mesh):
+    _, expert_router = tls_mesh
+    with Client(f"127.0.0.1:{expert_router.port}", token=TOKEN, **tls(certs, "client")) as c:
+        expected = text(c)
+    with mesh(tiny, Security(TOKEN, **tls(certs, "node")), Security(TOKEN, **tls(certs, "router")),
+              mode="pipeline") as (node, router):
+        with Client(f"127.0.0.1:{router.port}", token=TOKEN, **tls(certs, "client")) as c:
+            assert text(c) == expected
+        assert node.servicer.stages.spans  # the node ran whole layers, over the authenticated TLS data plane
 
 
 def test_tls_data_plane_refuses_plaintext_and_foreign_certificates(tls_mesh, certs, tmp_path):
