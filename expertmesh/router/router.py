@@ -144,7 +144,7 @@ class Router:
             self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
-                                         lambda: router_families(self.stats()))
+                                         lambda: router_families(self.stats()), self.config.security)
         set_serving(self._health, True)
         return self
 
