@@ -16,7 +16,6 @@ cache memory (budgets count weights only).
 from __future__ import annotations
 
 import logging
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import grpc
 import numpy as np
 
 from . import wire
-from .errors import PlacementError, from_rpc_error
+from .errors import PlacementError, UnavailableError, from_rpc_error
 from .models import Adapter
 from .placement import Load, NodeBudget, Placement, balanced, contiguous
 from .serving import MAX_MESSAGE_BYTES
@@ -166,15 +165,17 @@ def measure(link, adapter: Adapter, timeout: float, pings: int = 20) -> NodeCost
         m = link.stub.Measure(pb.MeasureRequest(layer=layer), timeout=timeout)
     except grpc.RpcError as e:
         raise from_rpc_error(e, repr(link)) from None
-    host = link.address.rpartition(":")[0].strip("[]")
     times = []
-    with socket.create_connection((host, link.info.data_port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(pings + 1):
-            tic = time.perf_counter()
-            wire.send_frame(sock, pb.ForwardRequest(request_id=i + 1, stage=pb.StageRequest()))
-            wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
-            times.append(time.perf_counter() - tic)
+    try:
+        with link.dial_data_plane() as sock:
+            for i in range(pings + 1):
+                tic = time.perf_counter()
+                wire.send_frame(sock, pb.ForwardRequest(request_id=i + 1, stage=pb.StageRequest()))
+                if wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES) is None:
+                    raise OSError("the node closed the connection")
+                times.append(time.perf_counter() - tic)
+    except OSError as e:
+        raise UnavailableError(f"{link!r}: the data plane failed while measuring its round trip: {e}") from None
     cost = NodeCost(link.name, link.info.memory_budget_bytes, statistics.median(times[1:]),
                     {1: m.layer_seconds_batch1, 8: m.layer_seconds_batch8})
     logger.info("%r: round trip %.0f us, layer %d decode %.0f us (batch 1) / %.0f us (batch 8)", link,

@@ -11,10 +11,14 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import socket
 import sys
+import threading
 from typing import Callable, Iterable
+from wsgiref.simple_server import make_server
 
 from .errors import ExpertmeshError, UnavailableError
+from .security import Security, bearer
 from .v1 import expertmesh_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -81,19 +85,25 @@ def resident_bytes() -> int:
 class MetricsServer:
     """``/metrics`` over HTTP for one component.
 
+    With a cluster token a scrape must send ``Authorization: Bearer <token>``
+    (Prometheus: ``authorization: {credentials: ...}``), and with TLS files it
+    is HTTPS with client certificates, like every other port of the mesh.
+
     Args:
         host: address to listen on.
         port: 0 picks a free port (see ``.port``).
         collect: returns the metric families of one scrape.
+        security: the component's token and TLS files.
 
     Raises:
         ExpertmeshError: prometheus_client is not installed.
         UnavailableError: the port cannot be bound.
     """
 
-    def __init__(self, host: str, port: int, collect: Callable[[], Iterable]):
+    def __init__(self, host: str, port: int, collect: Callable[[], Iterable], security: Security = Security()):
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
+            from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
         except ImportError:
             raise ExpertmeshError("--metrics-port needs prometheus_client: pip install prometheus-client") from None
 
@@ -106,16 +116,34 @@ class MetricsServer:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector())
+        metrics = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            refused = security.token_error(bearer(environ.get("HTTP_AUTHORIZATION")))
+            if refused:
+                start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                    ("WWW-Authenticate", "Bearer")])
+                return [refused.encode() + b"\n"]
+            return metrics(environ, start_response)
+
+        server_class = ThreadingWSGIServer
+        if ":" in host:
+            server_class = type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": socket.AF_INET6})
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server = make_server(host, port, app, server_class, handler_class=_SilentHandler)
         except OSError as e:
             raise UnavailableError(f"cannot serve metrics on {host}:{port}: {e}") from None
+        if security.tls:
+            self._server.socket = security.server_ssl_context().wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https" if security.tls else "http"
         self.host, self.port = host, self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}/metrics"
 
     def stop(self) -> None:
         self._server.shutdown()

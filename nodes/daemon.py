@@ -116,7 +116,8 @@ class Node:
         self.dataplane.start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self._metrics_host, self.config.metrics_port,
-                                         lambda: node_families(*self.servicer.snapshot(), self.servicer.info()))
+                                         lambda: node_families(*self.servicer.snapshot(), self.servicer.info()),
+                                         self.config.security)
         set_serving(self._health, True)
         if self.advertiser:
             self.advertiser.start()

@@ -6,11 +6,14 @@ import http.client
 import json
 import socket
 import ssl
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh import Client, wire
 from expertmesh.certs import write_test_certs
@@ -34,11 +37,11 @@ def tls(certs, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def mesh(model, node_security: Security, router_security: Security, http: bool = False):
-    node = Node(NodeConfig(model=model, name="n0", memory_gb=1.0, security=node_security)).start()
+def mesh(model, node_security: Security, router_security: Security, http: bool = False, mode: str = "expert"):
+    node = Node(NodeConfig(model=model, name="n0", memory_gb=1.0, security=node_security, metrics_port=0)).start()
     try:
         router = Router(RouterConfig(model=model, peers=[node.address], port=0, security=router_security,
-                                     http_port=0 if http else None))
+                                     http_port=0 if http else None, mode=mode, metrics_port=0))
         try:
             router.connect()
             router.start()
@@ -179,6 +182,17 @@ def test_mutual_tls_mesh_generates_and_refuses_strangers(tls_mesh, certs, tmp_pa
         c.cluster()  # TLS does not replace the token
 
 
+def test_pipeline_stages_run_under_the_token_and_mutual_tls(tiny, certs, tls_mesh):
+    _, expert_router = tls_mesh
+    with Client(f"127.0.0.1:{expert_router.port}", token=TOKEN, **tls(certs, "client")) as c:
+        expected = text(c)
+    with mesh(tiny, Security(TOKEN, **tls(certs, "node")), Security(TOKEN, **tls(certs, "router")),
+              mode="pipeline") as (node, router):
+        with Client(f"127.0.0.1:{router.port}", token=TOKEN, **tls(certs, "client")) as c:
+            assert text(c) == expected
+        assert node.servicer.stages.spans  # the node ran whole layers, over the authenticated TLS data plane
+
+
 def test_tls_data_plane_refuses_plaintext_and_foreign_certificates(tls_mesh, certs, tmp_path):
     node, _ = tls_mesh
     port = node.dataplane.port
@@ -223,3 +237,28 @@ def test_bad_security_settings_are_one_clear_error(certs, tmp_path):
         Security(**{**tls(certs, "node"), "tls_key": certs / "router-key.pem"})
     with pytest.raises(AuthError, match="printable ASCII"):
         Security("tök\n")
+
+
+def scrape(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10, context=context) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_want_the_token_and_under_tls_a_client_certificate(token_mesh, tls_mesh, certs):
+    for component in token_mesh:
+        status, body = scrape(component.metrics.url)
+        assert status == 401 and body.startswith("no cluster token given")
+        assert scrape(component.metrics.url, "guess") == (401, "wrong cluster token\n")
+        status, body = scrape(component.metrics.url, TOKEN)
+        assert status == 200 and list(text_string_to_metric_families(body))
+    client = Security(TOKEN, **tls(certs, "client")).client_ssl_context()
+    for component in tls_mesh:
+        assert component.metrics.url.startswith("https://")
+        status, body = scrape(component.metrics.url, TOKEN, client)
+        assert status == 200 and list(text_string_to_metric_families(body))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            scrape(component.metrics.url, TOKEN, ssl.create_default_context(cafile=str(certs / "ca.pem")))

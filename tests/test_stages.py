@@ -122,7 +122,7 @@ def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):
 def test_the_idle_timeout_frees_kv_the_router_never_released(tiny):
     from expertmesh.nodes import Node, NodeConfig
 
-    nodes = [Node(NodeConfig(model=tiny, name=f"idle{i}", memory_gb=1.0, kv_idle_timeout=0.5)).start()
+    nodes = [Node(NodeConfig(model=tiny, name=f"idle{i}", memory_gb=1.0, kv_idle_timeout=3.0)).start()
              for i in range(2)]
     try:
         with running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:

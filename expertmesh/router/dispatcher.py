@@ -111,21 +111,21 @@ class NodeLink:
                                         name=f"forward-{self.address}")
         self._reader.start()
         if self.info.data_port:
-            host = self.address.rpartition(":")[0].strip("[]")
             try:
-                self._sock = self._connect(host)
+                self._sock = self.dial_data_plane()
             except OSError as e:
                 raise self.fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
             except ExpertmeshError as e:
                 raise self.fail(e) from None
 
-    def _connect(self, host: str) -> socket.socket:
-        """The data-plane socket, past TLS and the hello when the node wants them.
+    def dial_data_plane(self) -> socket.socket:
+        """A new data-plane socket, past TLS and the hello when the node wants them.
 
         Raises:
             OSError: unreachable, or the TLS handshake failed.
             AuthError: the node refused our token.
         """
+        host = self.address.rpartition(":")[0].strip("[]")
         sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:

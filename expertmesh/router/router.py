@@ -158,7 +158,7 @@ class Router:
             self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
-                                         lambda: router_families(self.stats()))
+                                         lambda: router_families(self.stats()), self.config.security)
         if self.config.rebalance_threshold is not None and self.rebalancer is not None:
             c = self.config
             self.rebalancer.watch(c.rebalance_threshold, c.rebalance_interval, c.rebalance_min_tokens)
