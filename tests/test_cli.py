@@ -65,6 +65,7 @@ def test_generate_streams_text_and_cluster_shows_the_nodes(mesh):
     assert table.returncode == 0, table.stderr
     assert "mini0" in table.stdout and "mini1" in table.stdout
     assert table.stdout.count("0-7 (every layer)") == 2  # --replicas 2: both nodes hold every expert
+    assert table.stdout.count(" / 1.00 GB") == 2  # each node's memory, used in its own unit / budget
     assert table.stdout.count("ready") == 2
 
 
