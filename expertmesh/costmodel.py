@@ -16,7 +16,6 @@ cache memory (budgets count weights only).
 from __future__ import annotations
 
 import logging
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import grpc
 import numpy as np
 
 from . import wire
-from .errors import PlacementError, from_rpc_error
+from .errors import PlacementError, UnavailableError, from_rpc_error
 from .models import Adapter
 from .placement import NodeBudget, Placement, contiguous
 from .serving import MAX_MESSAGE_BYTES
@@ -164,8 +163,11 @@ def measure(link, adapter: Adapter, timeout: float, pings: int = 20) -> NodeCost
         raise from_rpc_error(e, repr(link)) from None
     host = link.address.rpartition(":")[0].strip("[]")
     times = []
-    with socket.create_connection((host, link.info.data_port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock = link._connect(host)  # past TLS and the token hello, as the Forward traffic goes
+    except OSError as e:
+        raise UnavailableError(f"{link!r}: cannot open the data plane: {e}") from None
+    with sock:
         for i in range(pings + 1):
             tic = time.perf_counter()
             wire.send_frame(sock, pb.ForwardRequest(request_id=i + 1, stage=pb.StageRequest()))
