@@ -37,7 +37,7 @@ def tls(certs, name: str) -> dict:
 def mesh(model, node_security: Security, router_security: Security, http: bool = False):
     node = Node(NodeConfig(model=model, name="n0", memory_gb=1.0, security=node_security)).start()
     try:
-        router = Router(RouterConfig(model=model, peers=[node.address], port=0, security=router_security,
+        router = Router(RouterConfig(model=model, peers=[node.address], port=0, security=router_security, mode="expert",
                                      http_port=0 if http else None))
         try:
             router.connect()

@@ -32,9 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
     security_arguments(p)
-    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
-                   help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
-                        "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="auto",
+                   help="per layer: routed experts spread across the nodes (expert), whole layers on one node "
+                        "(pipeline stages), or what the cost model measures faster (auto, the default)")
     p.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
                    help="a small checkpoint with the same tokenizer, run on the router: greedy requests that start "
                         "alone are decoded speculatively, checking its guesses in one pass through the mesh")

@@ -47,7 +47,7 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
-    mode: str = "expert"                           # expert | pipeline | auto: see costmodel
+    mode: str = "auto"                             # expert | pipeline | auto: see costmodel
     draft_model: Path | None = None                # a small model sharing the tokenizer: speculative decoding
     num_draft_tokens: int = 3                      # tokens the draft proposes per forward pass through the mesh
     metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
