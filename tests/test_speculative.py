@@ -4,13 +4,18 @@ mlx-lm's, with fewer round trips per token when the draft guesses well."""
 
 import threading
 
+import mlx.core as mx
 import pytest
 
-from expertmesh import Client, ModelError
+from expertmesh import Client, InvalidRequestError, ModelError, wire
 from expertmesh.router import Router, RouterConfig
+from expertmesh.serving import channel
 from expertmesh.tinymodel import write_tiny_model
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from conftest import running_nodes, running_router
+from conftest import cli, running_nodes, running_router
+from test_cli import one_line_error
 from test_correctness import PROMPT, reference_tokens
 from test_stages import PROMPTS
 
@@ -77,3 +82,28 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
         f.write_text(f.read_text().replace("<|im_end|>", "<|im_stop|>"))
     with pytest.raises(ModelError, match="has another tokenizer than the model"):
         Router(RouterConfig(model=tiny, peers=["127.0.0.1:1"], port=0, draft_model=other))
+
+
+def test_nodes_refuse_trims_they_cannot_do_and_keep_serving(tiny):
+    with running_nodes(tiny, 1) as (node,), channel(node.address) as ch:
+        stub = pb_grpc.ExpertServiceStub(ch)
+        config_hash = stub.GetInfo(pb.GetInfoRequest(), timeout=10).config_hash
+        list(stub.AssignStages(pb.AssignStagesRequest(config_hash=config_hash, stages=[pb.LayerSpan(start=0, end=4)]),
+                               timeout=30))
+
+        def step(rows, tokens, trim):
+            hidden = wire.encode(mx.zeros((len(rows), tokens, 64), mx.float32))
+            return node.servicer.forward(pb.ForwardRequest(request_id=1, layer=0, hidden=hidden,
+                                                           stage=pb.StageRequest(sequences=rows, trim=trim)))
+        step([7], 3, 0)
+        with pytest.raises(InvalidRequestError, match="cannot trim 4 tokens off a sequence's KV of 3"):
+            step([7], 1, 4)
+        with pytest.raises(InvalidRequestError, match="trim needs a positive count and one row"):
+            step([7, 8], 1, 1)
+        assert step([7], 1, 2).output.shape == [1, 1, 64]  # 3 - 2 + 1 tokens of KV now
+        assert node.stages.kv_bytes > 0
+
+
+def test_a_draft_model_that_is_no_checkpoint_is_one_line(tiny, tmp_path):
+    out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1", "--draft-model", str(tmp_path))
+    assert f"the draft model {tmp_path} is not a checkpoint directory" in one_line_error(out, "router")

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import speculative_generate_step
+from mlx_lm.utils import load_model, load_tokenizer
 
 from ..errors import ModelError
 
@@ -39,10 +40,11 @@ def load_draft(path: Path, tokenizer, num_draft_tokens: int) -> Draft:
     Raises:
         ModelError: it cannot be loaded, or its tokenizer is not the model's.
     """
-    from mlx_lm import load
-
+    if not (Path(path) / "config.json").is_file():
+        raise ModelError(f"the draft model {path} is not a checkpoint directory (no config.json in it)")
     try:
-        model, draft_tokenizer = load(str(path))
+        model, config = load_model(Path(path))
+        draft_tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ModelError(f"cannot load the draft model {path}: {e}") from None
     if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
