@@ -80,7 +80,7 @@ class StageBatchCache(BatchKVCache):
     def adopt(cls, batch: BatchKVCache, runtime: "StageRuntime", sequences: list[int]) -> "StageBatchCache":
         self = cls.__new__(cls)
         self.__dict__.update(batch.__dict__)
-        self.runtime, self.sequences, self._remaining, self._trim = runtime, list(sequences), None, 0
+        self.runtime, self.sequences, self._remaining = runtime, list(sequences), None
         runtime.track(self)
         return self
 
