@@ -11,8 +11,9 @@ import time
 import pytest
 
 from expertmesh import Client, UnavailableError
+from expertmesh.nodes import Node, NodeConfig
 
-from conftest import node_processes, running_router
+from conftest import node_processes, running_nodes, running_router
 from test_correctness import PROMPT, reference_tokens
 from test_stages import PROMPTS
 
@@ -69,3 +70,26 @@ def test_without_room_for_the_lost_span_the_client_hears_which_layers_within_the
                                                    r"no live node has 0\.\d MB free to take them over"):
             list(stream)
         assert time.monotonic() - stopped < 1.0 + 10  # the 1 s deadline, and a loaded machine's margin
+
+
+def test_re_planning_lost_experts_counts_the_memory_of_the_live_nodes_stages(tiny):
+    # n0 and n1 run one 0.45 MB layer each and hold experts of layers 2-3 in the
+    # 0.35 MB left; n2 (0.3 MB) holds only experts. n2's experts do not fit what
+    # the stages leave free on n0 and n1, though its budget less its experts would.
+    with running_nodes(tiny, 1) as warm, running_router(tiny, [warm[0].address], mode="pipeline"):
+        pass  # MLX kernels compiled in this process: n0's measured layer time is not the cold one
+    nodes = [Node(NodeConfig(model=tiny, name=f"n{i}", memory_gb=gb)).start()
+             for i, gb in enumerate((0.0008, 0.0008, 0.0003))]
+    try:
+        with running_router(tiny, [n.address for n in nodes], mode="pipeline") as router, \
+                Client(f"127.0.0.1:{router.port}") as client:
+            assert router.plan.stages == {"n0": [(0, 1)], "n1": [(1, 2)]}
+            lost = router.placement.experts_of("n2")
+            assert lost[2] and lost[3]
+            nodes[2].stop(grace=0)
+            with pytest.raises(UnavailableError, match=r"no live node holds layer 2 experts .*and the live nodes "
+                                                       r"lack the memory"):
+                list(client.generate(PROMPT, max_tokens=4))
+    finally:
+        for n in nodes:
+            n.stop(grace=0)
