@@ -208,9 +208,9 @@ def main() -> int:
     r["auto_peer_ratio"] = r["decode_tps_auto"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
-    print(f"{'figure':<24} value")
+    print(f"{'figure':<34} value")
     for k, v in r.items():
-        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+        print(f"{k:<34} {v:.3f}" if isinstance(v, float) else f"{k:<34} {v}")
     print(f"written to {args.out}")
     return 0
 

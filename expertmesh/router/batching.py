@@ -71,7 +71,7 @@ class Scheduler:
         self._running = False
         self._generator: BatchGenerator | None = None
         self._speculative: SpeculativeStream | None = None
-        self.steps = 0  # forward passes run, for tests and stats
+        self.steps = 0  # steps run (a forward pass each, but a speculative token checked already), for tests
         self.on_step: Callable[[], None] = lambda: None  # after each step: e.g. release finished sequences' KV
 
     def submit(self, request: Request) -> None:
