@@ -56,12 +56,13 @@ def long_prompt(model: Path, tokens: int) -> str:
 class Mesh:
     """Node processes and a router process on loopback."""
 
-    def __init__(self, model: Path, nodes: int, logs: Path, mode: str = "expert"):
+    def __init__(self, model: Path, nodes: int, logs: Path, mode: str = "expert", draft: Path | None = None):
         self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4",
                                "--no-discovery"],
                               logs / f"node{i}.log") for i in range(nodes)]
         peers = [p.address(timeout=300) for p in self.procs]
         router = Process(["router", "--model", str(model), "--port", "0", "--no-discovery", "--mode", mode,
+                          *(["--draft-model", str(draft)] if draft else []),
                           *[a for peer in peers for a in ("--peer", peer)]], logs / f"router-{mode}.log")
         self.procs.append(router)
         self.address = router.address(timeout=300)
@@ -116,6 +117,31 @@ def concurrent_tps(address: str, streams: int, max_tokens: int) -> float:
     return sum(counts) / (time.perf_counter() - t)
 
 
+def speculative_runs(model: Path, nodes: int, logs: Path, max_tokens: int, repeats: int) -> dict:
+    """Greedy decode in expert mode without a draft model, with the checkpoint
+    itself as the draft (run wholly on the router: every guess is accepted),
+    and with a random one-layer model sharing its tokenizer (guesses rarely)."""
+    small = write_tiny_model(logs / "draft-small", seed=7, config_overrides=dict(num_hidden_layers=1))
+    out = {}
+    for name, draft in (("", None), ("_draft_same", model), ("_draft_small", small)):
+        mesh = Mesh(model, nodes, logs, draft=draft)
+        try:
+            decode, trips = [], []
+            with Client(mesh.address) as c:
+                for _ in range(repeats + 1):  # the first warms up
+                    c.stats(reset=True)
+                    *_, last = c.generate(PROMPT, max_tokens=max_tokens)
+                    decode.append(last.generation_tps)
+                    trips.append(c.stats().round_trips / last.generation_tokens)
+        finally:
+            mesh.close()
+        out[f"decode_tps{name or '_nodraft'}"] = statistics.median(decode[1:])
+        out[f"round_trips_per_token{name}"] = statistics.median(trips[1:])
+    for name in ("same", "small"):
+        out[f"spec_speedup_{name}"] = out[f"decode_tps_draft_{name}"] / out["decode_tps_nodraft"]
+    return out
+
+
 def pipeline_tps(model: Path, max_tokens: int) -> float | None:
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     out = subprocess.run([*launcher, "--backend", "ring", "-n", "2", "--python", sys.executable,
@@ -168,6 +194,7 @@ def main() -> int:
             results["batch_tps_8_auto"] = concurrent_tps(mesh.address, 8, tokens)
         finally:
             mesh.close()
+        results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
     finally:
@@ -181,9 +208,9 @@ def main() -> int:
     r["auto_peer_ratio"] = r["decode_tps_auto"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
-    print(f"{'figure':<24} value")
+    print(f"{'figure':<34} value")
     for k, v in r.items():
-        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+        print(f"{k:<34} {v:.3f}" if isinstance(v, float) else f"{k:<34} {v}")
     print(f"written to {args.out}")
     return 0
 

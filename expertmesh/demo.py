@@ -165,9 +165,12 @@ def _generate(address: str, prompt: str, max_tokens: int) -> None:
         print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
               "(random weights: the text is gibberish, the plumbing is real)\n")
         for node in client.cluster().nodes:
-            layers = sorted(node.experts)
-            print(f"{node.name} ({node.address}, {node.state}): experts "
-                  f"{node.experts[layers[0]][0]}-{node.experts[layers[0]][-1]} of every MoE layer, "
+            work = [f"whole layers {a}-{b - 1}" for a, b in node.stages]
+            held = [e for e in node.experts.values() if e]
+            if held:
+                work.append(f"experts {held[0][0]}-{held[0][-1]} of every MoE layer"
+                            f"{' left to expert mode' if node.stages else ''}")
+            print(f"{node.name} ({node.address}, {node.state}): {', '.join(work) or 'nothing'}, "
                   f"{node.memory_used_bytes / 1e6:.2f} MB")
 
 

@@ -200,7 +200,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
                 raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
             out = self.stages.forward(req.layer, wire.decode(req.hidden, "hidden"),
-                                      list(stage.sequences), list(stage.right_padding))
+                                      list(stage.sequences), list(stage.right_padding), stage.trim)
             resp.output.CopyFrom(wire.encode(out))
         resp.compute_seconds = time.perf_counter() - start
         return resp

@@ -89,7 +89,7 @@ class _Span:
                                                           for c in batch]
             self._used[s] = time.monotonic()
 
-    def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int]) -> mx.array:
+    def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int], trim: int = 0) -> mx.array:
         if not sequences:  # a one-off forward, no KV kept
             mask = create_attention_mask(x, None)
             for layer in self.layers:
@@ -97,6 +97,11 @@ class _Span:
             mx.eval(x)
             return x
         caches = self.caches(sequences)
+        if trim:  # never on a batch: validated
+            if trim > caches[0].offset:
+                raise InvalidRequestError(f"cannot trim {trim} tokens off a sequence's KV of {caches[0].offset}")
+            for c in caches:
+                c.trim(trim)
         if right_padding:  # never with one row: nothing pads a batch of one
             for c in caches:
                 c.prepare(right_padding=right_padding)
@@ -249,8 +254,10 @@ class StageStore:
         return times[0], times[1], span.nbytes
 
     # --- serving -------------------------------------------------------------
-    def forward(self, start: int, hidden: mx.array, sequences: list[int], right_padding: list[int]) -> mx.array:
-        """Run the span starting at ``start`` on ``hidden`` [B, T, H] (evaluated).
+    def forward(self, start: int, hidden: mx.array, sequences: list[int], right_padding: list[int],
+                trim: int = 0) -> mx.array:
+        """Run the span starting at ``start`` on ``hidden`` [B, T, H] (evaluated),
+        first dropping ``trim`` tokens off the end of the one sequence's KV.
 
         Raises:
             InvalidRequestError: no such span, or rows that do not fit ``hidden``.
@@ -270,8 +277,10 @@ class StageStore:
             raise InvalidRequestError(f"right_padding needs {B} values in [0, {T}]")
         if any(right_padding) and B == 1:
             raise InvalidRequestError("right_padding on a batch of one row: there is nothing to pad against")
+        if trim and (B != 1 or not sequences or trim < 0):
+            raise InvalidRequestError("trim needs a positive count and one row with its sequence id")
         with self._lock:
-            out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [])
+            out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [], trim)
             self._lock.notify_all()
             return out
 

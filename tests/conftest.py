@@ -53,8 +53,11 @@ def running_nodes(model: Path, count: int, memory_gb: float = 1.0, **kw):
 
 
 @contextlib.contextmanager
-def running_router(model: Path, peers: list[str], **kw):
-    router = Router(RouterConfig(model=model, peers=peers, port=0, **kw))
+def running_router(model: Path, peers: list[str], mode: str = "expert", **kw):
+    """An in-process router, in expert mode unless a test asks for another: most
+    tests here check how experts are placed, served and failed over; routers
+    the tests start through the CLI run its default, auto."""
+    router = Router(RouterConfig(model=model, peers=peers, port=0, mode=mode, **kw))
     try:
         router.connect()
         router.start()

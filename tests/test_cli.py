@@ -35,7 +35,8 @@ def mesh(tiny, tmp_path_factory):
         peers = [n.address(timeout=120) for n in nodes]
         node_metrics = nodes[0].wait_for(_METRICS, timeout=30).group(1)
         router = Process(["router", "--model", str(tiny), "--port", "0", "--peer", peers[0], "--peer", peers[1],
-                          "--metrics-port", "0", "--replicas", "2"], logs / "router.log")
+                          "--metrics-port", "0", "--replicas", "2", "--mode", "expert"],
+                         logs / "router.log")  # experts in `cluster`
         procs.append(router)
         address = router.address(timeout=120)
         yield Mesh(address, peers, router.log, [router.wait_for(_METRICS, timeout=30).group(1), node_metrics])

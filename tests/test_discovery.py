@@ -121,7 +121,9 @@ def mesh(lan, tiny, tmp_path_factory):
     try:
         for p in (mesh.node("a", "mini-a"), mesh.node("b", "mini-b")):
             p.address(timeout=120)
-        mesh.procs["router"] = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--expect", "2"],
+        # expert mode: the tests follow each node's experts
+        mesh.procs["router"] = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--expect", "2",
+                                        "--mode", "expert"],
                                        mesh.logs / "router.log", prefix=lan.hosts["router"].prefix)
         mesh.address = mesh.router.address(timeout=120)
         yield mesh

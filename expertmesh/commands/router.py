@@ -41,9 +41,14 @@ def add_arguments(p) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
     security_arguments(p)
-    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="expert",
-                   help="per layer: routed experts spread across the nodes (expert, the default: it fails over), "
-                        "whole layers on one node (pipeline stages), or what the cost model measures faster (auto)")
+    p.add_argument("--mode", choices=("expert", "pipeline", "auto"), default="auto",
+                   help="per layer: routed experts spread across the nodes (expert), whole layers on one node "
+                        "(pipeline stages), or what the cost model measures faster (auto, the default)")
+    p.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
+                   help="a small checkpoint with the same tokenizer, run on the router: greedy requests that start "
+                        "alone are decoded speculatively, checking its guesses in one pass through the mesh")
+    p.add_argument("--num-draft-tokens", type=at_least_one, default=3, metavar="N",
+                   help="tokens the draft model proposes per pass (default 3)")
 
 
 def run(args) -> None:
@@ -67,7 +72,8 @@ def run(args) -> None:
                                  forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port, mode=args.mode,
+                                 metrics_port=args.metrics_port, mode=args.mode, draft_model=args.draft_model,
+                                 num_draft_tokens=args.num_draft_tokens,
                                  security=Security.from_args(args), placement_stats=args.placement_stats,
                                  rebalance_threshold=args.rebalance_threshold,
                                  rebalance_interval=args.rebalance_interval,

@@ -45,6 +45,8 @@ def _print_table(s, top: int) -> None:
     requests = ", ".join(f"{n} {kind}" for kind, n in sorted(s.requests.items())) or "no requests"
     print(f"{s.tokens_processed} tokens processed, {s.tokens_generated} generated ({requests}) "
           f"in {s.seconds:.1f} s; top-{s.top_k} of {s.num_experts} experts in {len(s.layers)} MoE layers")
+    if s.tokens_generated:
+        print(f"{s.round_trips} network round trips: {s.round_trips / s.tokens_generated:.1f} per generated token")
     total = sum(n.tokens for n in s.nodes) or 1
     print(f"{'NODE':<16} {'TOKENS':>10} {'SHARE':>6} {'REQUESTS':>9} {'SENT':>10} {'RECEIVED':>10} "
           f"{'RTT p50':>9} {'RTT p99':>9}")

@@ -2,7 +2,9 @@
 
 Every decode step of every active sequence is one forward pass, so
 concurrent requests share one message per node per MoE layer. The loop runs
-on the engine's MLX worker while any sequence is active.
+on the engine's MLX worker while any sequence is active. With a draft model,
+a greedy request that starts alone is decoded speculatively instead
+(speculative.py), in turn with the batch of any that arrive meanwhile.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..options import GenerationOptions
 from ..worker import MLXWorker
+from .speculative import Draft, SpeculativeStream
 from .stops import StopStrings
 
 logger = logging.getLogger(__name__)
+
+SPECULATIVE = "speculative"  # the uid of the speculative stream among the active requests
 
 
 @dataclass
@@ -55,8 +60,9 @@ class _Active:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, worker: MLXWorker, max_batch: int = 32):
+    def __init__(self, model, tokenizer, worker: MLXWorker, max_batch: int = 32, draft: Draft | None = None):
         self.model = model
+        self.draft = draft
         self.tokenizer = tokenizer
         self.worker = worker
         self.max_batch = max_batch
@@ -64,7 +70,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._running = False
         self._generator: BatchGenerator | None = None
-        self.steps = 0  # forward passes run, for tests and stats
+        self._speculative: SpeculativeStream | None = None
+        self.steps = 0  # steps run (a forward pass each, but a speculative token checked already), for tests
         self.on_step: Callable[[], None] = lambda: None  # after each step: e.g. release finished sequences' KV
 
     def submit(self, request: Request) -> None:
@@ -93,7 +100,7 @@ class Scheduler:
                 self._admit(gen, active)
                 gone = [uid for uid, a in active.items() if a.request.cancelled.is_set()]
                 if gone:
-                    gen.remove(gone)
+                    self._remove(gen, gone)
                     for uid in gone:
                         active.pop(uid).request.pieces.put(None)
                     self.on_step()
@@ -103,23 +110,35 @@ class Scheduler:
                         return
                 if not active:
                     continue
-                _, responses = gen.next()
+                responses = [self._speculative.next()] if self._speculative else []
+                if len(active) > len(responses):
+                    responses += gen.next()[1]
                 self.steps += 1
                 stopped = [r.uid for r in responses if self._emit(active, r)]
                 del responses  # finished ones carry their caches: on_step must not see them alive
                 if stopped:  # a stop string ended them before mlx-lm would have
-                    gen.remove(stopped)
+                    self._remove(gen, stopped)
+                if self._speculative and self._speculative.uid not in active:
+                    self._remove(gen, [SPECULATIVE])
                 self.on_step()
         except Exception as e:  # a node went down, ...: every waiting request hears it
             logger.warning("generation failed: %s", e)
             for a in active.values():
                 a.request.pieces.put(e)
             self._generator = None  # a fresh one next time: this one's caches may be half-updated
-            gen = None
+            gen = self._speculative = None
             self.on_step()
             with self._lock:
                 self._running = False
                 self._start_locked()
+
+    def _remove(self, gen: BatchGenerator, uids: list) -> None:
+        if SPECULATIVE in uids and self._speculative is not None:
+            self._speculative.close()
+            self._speculative = None
+        batched = [u for u in uids if u != SPECULATIVE]
+        if batched:
+            gen.remove(batched)
 
     def _admit(self, gen: BatchGenerator, active: dict) -> None:
         while len(active) < self.max_batch:
@@ -136,9 +155,14 @@ class Scheduler:
                                                 repetition_context_size=o.repetition_context_size)
             if o.seed is not None:  # mlx's generator is global: repeatable when the request runs alone
                 mx.random.seed(o.seed)
-            (uid,) = gen.insert([req.tokens], max_tokens=[req.max_tokens], samplers=[sampler],
-                                logits_processors=[processors],
-                                stop_sequences=[make_stop_sequences(self.tokenizer)])
+            if self.draft is not None and o.temperature == 0 and not active:
+                uid = SPECULATIVE
+                self._speculative = SpeculativeStream(uid, self.model, self.draft, req.tokens, req.max_tokens,
+                                                      self.tokenizer.eos_token_ids, sampler, processors)
+            else:
+                (uid,) = gen.insert([req.tokens], max_tokens=[req.max_tokens], samplers=[sampler],
+                                    logits_processors=[processors],
+                                    stop_sequences=[make_stop_sequences(self.tokenizer)])
             active[uid] = _Active(req, copy.deepcopy(self.tokenizer.detokenizer),
                                   StopStrings(self.tokenizer, o.stop), tic=time.perf_counter())
 

@@ -13,6 +13,7 @@ from ..errors import InvalidRequestError, RequestTooLargeError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import Piece, Request, Scheduler
+from .speculative import Draft
 from .stats import RequestStats
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Generates with mlx-lm on the (remote-expert) model; callers stream pieces."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: dict, default_max_tokens: int = 256):
+    def __init__(self, model: nn.Module, tokenizer, config: dict, default_max_tokens: int = 256,
+                 draft: Draft | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = int(config.get("max_position_embeddings") or 1 << 31)
@@ -31,7 +33,7 @@ class Engine:
         self.max_chars = self.context_length * max(map(len, tokenizer.get_vocab()), default=64)
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
-        self.scheduler = Scheduler(model, tokenizer, self.worker)
+        self.scheduler = Scheduler(model, tokenizer, self.worker, draft=draft)
         self.stats = RequestStats()
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ class Member:
     link: NodeLink                             # replaced when the node comes back
     instance: str | None = None                # mDNS instance, when discovered
     experts: dict[int, list[int]] = field(default_factory=dict)
+    stage_bytes: int = 0                       # weights of the pipeline stage spans it runs
     error: str = ""                            # why it is down, beyond a broken stream
     retry_at: float = 0.0
     backoff: float = 1.0
@@ -249,8 +250,8 @@ class Membership:
         """
         with self._lock:
             live = {i: m for i, m in enumerate(self.members) if not m.down}
-            free = {i: m.link.info.memory_budget_bytes - sum(len(e) * self.expert_bytes[l] for l, e in m.experts.items())
-                    for i, m in live.items()}
+            free = {i: m.link.info.memory_budget_bytes - m.stage_bytes
+                    - sum(len(e) * self.expert_bytes[l] for l, e in m.experts.items()) for i, m in live.items()}
             try:
                 moves = take_over(self.placement, missing, free, self.expert_bytes)
             except PlacementError as e:

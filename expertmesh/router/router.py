@@ -10,7 +10,7 @@ from typing import Iterator
 from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
-from ..errors import UnavailableError
+from ..errors import ExpertmeshError, UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..popularity import read_load
@@ -25,6 +25,7 @@ from .membership import Membership
 from .openai import OpenAIServer
 from .rebalance import Rebalancer, Report
 from .service import InferenceServicer
+from .speculative import load_draft
 from .stages import StageRuntime
 from .stats import RoutingStats
 
@@ -48,7 +49,9 @@ class RouterConfig:
     expect: int | None = None                      # wait for this many nodes before planning
     settle: float = 3.0                            # without expect: plan once none new came for this long
     discovery_timeout: float = 60.0                # give up waiting for nodes after this long
-    mode: str = "expert"                           # expert | pipeline | auto: see costmodel
+    mode: str = "auto"                             # expert | pipeline | auto: see costmodel
+    draft_model: Path | None = None                # a small model sharing the tokenizer: speculative decoding
+    num_draft_tokens: int = 3                      # tokens the draft proposes per forward pass through the mesh
     metrics_port: int | None = None                # Prometheus /metrics; None: off, 0: a free port
     security: Security = field(default_factory=Security)  # cluster token and TLS files, both directions
     placement_stats: Path | None = None            # place experts by this popularity (stats JSON), not contiguously
@@ -76,7 +79,8 @@ class Router:
         self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash)
         try:
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
-            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens)
+            draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
+            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft)
             self.server, self.port, self._health = create_server(
                 f"{config.host}:{config.port}",
                 lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
@@ -146,11 +150,49 @@ class Router:
         """Load every node's spans, then swap them into the model for stand-ins."""
         by_name = {l.name: l for l in links}
         for name, spans in self.plan.stages.items():
-            by_name[name].assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+            self._assign_stages(name, spans)
         runtime = StageRuntime([(a, b, by_name[n]) for n, s in self.plan.stages.items() for a, b in s],
-                               self.config.forward_timeout)
+                               self.config.forward_timeout, self._relocate_stage, self.routing)
         self.worker.run(runtime.install, self.model)
         self.engine.scheduler.on_step = runtime.sweep
+
+    def _assign_stages(self, name: str, spans: list[tuple[int, int]]) -> None:
+        member = next(m for m in self.membership.members if m.name == name)
+        member.link.assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+        member.stage_bytes = sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for a, b in spans
+                                 for l in range(a, b))
+        self.plan.stages[name] = spans
+
+    def _relocate_stage(self, start: int, end: int, dead: NodeLink) -> NodeLink:
+        """Load layers ``[start, end)`` of a node that failed onto the live node
+        with the most free memory (the router then rebuilds their KV).
+
+        Raises:
+            UnavailableError: naming the layers, when no live node has room or loads them.
+        """
+        need = sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for l in range(start, end))
+        failures = []
+        free = {}
+        for m in self.membership.members:
+            if not m.down and m.link is not dead:
+                try:
+                    info = m.link.get_info()
+                    free[m.name] = (info.memory_budget_bytes - info.memory_used_bytes, m)
+                except ExpertmeshError as e:
+                    failures.append(str(e))
+        for room, m in sorted(free.values(), key=lambda f: -f[0]):
+            if room < need:
+                break
+            try:
+                self._assign_stages(m.name, sorted([*self.plan.stages.get(m.name, []), (start, end)]))
+            except ExpertmeshError as e:
+                failures.append(str(e))
+                continue
+            self.plan.stages[dead.name] = [s for s in self.plan.stages.get(dead.name, []) if s != (start, end)]
+            return m.link
+        raise UnavailableError(f"layers {start}-{end - 1} ran on {dead!r}, which is down ({dead.error}), and no live "
+                               f"node has {need / 1e6:.1f} MB free to take them over" +
+                               (f" ({'; '.join(failures)})" if failures else ""))
 
     def start(self) -> "Router":
         self.server.start()

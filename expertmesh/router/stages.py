@@ -10,6 +10,14 @@ masks built from it, match the router's other layers) that also carries the
 sequence id of each row. Each stage request names the rows' sequences, and
 the node keeps their real KV (nodes/stages.py). Sequences whose caches are
 gone from the router are released on the nodes by ``sweep``.
+
+That KV is the only state a node keeps, and the router can rebuild it: it
+remembers the tokens each sequence fed each span, and when a span's node
+fails, ``relocate`` loads the span onto a live node and every sequence it
+served is re-run from its prefix through the new holder before its next step
+there; the step under way is then sent again, and the stream goes on.
+Speculative decoding trims a single sequence's cache: the trim travels with
+the next request.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import itertools
 import logging
 import secrets
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +38,7 @@ from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..v1 import expertmesh_pb2 as pb
 from .dispatcher import _REQUEST_IDS, NodeLink
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +46,22 @@ logger = logging.getLogger(__name__)
 class StageCache(KVCache):
     """One sequence's cache slot for a stage span (what ``make_cache`` gives)."""
 
-    def __init__(self, runtime: "StageRuntime", sequence: int):
+    def __init__(self, runtime: "StageRuntime", sequence: int | None):
+        """``sequence`` None: a one-off forward, the node keeps no KV."""
         super().__init__()
-        self.runtime, self.sequences = runtime, [sequence]
+        self.runtime, self.sequences = runtime, [] if sequence is None else [sequence]
+        self._trim = 0
         runtime.track(self)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self._trim += n
+        return n
+
+    def take_trim(self) -> int:
+        """Tokens trimmed here since the last request: the node drops them too."""
+        n, self._trim = self._trim, 0
+        return n
 
     @classmethod
     def merge(cls, caches):
@@ -79,6 +102,9 @@ class StageBatchCache(BatchKVCache):
         if self._remaining is not None or other._remaining is not None:
             raise RuntimeError("cannot extend a stage cache in the middle of a padded prompt")
 
+    def take_trim(self) -> int:
+        return 0  # BatchGenerator never trims
+
     def extract(self, idx):
         cache = StageCache(self.runtime, self.sequences[idx])
         if self.keys is not None:
@@ -117,22 +143,36 @@ class _Inside(_BaseCache):
     def finalize(self): pass
     def extract(self, idx): return _Inside()
     def empty(self): return True
+    def is_trimmable(self): return True
+    def trim(self, n): return n
 
     @property
     def nbytes(self):
         return 0
 
 
+@dataclass
+class Stage:
+    """A span of whole layers and the node that runs it now."""
+
+    start: int
+    end: int
+    link: NodeLink
+
+
+# (first layer, end, the node that failed) -> a live node now holding the span
+Relocate = Callable[[int, int, NodeLink], NodeLink]
+
+
 class StageBlock(nn.Module):
     """Stands where the first layer of a span was: runs the whole span on its node."""
 
-    def __init__(self, runtime: "StageRuntime", start: int, end: int, link: NodeLink):
+    def __init__(self, runtime: "StageRuntime", stage: Stage):
         super().__init__()
-        self._runtime, self._link = runtime, link
-        self.start, self.end = start, end
+        self._runtime, self._stage = runtime, stage
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        return self._runtime.run(self._link, self.start, x, cache)
+        return self._runtime.run(self._stage, x, cache)
 
 
 class Passthrough(nn.Module):
@@ -144,13 +184,28 @@ class Passthrough(nn.Module):
 
 class StageRuntime:
     """Runs the stage spans of one router: ``install`` into the model, then
-    ``run`` per span and forward pass, ``sweep`` after each batch step."""
+    ``run`` per span and forward pass, ``sweep`` after each batch step.
 
-    def __init__(self, spans: list[tuple[int, int, NodeLink]], timeout: float):
-        self.spans = sorted(spans, key=lambda s: s[0])
+    ``relocate`` moves a failed node's span (None: a failure is final);
+    ``stats`` counts the round trips.
+    """
+
+    REBUILD_CHUNK = 512  # prefix tokens per request when rebuilding a sequence's KV
+
+    def __init__(self, spans: list[tuple[int, int, NodeLink]], timeout: float, relocate: Relocate | None = None,
+                 stats: RoutingStats | None = None):
+        self.stages = [Stage(a, b, link) for a, b, link in sorted(spans, key=lambda s: s[0])]
         self.timeout = timeout
+        self.relocate = relocate
+        self.stats = stats
         self._caches: weakref.WeakSet = weakref.WeakSet()
         self._sent: set[int] = set()
+        self._history: dict[int, list[int]] = {}  # sequence -> the tokens its span's node holds KV of
+        self._span_of: dict[int, Stage] = {}      # sequence -> its span
+        self._lost: set[int] = set()              # sequences whose KV died with a node: rebuilt before use
+        self._inputs: list[list[int]] | None = None  # token ids of the forward pass under way
+        self._rebuilding = False
+        self._model: nn.Module | None = None
         # ids unique across routers a node may serve in turn
         self._ids = itertools.count(secrets.randbits(40) << 20)
 
@@ -158,44 +213,105 @@ class StageRuntime:
         self._caches.add(cache)
 
     def install(self, model: nn.Module) -> None:
-        """Swap each span's layers for stand-ins (dropping their weights here)."""
-        make_base = getattr(model, "make_cache", None)
+        """Swap each span's layers for stand-ins (dropping their weights here)
+        and have the model tell the token ids of each forward pass."""
+        self._model = model
+        self._make_base = getattr(model, "make_cache", None)
         # the list itself: mlx-lm's ``Model.layers`` may be a slice of it (``pipeline_layers``)
         layers = (model.model if "model" in model else model).layers
-        for start, end, link in self.spans:
-            layers[start] = StageBlock(self, start, end, link)
-            for i in range(start + 1, end):
+        for stage in self.stages:
+            layers[stage.start] = StageBlock(self, stage)
+            for i in range(stage.start + 1, stage.end):
                 layers[i] = Passthrough()
+        model.make_cache = lambda: self._make_caches(lambda stage: StageCache(self, next(self._ids)))
+        base, runtime = type(model), self
 
-        def make_cache():
-            caches = make_base() if make_base else [KVCache() for _ in model.layers]
-            for start, end, _ in self.spans:
-                caches[start] = StageCache(self, next(self._ids))
-                caches[start + 1:end] = [_Inside() for _ in range(start + 1, end)]
-            return caches
+        class Tapped(base):
+            def __call__(self, inputs, *args, **kwargs):
+                if not runtime._rebuilding:
+                    runtime._inputs = inputs.tolist()
+                return base.__call__(self, inputs, *args, **kwargs)
 
-        model.make_cache = make_cache
+        Tapped.__name__ = Tapped.__qualname__ = base.__name__
+        model.__class__ = Tapped
 
-    def run(self, link: NodeLink, start: int, x: mx.array, cache) -> mx.array:
+    def _make_caches(self, stage_cache: Callable[[Stage], KVCache]) -> list:
+        model = self._model
+        caches = self._make_base() if self._make_base else [KVCache() for _ in model.layers]
+        for stage in self.stages:
+            caches[stage.start] = stage_cache(stage)
+            caches[stage.start + 1:stage.end] = [_Inside() for _ in range(stage.start + 1, stage.end)]
+        return caches
+
+    def run(self, stage: Stage, x: mx.array, cache) -> mx.array:
         B, T, _ = x.shape
-        stage, state = pb.StageRequest(), []
+        request, state = pb.StageRequest(), []
         if cache is not None:
             dummy = mx.zeros((B, 1, T, 1), mx.float16)
             cache.update_and_fetch(dummy, dummy)
             state = cache.state  # nothing else reads it: evaluate here, or its graph grows every step
-            stage.sequences.extend(cache.sequences)
-            stage.right_padding.extend(cache.take_padding(T))
+            request.sequences.extend(cache.sequences)
+            request.right_padding.extend(cache.take_padding(T))
+            request.trim = cache.take_trim()
             self._sent.update(cache.sequences)
         mx.eval(x, state)
-        reply = self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS), layer=start,
-                                                   hidden=wire.encode(x), stage=stage))
+        forward = pb.ForwardRequest(layer=stage.start, hidden=wire.encode(x), stage=request)
+        while True:
+            if not self._rebuilding:
+                for s in request.sequences:
+                    if s in self._lost:
+                        self._rebuild(stage, s)
+            link = stage.link
+            forward.request_id = next(_REQUEST_IDS)
+            try:
+                reply = self._call(link, forward)
+                break
+            except UnavailableError:
+                if not link.down or self.relocate is None:  # the node itself refused: no failover helps
+                    raise
+            self._move(stage, link)
+        if self.stats is not None:
+            self.stats.record_stage()
+        if not self._rebuilding:
+            self._record(stage, request, T)
         return wire.decode(reply.output, "output")
+
+    def _record(self, stage: Stage, request: pb.StageRequest, T: int) -> None:
+        """Note the tokens whose KV the node now holds for each row's sequence."""
+        for row, s in enumerate(request.sequences):
+            tokens = self._history.setdefault(s, [])
+            self._span_of[s] = stage
+            if request.trim:
+                del tokens[len(tokens) - request.trim:]
+            pad = request.right_padding[row] if request.right_padding else 0
+            tokens.extend(self._inputs[row][:T - pad])
+
+    def _move(self, stage: Stage, dead: NodeLink) -> None:
+        """Load the span onto a live node; the KV of every sequence it served is lost."""
+        stage.link = self.relocate(stage.start, stage.end, dead)
+        lost = {s for s, st in self._span_of.items() if st is stage}
+        logger.warning("layers %d-%d moved from %r to %r: rebuilding the KV of %d sequences", stage.start,
+                       stage.end - 1, dead, stage.link, len(lost))
+        self._lost |= lost
+
+    def _rebuild(self, stage: Stage, sequence: int) -> None:
+        """Re-run the sequence's prefix through the model so that the span's new
+        node holds its KV again (other spans run it without keeping KV)."""
+        tokens = self._history.get(sequence, [])
+        self._rebuilding = True
+        try:
+            caches = self._make_caches(lambda st: StageCache(self, sequence if st is stage else None))
+            for i in range(0, len(tokens), self.REBUILD_CHUNK):
+                self._model(mx.array(tokens[i:i + self.REBUILD_CHUNK])[None], cache=caches)
+        finally:
+            self._rebuilding = False
+        self._lost.discard(sequence)
 
     def _call(self, link: NodeLink, request: pb.ForwardRequest) -> pb.ForwardResponse:
         try:
             return link.submit(request).result(timeout=self.timeout)
         except TimeoutError:
-            raise UnavailableError(f"{link!r} did not answer its stage within {self.timeout:g}s") from None
+            raise link.fail(UnavailableError(f"{link!r} did not answer its stage within {self.timeout:g}s")) from None
 
     def sweep(self) -> None:
         """Release on the nodes the sequences no cache here holds any more."""
@@ -204,7 +320,11 @@ class StageRuntime:
         if not gone:
             return
         self._sent -= gone
-        for link in {id(l): l for _, _, l in self.spans}.values():
+        for s in gone:
+            self._history.pop(s, None)
+            self._span_of.pop(s, None)
+            self._lost.discard(s)
+        for link in {id(st.link): st.link for st in self.stages}.values():
             try:
                 self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
                                                    stage=pb.StageRequest(release=sorted(gone))))

@@ -42,6 +42,7 @@ class RoutingStats:
             self.bytes_sent = np.zeros(N, np.int64)
             self.bytes_received = np.zeros(N, np.int64)
             self.rtt = [Histogram() for _ in range(N)]
+            self.round_trips = 0
 
     def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the token-slot counts: [layers, experts], [layers, nodes], tokens [layers]."""
@@ -66,11 +67,17 @@ class RoutingStats:
             self.expert_tokens[i] += experts
             self.node_tokens[i] += nodes
             self.layer_tokens[i] += ids.shape[0]
+            self.round_trips += 1
             for n, out, back, rtt in sent:
                 self.requests[n] += 1
                 self.bytes_sent[n] += out
                 self.bytes_received[n] += back
                 self.rtt[n].observe(rtt)
+
+    def record_stage(self) -> None:
+        """One pipeline stage span's round trip (its layers' tokens are not counted here)."""
+        with self._lock:
+            self.round_trips += 1
 
     def fill(self, m: pb.RouterStats) -> None:
         """Copy the counts into ``m`` (with the balance ratio and bytes per token)."""
@@ -84,6 +91,7 @@ class RoutingStats:
                             bytes_sent=int(self.bytes_sent[n]), bytes_received=int(self.bytes_received[n]),
                             rtt_seconds=self.rtt[n].to_message())
             m.tokens_processed = int(self.layer_tokens.max(initial=0))
+            m.round_trips = self.round_trips
             m.balance_ratio = balance_ratio(self.node_tokens)
             traffic = int(self.bytes_sent.sum() + self.bytes_received.sum())
             m.bytes_per_token = traffic / m.tokens_processed if m.tokens_processed else 0.0

@@ -178,14 +178,16 @@ class ForwardRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., stage: _Optional[_Union[StageRequest, _Mapping]] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("sequences", "right_padding", "release")
+    __slots__ = ("sequences", "right_padding", "release", "trim")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RIGHT_PADDING_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedScalarFieldContainer[int]
     right_padding: _containers.RepeatedScalarFieldContainer[int]
     release: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+    trim: int
+    def __init__(self, sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ..., trim: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "compute_seconds", "error_code", "error")
@@ -384,7 +386,7 @@ class NodeTraffic(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rtt_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("seconds", "num_experts", "top_k", "layers", "nodes", "tokens_processed", "tokens_generated", "requests", "balance_ratio", "bytes_per_token", "ttft_seconds")
+    __slots__ = ("seconds", "num_experts", "top_k", "layers", "nodes", "tokens_processed", "tokens_generated", "requests", "balance_ratio", "bytes_per_token", "ttft_seconds", "round_trips")
     class RequestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -403,6 +405,7 @@ class RouterStats(_message.Message):
     BALANCE_RATIO_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     num_experts: int
     top_k: int
@@ -414,7 +417,8 @@ class RouterStats(_message.Message):
     balance_ratio: float
     bytes_per_token: float
     ttft_seconds: Histogram
-    def __init__(self, seconds: _Optional[float] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeTraffic, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., balance_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+    round_trips: int
+    def __init__(self, seconds: _Optional[float] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeTraffic, _Mapping]]] = ..., tokens_processed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., balance_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Histogram, _Mapping]] = ..., round_trips: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("dry_run", "threshold", "min_tokens")
