@@ -165,7 +165,7 @@ def _generate(address: str, prompt: str, max_tokens: int) -> None:
         print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
               "(random weights: the text is gibberish, the plumbing is real)\n")
         for node in client.cluster().nodes:
-            work = [f"whole layers {a}-{b - 1}" for a, b in node.stages]
+            work = [f"whole layer {a}" if b == a + 1 else f"whole layers {a}-{b - 1}" for a, b in node.stages]
             held = [e for e in node.experts.values() if e]
             if held:
                 work.append(f"experts {held[0][0]}-{held[0][-1]} of every MoE layer"

@@ -46,6 +46,9 @@ def test_demo_generates_through_two_nodes_and_stops_them(tmp_path):
         assert f"over mDNS (loopback of network namespace expertmesh-demo-{demo.pid})" in out
     assert "48 tokens at" in out
     assert "node-a" in out and "node-b" in out
+    for node in ("node-a", "node-b"):  # each holds something, and says how much memory it takes
+        line = next(l for l in out.splitlines() if l.startswith(f"{node} ("))
+        assert "nothing" not in line and not line.endswith(" 0.00 MB"), line
     assert "stopped the router and the nodes" in out
     assert (tmp_path / "models/tiny-qwen3-moe/config.json").exists()
     assert processes_mentioning(str(tmp_path)) == []

@@ -84,6 +84,7 @@ class NodeLink:
                     progress(self.name, update)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
+        self.get_info()  # what it holds and the memory that takes, for `cluster`
 
     def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
         """Have the node hold these spans of whole layers (pipeline stages)."""
@@ -94,6 +95,7 @@ class NodeLink:
                 pass
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
+        self.get_info()
 
     # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:
