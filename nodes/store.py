@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import infer_quant_config
 
+from .. import compiled
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, ModelError
 from ..models import Adapter, get_adapter
@@ -26,12 +28,28 @@ from ..models.base import PARTS, PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
+# requests of at most this many tokens run compiled, their (token, expert)
+# pairs padded to a power of two so that few shapes are ever traced
+DECODE_TOKENS = 16
+
+
+def _combine(mlp: SwitchGLU, hidden: mx.array, tok: mx.array, lids: mx.array, w: mx.array) -> mx.array:
+    """``out[tok[p]] += w[p] * expert_{lids[p]}(hidden[tok[p]])``, accumulated
+    in float32 like mlx-lm's weighted sum, then cast once."""
+    y = mlp(hidden[tok], lids[:, None])[:, 0, :]  # [P, H]
+    out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok].add(y * w[:, None])
+    return out.astype(hidden.dtype)
+
+
 @dataclass
 class _Layer:
     experts: list[int]      # global ids, sorted
     local: np.ndarray       # [E] global -> local index, -1 when not held
     mlp: SwitchGLU
     nbytes: int
+
+    def __post_init__(self):
+        self.step = compiled.for_decode(partial(_combine, self.mlp))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -180,9 +198,11 @@ class ExpertStore:
             raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
         if tok.size == 0:
             return mx.zeros(hidden.shape, dtype=hidden.dtype)
-        tok_mx = mx.array(tok.astype(np.int32))
-        y = held.mlp(hidden[tok_mx], mx.array(lids)[:, None])[:, 0, :]  # [P, H]
-        w = mx.array(weights[tok, slot].astype(np.float32))[:, None]
-        # accumulate in float32 like mlx-lm's weighted sum, then cast once
-        out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok_mx].add(y * w)
-        return out.astype(hidden.dtype)
+        w = weights[tok, slot].astype(np.float32)
+        if T > DECODE_TOKENS:
+            return _combine(held.mlp, hidden, mx.array(tok.astype(np.int32)), mx.array(lids), mx.array(w))
+        # padding repeats the first pair with weight 0: it adds nothing
+        pad = (1 << (tok.size - 1).bit_length()) - tok.size
+        tok, lids = (np.concatenate([a, np.repeat(a[:1], pad)]) for a in (tok, lids))
+        w = np.concatenate([w, np.zeros(pad, np.float32)])
+        return held.step(hidden, mx.array(tok.astype(np.int32)), mx.array(lids), mx.array(w))

@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
+from .. import compiled
+
 # stacked projection names, in mlx-lm's SwitchGLU
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # tensors of one (possibly quantized) projection
@@ -28,7 +30,7 @@ class RemoteExperts:
         self.layer = layer
         self.call: ExpertCall | None = None
 
-    def __call__(self, x, inds, scores, shared: mx.array | None = None):
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array, shared: mx.array | None = None) -> mx.array:
         """``sum_j scores_j * expert_{inds_j}(x)``, plus ``shared`` (the block's
         shared experts), which computes here while the nodes compute."""
         if self.call is None:
@@ -44,7 +46,7 @@ class RemoteBlock(nn.Module):
 
     Keeps the members of mlx-lm's block named in ``keep`` (gate, shared
     experts, settings), at the same paths, so the checkpoint's weights load
-    into them; subclasses implement ``__call__`` with the family's gating.
+    into them; subclasses implement ``route`` with the family's gating.
     """
 
     keep: tuple[str, ...] = ("gate",)
@@ -55,6 +57,32 @@ class RemoteBlock(nn.Module):
             if hasattr(block, name):
                 setattr(self, name, getattr(block, name))
         self.experts = RemoteExperts(layer)
+        self._route_step = compiled.for_decode(self.route)
+
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
+        """``(inds, scores)``, or ``(inds, scores, shared)`` with the block's
+        shared experts' output, for ``x`` [B, L, H]."""
+        raise NotImplementedError
+
+    def __call__(self, x: mx.array) -> mx.array:
+        route = self._route_step if x.shape[-2] == 1 else self.route
+        return self.experts(x, *route(x))
+
+
+class _DecodeRope(nn.Module):
+    """An attention's RoPE, compiled for decode steps (one position per row,
+    offsets as an array, as batched caches give them): on a CPU its
+    elementwise ops cost more than the layer's matmuls."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+        self._step = compiled.for_decode(rope.__call__)
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        if x.shape[-2] == 1 and isinstance(offset, mx.array):
+            return self._step(x, offset)
+        return self.rope(x, offset=offset)
 
 
 class Adapter:
@@ -137,10 +165,14 @@ class Adapter:
         return self.remote_class(block, layer)
 
     def strip_experts(self, model: nn.Module) -> None:
-        """Swap every MoE block of ``model`` for its remote twin, in place."""
+        """Swap every MoE block of ``model`` for its remote twin, in place,
+        and compile its attentions' RoPE for decode steps."""
         for i, layer in enumerate(model.layers):
             if self.is_moe_layer(i):
                 setattr(layer, self.block_attr, self.remote_block(getattr(layer, self.block_attr), i))
+            for _, module in layer.named_modules():
+                if isinstance(module.get("rope"), nn.Module):
+                    module.rope = _DecodeRope(module.rope)
 
     def remote_experts(self, model: nn.Module) -> Iterator[RemoteExperts]:
         for i, layer in enumerate(model.layers):
