@@ -188,21 +188,23 @@ class ExpertStore:
             raise InvalidRequestError(f"k={ids.shape[1]} exceeds the {self.adapter.num_experts} experts")
         if not np.isfinite(weights).all():
             raise InvalidRequestError("weights contain NaN or inf")
-        tok, slot = np.nonzero(ids >= 0)
-        gids = ids[tok, slot]
-        if (ids < -1).any() or (gids >= self.adapter.num_experts).any():
-            raise InvalidRequestError(f"expert ids must lie in [-1, {self.adapter.num_experts})")
-        lids = held.local[gids]
-        if (lids < 0).any():
-            missing = sorted(set(gids[lids < 0].tolist()))
-            raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
-        if tok.size == 0:
+        E, k = self.adapter.num_experts, ids.shape[1]
+        flat = ids.reshape(-1)
+        if flat.size and (flat.min() < -1 or flat.max() >= E):
+            raise InvalidRequestError(f"expert ids must lie in [-1, {E})")
+        pair = np.flatnonzero(flat >= 0)  # the (token, slot) pairs to compute, row-major
+        if pair.size == 0:
             return mx.zeros(hidden.shape, dtype=hidden.dtype)
-        w = weights[tok, slot].astype(np.float32)
+        P = pair.size
+        if T <= DECODE_TOKENS:  # padding repeats the first pair with weight 0: it adds nothing
+            pair = np.concatenate([pair, np.repeat(pair[:1], (1 << (P - 1).bit_length()) - P)])
+        lids = held.local[flat[pair]]
+        if lids.min() < 0:
+            missing = sorted(set(flat[pair][lids < 0].tolist()))
+            raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
+        w = weights.reshape(-1)[pair].astype(np.float32)
+        w[P:] = 0.0
+        tok, lids, w = mx.array((pair // k).astype(np.int32)), mx.array(lids), mx.array(w)
         if T > DECODE_TOKENS:
-            return _combine(held.mlp, hidden, mx.array(tok.astype(np.int32)), mx.array(lids), mx.array(w))
-        # padding repeats the first pair with weight 0: it adds nothing
-        pad = (1 << (tok.size - 1).bit_length()) - tok.size
-        tok, lids = (np.concatenate([a, np.repeat(a[:1], pad)]) for a in (tok, lids))
-        w = np.concatenate([w, np.zeros(pad, np.float32)])
-        return held.step(hidden, mx.array(tok.astype(np.int32)), mx.array(lids), mx.array(w))
+            return _combine(held.mlp, hidden, tok, lids, w)
+        return held.step(hidden, tok, lids, w)
