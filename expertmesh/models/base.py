@@ -69,22 +69,6 @@ class RemoteBlock(nn.Module):
         return self.experts(x, *route(x))
 
 
-class _DecodeRope(nn.Module):
-    """An attention's RoPE, compiled for decode steps (one position per row,
-    offsets as an array, as batched caches give them): on a CPU its
-    elementwise ops cost more than the layer's matmuls."""
-
-    def __init__(self, rope: nn.Module):
-        super().__init__()
-        self.rope = rope
-        self._step = compiled.for_decode(rope.__call__)
-
-    def __call__(self, x: mx.array, offset=0) -> mx.array:
-        if x.shape[-2] == 1 and isinstance(offset, mx.array):
-            return self._step(x, offset)
-        return self.rope(x, offset=offset)
-
-
 class Adapter:
     """Family-specific knowledge about an mlx-lm MoE model.
 
@@ -165,14 +149,10 @@ class Adapter:
         return self.remote_class(block, layer)
 
     def strip_experts(self, model: nn.Module) -> None:
-        """Swap every MoE block of ``model`` for its remote twin, in place,
-        and compile its attentions' RoPE for decode steps."""
+        """Swap every MoE block of ``model`` for its remote twin, in place."""
         for i, layer in enumerate(model.layers):
             if self.is_moe_layer(i):
                 setattr(layer, self.block_attr, self.remote_block(getattr(layer, self.block_attr), i))
-            for _, module in layer.named_modules():
-                if isinstance(module.get("rope"), nn.Module):
-                    module.rope = _DecodeRope(module.rope)
 
     def remote_experts(self, model: nn.Module) -> Iterator[RemoteExperts]:
         for i, layer in enumerate(model.layers):
