@@ -290,7 +290,7 @@ class Dispatcher:
         ids = np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False)
         weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
         out = np.zeros((ids.shape[0], shape[-1]), np.float32)
-        todo = np.ones(ids.shape, bool)
+        todo = None  # the (token, slot) pairs left to compute; None: all of them
         served = None  # the node that answered each slot
         sent: list[tuple[int, int, int, float]] = []
         turn = self._turns[layer] = self._turns.get(layer, -1) + 1
@@ -300,21 +300,23 @@ class Dispatcher:
             if failed is None:  # mostly at once: every slot of the layer answered
                 served = node if served is None else np.where(todo, node, served)
                 break
-            served = np.where(todo & ~failed, node, -1 if served is None else served)
+            served = np.where(~failed, node, -1) if served is None else np.where(todo & ~failed, node, served)
             self.retries += 1
             todo = failed
         if self.stats is not None:
             self.stats.record_layer(layer, ids, served, sent)
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
 
-    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray, turn: int) -> np.ndarray:
-        """[T, k] node index per (token, slot) to compute (-1 elsewhere): the
-        ((row + turn) mod copies)-th live holder of the expert."""
+    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None, turn: int) -> np.ndarray:
+        """[T, k] node index per (token, slot) in ``todo`` (None: all) to
+        compute, -1 elsewhere: the ((row + turn) mod copies)-th live holder of
+        the expert."""
         holders = self.placement.owners[layer][ids]  # [T, k, R]
         if holders.shape[-1] == 1 and not any(link.down for link in self.links):  # one live copy of each
             node = holders[..., 0]
             if node.min() >= 0:
-                return np.where(todo, node, -1)
+                return node if todo is None else np.where(todo, node, -1)
+        todo = np.ones(ids.shape, bool) if todo is None else todo
         live = np.array([not link.down for link in self.links])
         ok = (holders >= 0) & live[np.maximum(holders, 0)]
         if (todo & ~ok.any(-1)).any():
@@ -338,7 +340,7 @@ class Dispatcher:
         T = ids.shape[0]
         failed = None
         calls = []
-        chosen = [n for n in np.unique(node).tolist() if n >= 0]
+        chosen = sorted({n for n in node.ravel().tolist() if n >= 0})
         for n in chosen:
             link = self.links[n]
             if len(chosen) == 1 and node.min() >= 0:  # one node has every slot
