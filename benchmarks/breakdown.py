@@ -67,7 +67,8 @@ def main() -> None:
         model = bench_model(root, 24, False)
         nodes = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "4", "--no-discovery"],
                          root / f"node{i}.log") for i in range(args.nodes)]
-        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in nodes], port=0))
+        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in nodes], port=0,
+                                     mode="expert"))
         router.connect()
 
         def generate() -> float:
