@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import infer_quant_config
 
+from .. import compiled
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, ModelError
 from ..models import Adapter, get_adapter
@@ -26,12 +28,28 @@ from ..models.base import PARTS, PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
+# requests of at most this many tokens run compiled, their (token, expert)
+# pairs padded to a power of two so that few shapes are ever traced
+DECODE_TOKENS = 16
+
+
+def _combine(mlp: SwitchGLU, hidden: mx.array, tok: mx.array, lids: mx.array, w: mx.array) -> mx.array:
+    """``out[tok[p]] += w[p] * expert_{lids[p]}(hidden[tok[p]])``, accumulated
+    in float32 like mlx-lm's weighted sum, then cast once."""
+    y = mlp(hidden[tok], lids[:, None])[:, 0, :]  # [P, H]
+    out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok].add(y * w[:, None])
+    return out.astype(hidden.dtype)
+
+
 @dataclass
 class _Layer:
     experts: list[int]      # global ids, sorted
     local: np.ndarray       # [E] global -> local index, -1 when not held
     mlp: SwitchGLU
     nbytes: int
+
+    def __post_init__(self):
+        self.step = compiled.for_decode(partial(_combine, self.mlp))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -170,19 +188,23 @@ class ExpertStore:
             raise InvalidRequestError(f"k={ids.shape[1]} exceeds the {self.adapter.num_experts} experts")
         if not np.isfinite(weights).all():
             raise InvalidRequestError("weights contain NaN or inf")
-        tok, slot = np.nonzero(ids >= 0)
-        gids = ids[tok, slot]
-        if (ids < -1).any() or (gids >= self.adapter.num_experts).any():
-            raise InvalidRequestError(f"expert ids must lie in [-1, {self.adapter.num_experts})")
-        lids = held.local[gids]
-        if (lids < 0).any():
-            missing = sorted(set(gids[lids < 0].tolist()))
-            raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
-        if tok.size == 0:
+        E, k = self.adapter.num_experts, ids.shape[1]
+        flat = ids.reshape(-1)
+        if flat.size and (flat.min() < -1 or flat.max() >= E):
+            raise InvalidRequestError(f"expert ids must lie in [-1, {E})")
+        pair = np.flatnonzero(flat >= 0)  # the (token, slot) pairs to compute, row-major
+        if pair.size == 0:
             return mx.zeros(hidden.shape, dtype=hidden.dtype)
-        tok_mx = mx.array(tok.astype(np.int32))
-        y = held.mlp(hidden[tok_mx], mx.array(lids)[:, None])[:, 0, :]  # [P, H]
-        w = mx.array(weights[tok, slot].astype(np.float32))[:, None]
-        # accumulate in float32 like mlx-lm's weighted sum, then cast once
-        out = mx.zeros(hidden.shape, dtype=mx.float32).at[tok_mx].add(y * w)
-        return out.astype(hidden.dtype)
+        P = pair.size
+        if T <= DECODE_TOKENS:  # padding repeats the first pair with weight 0: it adds nothing
+            pair = np.concatenate([pair, np.repeat(pair[:1], (1 << (P - 1).bit_length()) - P)])
+        lids = held.local[flat[pair]]
+        if lids.min() < 0:
+            missing = sorted(set(flat[pair][lids < 0].tolist()))
+            raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
+        w = weights.reshape(-1)[pair].astype(np.float32)
+        w[P:] = 0.0
+        tok, lids, w = mx.array((pair // k).astype(np.int32)), mx.array(lids), mx.array(w)
+        if T > DECODE_TOKENS:
+            return _combine(held.mlp, hidden, tok, lids, w)
+        return held.step(hidden, tok, lids, w)

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.nodes.store import ExpertStore
+from expertmesh.nodes.store import DECODE_TOKENS, ExpertStore
 from expertmesh.tinymodel import DEFAULT_CONFIGS, write_tiny_model
 
 from safetensors_files import write_checkpoint
@@ -70,6 +70,21 @@ def test_quantized_experts_compute_what_mlx_lm_computes(tmp_path, family, quant)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     if quant == "mixed_3_6":  # down_proj of layer 3 is 6-bit, of layer 1 3-bit
         assert store.layers[3].mlp.down_proj.bits == 6 and store.layers[1].mlp.down_proj.bits == 3
+
+
+def test_decode_sized_requests_run_compiled_and_give_the_rows_a_prefill_gives(tmp_path):
+    """Requests of up to DECODE_TOKENS tokens run a compiled step with their
+    pairs padded; longer ones run as they are. Both give the same bits."""
+    store = stored(write_tiny_model(tmp_path, seed=4), layers=(1,))
+    rng = np.random.default_rng(1)
+    T = DECODE_TOKENS + 8
+    x = mx.array(rng.standard_normal((T, 64)).astype(np.float32)).astype(mx.bfloat16)
+    ids = rng.choice(HELD + [-1], size=(T, 2)).astype(np.int32)
+    weights = rng.random((T, 2)).astype(np.float32)
+    whole = store.forward(1, x, ids, weights)
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 4 + DECODE_TOKENS)):  # 1, 3 and 16 tokens
+        part = store.forward(1, x[rows], ids[rows], weights[rows])
+        assert mx.array_equal(part, whole[rows]).item(), rows
 
 
 # --- memory: a node never materialises experts it does not hold -------------

@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
+from .. import compiled
+
 # stacked projection names, in mlx-lm's SwitchGLU
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # tensors of one (possibly quantized) projection
@@ -28,7 +30,7 @@ class RemoteExperts:
         self.layer = layer
         self.call: ExpertCall | None = None
 
-    def __call__(self, x, inds, scores, shared: mx.array | None = None):
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array, shared: mx.array | None = None) -> mx.array:
         """``sum_j scores_j * expert_{inds_j}(x)``, plus ``shared`` (the block's
         shared experts), which computes here while the nodes compute."""
         if self.call is None:
@@ -44,7 +46,7 @@ class RemoteBlock(nn.Module):
 
     Keeps the members of mlx-lm's block named in ``keep`` (gate, shared
     experts, settings), at the same paths, so the checkpoint's weights load
-    into them; subclasses implement ``__call__`` with the family's gating.
+    into them; subclasses implement ``route`` with the family's gating.
     """
 
     keep: tuple[str, ...] = ("gate",)
@@ -55,6 +57,16 @@ class RemoteBlock(nn.Module):
             if hasattr(block, name):
                 setattr(self, name, getattr(block, name))
         self.experts = RemoteExperts(layer)
+        self._route_step = compiled.for_decode(self.route)
+
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
+        """``(inds, scores)``, or ``(inds, scores, shared)`` with the block's
+        shared experts' output, for ``x`` [B, L, H]."""
+        raise NotImplementedError
+
+    def __call__(self, x: mx.array) -> mx.array:
+        route = self._route_step if x.shape[-2] == 1 else self.route
+        return self.experts(x, *route(x))
 
 
 class Adapter:

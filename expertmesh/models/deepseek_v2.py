@@ -14,10 +14,9 @@ class RemoteMoE(RemoteBlock):
 
     keep = ("gate", "shared_experts")  # gate: mlx-lm's MoEGate -> (inds, scaled scores)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
         inds, scores = self.gate(x)
-        shared = self.shared_experts(x) if "shared_experts" in self else None
-        return self.experts(x, inds, scores, shared)
+        return (inds, scores, self.shared_experts(x)) if "shared_experts" in self else (inds, scores)
 
 
 class Adapter(BaseAdapter):

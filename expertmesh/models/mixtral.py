@@ -12,13 +12,13 @@ class RemoteSparseMoeBlock(RemoteBlock):
 
     keep = ("gate", "num_experts_per_tok")
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
         gates = self.gate(x)
         k = self.num_experts_per_tok
         inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
         scores = mx.take_along_axis(gates, inds, axis=-1)
         scores = mx.softmax(scores, axis=-1, precise=True)
-        return self.experts(x, inds, scores)
+        return inds, scores
 
 
 class Adapter(BaseAdapter):

@@ -12,16 +12,14 @@ class RemoteSparseMoeBlock(RemoteBlock):
 
     keep = ("gate", "top_k", "norm_topk_prob")
 
-    def __call__(self, x: mx.array) -> mx.array:
-        B, L, D = x.shape
-        x_flat = x.reshape(-1, D)
-        routing_weights = mx.softmax(self.gate(x_flat), axis=1, precise=True)
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
+        routing_weights = mx.softmax(self.gate(x.reshape(-1, x.shape[-1])), axis=1, precise=True)
         k = self.top_k
         inds = mx.argpartition(-routing_weights, kth=k - 1, axis=-1)[..., :k]
         scores = mx.take_along_axis(routing_weights, inds, axis=-1)
         if self.norm_topk_prob:
             scores = scores / scores.sum(axis=-1, keepdims=True)
-        return self.experts(x_flat, inds, scores).reshape(B, L, D)
+        return inds.reshape(*x.shape[:-1], k), scores.reshape(*x.shape[:-1], k)
 
 
 class Adapter(BaseAdapter):

@@ -11,14 +11,14 @@ class RemoteSparseMoeBlock(RemoteBlock):
 
     keep = ("gate", "top_k", "norm_topk_prob")
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, ...]:
         gates = mx.softmax(self.gate(x), axis=-1, precise=True)
         k = self.top_k
         inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
         scores = mx.take_along_axis(gates, inds, axis=-1)
         if self.norm_topk_prob:
             scores /= mx.sum(scores, axis=-1, keepdims=True)
-        return self.experts(x, inds, scores)
+        return inds, scores
 
 
 class Adapter(BaseAdapter):

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, load_tokenizer
 
 from ..checkpoint import Checkpoint
+from ..compiled import compile_decode_steps
 from ..errors import ModelError
 from ..models import Adapter, get_adapter
 from ..models.base import eval_private_arrays
@@ -32,6 +33,7 @@ def load_dense(checkpoint: Checkpoint) -> tuple[nn.Module, object, Adapter]:
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ModelError(f"cannot load {checkpoint.path}: {e}") from None
     eval_private_arrays(model)
+    compile_decode_steps(model)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     logger.info("dense model of %s: %.1f M parameters", checkpoint.model_id, params / 1e6)
     return model, tokenizer, adapter

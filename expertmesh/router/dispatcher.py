@@ -292,27 +292,34 @@ class Dispatcher:
         ids = np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False)
         weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
         out = np.zeros((ids.shape[0], shape[-1]), np.float32)
-        todo = np.ones(ids.shape, bool)
-        served = np.full(ids.shape, -1, np.intp)  # the node that answered each slot
+        todo = None  # the (token, slot) pairs left to compute; None: all of them
+        served = None  # the node that answered each slot
         sent: list[tuple[int, int, int, float]] = []
         turn = self._turns[layer] = self._turns.get(layer, -1) + 1
         while True:  # each failed round takes a node out, until _choose finds none left
             node = self._choose(layer, ids, todo, turn)
             failed = self._exchange(layer, code, hidden, ids, weights, node, out, sent)
-            served = np.where(todo & ~failed, node, served)
-            if not failed.any():
+            if failed is None:  # mostly at once: every slot of the layer answered
+                served = node if served is None else np.where(todo, node, served)
                 break
+            served = np.where(~failed, node, -1) if served is None else np.where(todo & ~failed, node, served)
             self.retries += 1
             todo = failed
         if self.stats is not None:
             self.stats.record_layer(layer, ids, served, sent)
         return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
 
-    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray, turn: int) -> np.ndarray:
-        """[T, k] node index per (token, slot) to compute (-1 elsewhere): the
-        ((row + turn) mod copies)-th live holder of the expert."""
-        live = np.array([not link.down for link in self.links])
+    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None, turn: int) -> np.ndarray:
+        """[T, k] node index per (token, slot) in ``todo`` (None: all) to
+        compute, -1 elsewhere: the ((row + turn) mod copies)-th live holder of
+        the expert."""
         holders = self.placement.owners[layer][ids]  # [T, k, R]
+        if holders.shape[-1] == 1 and not any(link.down for link in self.links):  # one live copy of each
+            node = holders[..., 0]
+            if node.min() >= 0:
+                return node if todo is None else np.where(todo, node, -1)
+        todo = np.ones(ids.shape, bool) if todo is None else todo
+        live = np.array([not link.down for link in self.links])
         ok = (holders >= 0) & live[np.maximum(holders, 0)]
         if (todo & ~ok.any(-1)).any():
             missing = self.placement.missing(live)
@@ -328,46 +335,58 @@ class Dispatcher:
         node = np.take_along_axis(holders, column[..., None], -1)[..., 0]
         return np.where(todo, node, -1)
 
-    def _exchange(self, layer, code, hidden, ids, weights, node, out, sent) -> np.ndarray:
+    def _exchange(self, layer, code, hidden, ids, weights, node, out, sent) -> np.ndarray | None:
         """One request per chosen node, answers added into ``out`` and their
-        traffic to ``sent``; returns the (token, slot) pairs of nodes that failed."""
+        traffic to ``sent``; returns the (token, slot) pairs of nodes that
+        failed (``None`` when none did)."""
         T = ids.shape[0]
-        failed = np.zeros(ids.shape, bool)
+        failed = None
         calls = []
-        for n in np.unique(node[node >= 0]):
-            link, mine = self.links[n], node == n
-            rows = np.flatnonzero(mine.any(axis=1))
-            every = rows.size == T
+        chosen = sorted({n for n in node.ravel().tolist() if n >= 0})
+        for n in chosen:
+            link = self.links[n]
+            if len(chosen) == 1 and node.min() >= 0:  # one node has every slot
+                mine, rows, req_ids, req_weights = None, None, ids, weights
+            else:
+                mine = node == n
+                rows = None if T == 1 else np.flatnonzero(mine.any(axis=1))  # the tokens it gets
+                if rows is not None and rows.size == T:
+                    rows = None
+                req_ids, req_weights = np.where(mine, ids, -1), np.where(mine, weights, 0.0)
+                if rows is not None:
+                    req_ids, req_weights = req_ids[rows], req_weights[rows]
             req = pb.ForwardRequest(
                 request_id=next(_REQUEST_IDS), layer=layer,
-                hidden=wire.encode_numpy(hidden if every else hidden[rows], code),
-                expert_ids=wire.encode_numpy(np.where(mine, ids, -1)[rows], pb.INT32),
-                weights=wire.encode_numpy(np.where(mine, weights, 0.0)[rows], pb.FLOAT32),
+                hidden=wire.encode_numpy(hidden if rows is None else hidden[rows], code),
+                expert_ids=wire.encode_numpy(req_ids, pb.INT32),
+                weights=wire.encode_numpy(req_weights, pb.FLOAT32),
             )
             try:
-                calls.append((n, link, mine, None if every else rows, req.ByteSize(), time.perf_counter(),
-                              link.submit(req)))
+                calls.append((n, link, mine, rows, req.ByteSize(), time.perf_counter(), link.submit(req)))
             except UnavailableError as e:
-                self._note_failure(layer, link, e, mine, failed)
+                failed = self._note_failure(layer, link, e, mine, node, failed)
         for n, link, mine, rows, nbytes, t0, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
             except FutureTimeout:
                 e = link.fail(UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s"))
-                self._note_failure(layer, link, e, mine, failed)
+                failed = self._note_failure(layer, link, e, mine, node, failed)
                 continue
             except UnavailableError as e:
                 if not link.down:  # the node itself refused: no failover helps
                     raise
-                self._note_failure(layer, link, e, mine, failed)
+                failed = self._note_failure(layer, link, e, mine, node, failed)
                 continue
-            sent.append((int(n), nbytes, resp.ByteSize(), time.perf_counter() - t0))
+            sent.append((n, nbytes, resp.ByteSize(), time.perf_counter() - t0))
             part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
             out[slice(None) if rows is None else rows] += part
         return failed
 
     @staticmethod
-    def _note_failure(layer, link, err, mine, failed) -> None:
+    def _note_failure(layer, link, err, mine, node, failed) -> np.ndarray:
+        """``failed`` with the slots of ``link`` (``mine``; ``None``: all that
+        ``node`` chose) added."""
+        mine = node >= 0 if mine is None else mine
         logger.warning("layer %d: %s failed (%s); sending its %d tokens to other holders", layer, link, err,
                        int(mine.any(axis=1).sum()))
-        failed |= mine
+        return mine if failed is None else failed | mine

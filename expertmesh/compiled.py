@@ -1,0 +1,53 @@
+"""``mx.compile`` for decode steps.
+
+On MLX's CPU backend most of a small step's time is per-op dispatch, and a
+compiled function runs the same kernels with its elementwise ops fused, so
+in fewer dispatches. Each new input shape is a new trace, so only shapes that
+repeat (one token per row) are compiled; prefill shapes vary per prompt and
+run as they are. ``EXPERTMESH_COMPILE=0`` turns it off, for A/B measurements
+(benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ENABLED = os.environ.get("EXPERTMESH_COMPILE", "1") != "0"
+
+
+def for_decode(fn: Callable) -> Callable:
+    """``fn`` compiled (``fn`` itself when compiling is off)."""
+    return mx.compile(fn) if ENABLED else fn
+
+
+class DecodeStep(nn.Module):
+    """``module`` compiled for inputs with one position per row (``x.shape[axis]
+    == 1``) and array arguments only: a Python number would be baked into the
+    trace, so every new value would trace again."""
+
+    def __init__(self, module: nn.Module, axis: int):
+        super().__init__()
+        self.module = module
+        self._axis = axis
+        self._step = for_decode(module.__call__)
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        if x.shape[self._axis] == 1 and all(isinstance(a, mx.array) for a in (*args, *kwargs.values())):
+            return self._step(x, *args, **kwargs)
+        return self.module(x, *args, **kwargs)
+
+
+def compile_decode_steps(model: nn.Module) -> None:
+    """Compile ``model``'s RMSNorms ([B, L, ...] inputs) and RoPEs ([B, heads,
+    L, D]; offsets as arrays, as batched caches give them) for decode steps,
+    in place. Call it after the weights are loaded: the wrappers move their
+    modules' parameters one level down."""
+    found = [(parent, name, child) for _, parent in model.named_modules()
+             for name, child in parent.children().items()
+             if isinstance(child, nn.RMSNorm) or (name == "rope" and isinstance(child, nn.Module))]
+    for parent, name, child in found:
+        setattr(parent, name, DecodeStep(child, 1 if isinstance(child, nn.RMSNorm) else -2))
