@@ -26,8 +26,9 @@ def for_decode(fn: Callable) -> Callable:
 
 class DecodeStep(nn.Module):
     """``module`` compiled for inputs with one position per row (``x.shape[axis]
-    == 1``) and array arguments only: a Python number would be baked into the
-    trace, so every new value would trace again."""
+    == 1``). Arguments must be arrays, since a Python number would be baked
+    into the trace and every new value would trace again; Python ints (a
+    single sequence's KV offset) are passed as arrays for that reason."""
 
     def __init__(self, module: nn.Module, axis: int):
         super().__init__()
@@ -36,9 +37,16 @@ class DecodeStep(nn.Module):
         self._step = for_decode(module.__call__)
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
-        if x.shape[self._axis] == 1 and all(isinstance(a, mx.array) for a in (*args, *kwargs.values())):
-            return self._step(x, *args, **kwargs)
+        if x.shape[self._axis] == 1:
+            args = tuple(_as_array(a) for a in args)
+            kwargs = {k: _as_array(v) for k, v in kwargs.items()}
+            if all(isinstance(a, mx.array) for a in (*args, *kwargs.values())):
+                return self._step(x, *args, **kwargs)
         return self.module(x, *args, **kwargs)
+
+
+def _as_array(a):
+    return mx.array(a) if type(a) is int else a
 
 
 def compile_decode_steps(model: nn.Module) -> None:

@@ -26,6 +26,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
+from .. import compiled
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError
 from ..models import Adapter
@@ -33,21 +34,6 @@ from ..models.base import PROJECTIONS, eval_private_arrays
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
-
-
-class _DecodeStep(nn.Module):
-    """A layer's MoE (or MLP) block, compiled for decode steps (one token per
-    row): the same kernels in fewer MLX dispatches, which is most of a small
-    layer's time on a CPU. Prefill shapes vary per prompt, so they run the
-    block as is rather than compile each one."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-        self._step = mx.compile(block.__call__)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self._step(x) if x.shape[1] == 1 else self.block(x)
 
 
 class _Layers(nn.Module):
@@ -227,8 +213,9 @@ class StageStore:
         mx.eval(module.parameters())
         eval_private_arrays(module)
         attr = self.adapter.block_attr
-        for layer in module.layers:
-            setattr(layer, attr, _DecodeStep(getattr(layer, attr)))
+        compiled.compile_decode_steps(module)  # norms and RoPEs
+        for layer in module.layers:  # and the MoE (or MLP) block
+            setattr(layer, attr, compiled.DecodeStep(getattr(layer, attr), 1))
         return _Span(start, module)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
