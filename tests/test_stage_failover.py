@@ -12,6 +12,7 @@ import pytest
 
 from expertmesh import Client, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
+from expertmesh.router.stages import StageRuntime
 
 from conftest import node_processes, running_nodes, running_router
 from test_correctness import PROMPT, reference_tokens
@@ -24,8 +25,12 @@ def spans_of(router) -> dict[str, list[tuple[int, int]]]:
     return {n.name: [(s.start, s.end) for s in n.stages] for n in router.cluster().nodes}
 
 
-def test_a_stage_node_killed_mid_generation_moves_its_span_and_both_streams_go_on(tiny, tmp_path, caplog):
+def test_a_stage_node_killed_mid_generation_moves_its_span_and_both_streams_go_on(tiny, tmp_path, caplog,
+                                                                                  monkeypatch):
     caplog.set_level(logging.WARNING, "expertmesh.router.stages")
+    # rebuild in chunks of 4 tokens, as histories over 512 tokens are: the span
+    # before the lost one must keep the prefix's KV from chunk to chunk
+    monkeypatch.setattr(StageRuntime, "REBUILD_CHUNK", 4)
     expected = reference_tokens(tiny, PROMPT, TOKENS)
     with node_processes(tiny, 3, tmp_path) as nodes, \
             running_router(tiny, [address for _, address in nodes], mode="pipeline") as router, \

@@ -296,11 +296,13 @@ class StageRuntime:
 
     def _rebuild(self, stage: Stage, sequence: int) -> None:
         """Re-run the sequence's prefix through the model so that the span's new
-        node holds its KV again (other spans run it without keeping KV)."""
+        node holds its KV again. Other spans keep the prefix's KV under a
+        throwaway sequence while it runs in chunks (later chunks attend to
+        earlier ones); ``sweep`` releases those once the caches are gone."""
         tokens = self._history.get(sequence, [])
         self._rebuilding = True
         try:
-            caches = self._make_caches(lambda st: StageCache(self, sequence if st is stage else None))
+            caches = self._make_caches(lambda st: StageCache(self, sequence if st is stage else next(self._ids)))
             for i in range(0, len(tokens), self.REBUILD_CHUNK):
                 self._model(mx.array(tokens[i:i + self.REBUILD_CHUNK])[None], cache=caches)
         finally:
