@@ -176,3 +176,27 @@ def test_plan_shows_the_mode_per_layer_and_the_predicted_speed(tiny):
     assert "layers 2-3: experts spread across a, b" in mixed.stdout
     bad = cli("plan", "--model", str(tiny), "--node", "a:1", "--layer-us", "0")
     assert bad.returncode == 1 and "--layer-us" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_expert_placement_flags_on_an_all_stage_plan_are_refused_or_said(tiny, tmp_path, caplog):
+    import logging
+
+    from google.protobuf import json_format
+
+    stats = pb.RouterStats(num_experts=8)
+    for layer in range(4):
+        stats.layers.add(layer=layer, expert_tokens=[i + 1 for i in range(8)])
+    path = tmp_path / "stats.json"
+    path.write_text(json_format.MessageToJson(stats))
+    out = cli("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1", "--mode", "pipeline",
+              "--replicas", "2")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith("--replicas and --placement-stats only apply to experts spread across "
+                                       "nodes (--mode expert or auto)")
+    caplog.set_level(logging.WARNING, "expertmesh.router.router")
+    with running_nodes(tiny, 2) as nodes, \
+            running_router(tiny, [n.address for n in nodes], mode="auto", placement_stats=path) as router:
+        assert not router.plan.placement.owners  # auto chose stages for every layer (the tiny model fits)
+        assert "--replicas and --placement-stats do not apply" in caplog.text  # said, not a crash
+        with Client(f"127.0.0.1:{router.port}") as client:
+            assert [p.token for p in client.generate(PROMPT, max_tokens=8)] == reference_tokens(tiny, PROMPT, 8)

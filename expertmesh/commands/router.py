@@ -64,6 +64,9 @@ def run(args) -> None:
         raise ExpertmeshError("--expect must be at least 1")
     if args.placement_stats is not None and args.replicas != 1:
         raise ExpertmeshError("--placement-stats plans the copies itself: leave --replicas out")
+    if args.mode == "pipeline" and (args.replicas != 1 or args.placement_stats is not None):
+        raise ExpertmeshError("--mode pipeline runs whole layers on one node each: --replicas and "
+                              "--placement-stats only apply to experts spread across nodes (--mode expert or auto)")
     if args.rebalance_threshold is not None and not 0 < args.rebalance_threshold <= 1:
         raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
     if args.rebalance_min_tokens < 0:

@@ -141,9 +141,13 @@ class Router:
                                 self.config.replicas, load)
         for line in plan.describe(self.adapter.args.num_hidden_layers):
             logger.info("%s", line)
-        if load is not None:
+        spread = bool(plan.placement.owners)
+        if spread and load is not None:
             logger.info("experts placed by %s: balance ratio %.3f expected on its traffic",
                         self.config.placement_stats, planner.expected_balance(plan.placement, load))
+        if not spread and (load is not None or self.config.replicas > 1):
+            logger.warning("every layer runs as a pipeline stage on one node: --replicas and --placement-stats "
+                           "do not apply (use --mode expert to spread and copy experts)")
         return plan
 
     def _bring_up_stages(self, links: list[NodeLink]) -> None:
