@@ -24,6 +24,9 @@ from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
 
+# Measure times one layer after this many tokens at most: its KV stays small
+MAX_MEASURE_CONTEXT = 4096
+
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def __init__(self, name: str, store: ExpertStore, memory_budget: int, worker: MLXWorker,
                  stages: StageStore | None = None):
@@ -185,10 +188,17 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                                 layers_done=len(spans), layers_total=len(spans), done=True)
 
     def Measure(self, request, context):
+        if not 0 <= request.context <= MAX_MEASURE_CONTEXT:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"context must be 0 to {MAX_MEASURE_CONTEXT} tokens, not {request.context}")
+        if not self._assign_lock.acquire(blocking=False):  # it loads a layer: not beside an assignment
+            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is loading an assignment")
         try:
             b1, b8, nbytes = self.worker.run(self.stages.measure, request.layer, request.context or 32)
         except ExpertmeshError as e:
             context.abort(status_code(e), str(e))
+        finally:
+            self._assign_lock.release()
         return pb.Measurement(layer_seconds_batch1=b1, layer_seconds_batch8=b8, layer_bytes=nbytes)
 
     def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:

@@ -157,6 +157,11 @@ def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
                 data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest()))
         m = stub.Measure(pb.MeasureRequest(layer=0), timeout=60)
         assert m.layer_seconds_batch1 > 0 and m.layer_seconds_batch8 > 0 and m.layer_bytes > 0
+        for context in (-5, 2**31 - 1):  # a negative KV, or one that would fill the node's memory
+            with pytest.raises(grpc.RpcError) as bad:
+                stub.Measure(pb.MeasureRequest(layer=0, context=context), timeout=60)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"context must be 0 to 4096 tokens, not {context}" in bad.value.details()
         assert [(s.start, s.end) for s in stub.GetInfo(pb.GetInfoRequest(), timeout=10).stages] == [(0, 4)]
 
 

@@ -227,6 +227,8 @@ class Rebalancer:
                     self.rebalance(_log, threshold=threshold, min_tokens=min_tokens)
                 except ExpertmeshError as e:
                     logger.warning("automatic rebalance failed: %s", e)
+                except Exception:  # keep watching: the next interval may succeed
+                    logger.exception("automatic rebalance failed")
         self._thread = threading.Thread(target=run, name="rebalance", daemon=True)
         self._thread.start()
 

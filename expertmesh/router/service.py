@@ -61,6 +61,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 updates.put(None)
             except ExpertmeshError as e:
                 updates.put(e)
+            except Exception as e:  # the caller must hear of it, never wait forever
+                logger.exception("Rebalance failed")
+                updates.put(ExpertmeshError(f"rebalancing failed: {e}"))
 
         threading.Thread(target=work, name="rebalance-rpc", daemon=True).start()
         while (item := updates.get()) is not None:
