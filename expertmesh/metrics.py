@@ -107,6 +107,9 @@ class MetricsServer:
         except ImportError:
             raise ExpertmeshError("--metrics-port needs prometheus_client: pip install prometheus-client") from None
 
+        class _TimedHandler(_SilentHandler):
+            timeout = 10  # seconds a scraper may take to handshake and send its request
+
         class _Collector:
             def collect(self):
                 try:
@@ -130,11 +133,12 @@ class MetricsServer:
         if ":" in host:
             server_class = type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": socket.AF_INET6})
         try:
-            self._server = make_server(host, port, app, server_class, handler_class=_SilentHandler)
+            self._server = make_server(host, port, app, server_class, handler_class=_TimedHandler)
         except OSError as e:
             raise UnavailableError(f"cannot serve metrics on {host}:{port}: {e}") from None
-        if security.tls:
-            self._server.socket = security.server_ssl_context().wrap_socket(self._server.socket, server_side=True)
+        if security.tls:  # the handshake runs in the request's thread, not in accept(): a silent peer blocks no one
+            self._server.socket = security.server_ssl_context().wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self.scheme = "https" if security.tls else "http"
         self.host, self.port = host, self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)

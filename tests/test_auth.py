@@ -258,7 +258,9 @@ def test_metrics_want_the_token_and_under_tls_a_client_certificate(token_mesh, t
     client = Security(TOKEN, **tls(certs, "client")).client_ssl_context()
     for component in tls_mesh:
         assert component.metrics.url.startswith("https://")
+        silent = socket.create_connection(("127.0.0.1", component.metrics.port))  # connects, never handshakes
         status, body = scrape(component.metrics.url, TOKEN, client)
         assert status == 200 and list(text_string_to_metric_families(body))
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
             scrape(component.metrics.url, TOKEN, ssl.create_default_context(cafile=str(certs / "ca.pem")))
+        silent.close()
