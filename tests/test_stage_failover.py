@@ -98,3 +98,28 @@ def test_re_planning_lost_experts_counts_the_memory_of_the_live_nodes_stages(tin
     finally:
         for n in nodes:
             n.stop(grace=0)
+
+
+def test_a_stage_node_that_comes_back_runs_its_span_again_with_fresh_kv(tiny, tmp_path):
+    """No room elsewhere: while it is stopped requests fail in one line; once
+    it answers again it takes its own span back and generates as before."""
+    from test_membership import logged
+
+    expected = reference_tokens(tiny, PROMPT, 8)
+    with node_processes(tiny, 2, tmp_path, memory_gb=0.0009) as nodes, \
+            running_router(tiny, [a for _, a in nodes], mode="pipeline", forward_timeout=1.0) as router, \
+            Client(f"127.0.0.1:{router.port}") as client:
+        assert [p.token for p in client.generate(PROMPT, max_tokens=8)] == expected
+        stream = client.generate(PROMPT, max_tokens=8)
+        got = [next(stream).token]  # n1 holds this sequence's KV for its span
+        with logged(r"node n1 is down") as down:
+            nodes[1][0].proc.send_signal(signal.SIGSTOP)
+            with pytest.raises(UnavailableError, match=r"layers \d+-\d+ ran on .*n1.* no live node has"):
+                got += [p.token for p in stream]
+            assert down.wait(30)
+        with logged(r"node n1 is back at") as back:
+            nodes[1][0].proc.send_signal(signal.SIGCONT)
+            assert back.wait(60)
+        for _ in range(2):  # the span moves back once, then stays
+            assert [p.token for p in client.generate(PROMPT, max_tokens=8)] == expected
+        assert spans_of(router)["n1"]

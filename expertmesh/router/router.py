@@ -176,9 +176,17 @@ class Router:
         """
         need = sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for l in range(start, end))
         failures = []
+        back = next((m for m in self.membership.members if m.name == dead.name and not m.down and m.link is not dead
+                     and (start, end) in self.plan.stages.get(m.name, [])), None)
+        if back is not None:  # the node itself came back: it takes its spans again (reloaded if it restarted)
+            try:
+                self._assign_stages(back.name, self.plan.stages[back.name])
+                return back.link
+            except ExpertmeshError as e:
+                failures.append(str(e))
         free = {}
         for m in self.membership.members:
-            if not m.down and m.link is not dead:
+            if not m.down and m.link is not dead and m.name != dead.name:
                 try:
                     info = m.link.get_info()
                     free[m.name] = (info.memory_budget_bytes - info.memory_used_bytes, m)
@@ -188,7 +196,7 @@ class Router:
             if room < need:
                 break
             try:
-                self._assign_stages(m.name, sorted([*self.plan.stages.get(m.name, []), (start, end)]))
+                self._assign_stages(m.name, sorted({*self.plan.stages.get(m.name, []), (start, end)}))
             except ExpertmeshError as e:
                 failures.append(str(e))
                 continue

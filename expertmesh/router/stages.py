@@ -290,6 +290,12 @@ class StageRuntime:
         """Load the span onto a live node; the KV of every sequence it served is lost."""
         stage.link = self.relocate(stage.start, stage.end, dead)
         lost = {s for s, st in self._span_of.items() if st is stage}
+        try:  # a node that came back may still hold these sequences' KV: rebuilt KV must not add to it
+            self._call(stage.link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
+                                                     stage=pb.StageRequest(release=sorted(lost))))
+        except ExpertmeshError as e:
+            logger.warning("could not release %d sequences on %r before rebuilding them: %s", len(lost),
+                           stage.link, e)
         logger.warning("layers %d-%d moved from %r to %r: rebuilding the KV of %d sequences", stage.start,
                        stage.end - 1, dead, stage.link, len(lost))
         self._lost |= lost
