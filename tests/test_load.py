@@ -12,10 +12,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 from load import mesh, percentiles, prompts, rss_mb, run_round  # noqa: E402
 
-STREAMS, ROUNDS, TOKENS = 32, 4, 8
+STREAMS, ROUNDS, TOKENS = 32, 8, 8
 # A leaked KV cache of one round's batch is 32 x 262 KB = 8.4 MB on the tiny model (4 layers x
 # K and V x 2 heads x 16 dims x mlx-lm's 256-token step x 4 bytes per sequence), 16.8 MB over the
-# two rounds compared; RSS otherwise moves by up to 6 MB between rounds here (allocator, gRPC).
+# rounds compared; RSS otherwise moves by up to 6 MB between rounds here (allocator, gRPC).
+# Stage nodes (the default --mode auto) also compile their decode steps once per batch size
+# they meet, which grows RSS by ~15 MB over the first rounds and then stays flat (10 rounds of
+# benchmarks/load.py: nodes 138 -> 152 MB by round 5, 152-154 MB after), so the comparison
+# starts at round 5.
 LEAK_MB = 8
 
 
@@ -31,5 +35,5 @@ def test_32_concurrent_streams_all_complete_with_single_request_output_and_no_pr
             rss.append([rss_mb(p.proc.pid) for p in procs])
             print(f"\nround {n + 1}: TTFT {percentiles(r.ttft)}; inter-token {percentiles(r.itl)}; "
                   f"RSS MB (nodes, router) {', '.join(f'{m:.0f}' for m in rss[-1])}")
-    # the first rounds warm caches and pools up; the last two must not add to them
-    assert all(after - before < LEAK_MB for before, after in zip(rss[1], rss[-1])), rss
+    # the first rounds warm caches, pools and compiled traces up; the last three must not add to them
+    assert all(after - before < LEAK_MB for before, after in zip(rss[4], rss[-1])), rss
