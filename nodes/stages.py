@@ -28,12 +28,17 @@ from mlx_lm.utils import infer_quant_config
 
 from .. import compiled
 from ..checkpoint import Checkpoint
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestTooLargeError
 from ..models import Adapter
 from ..models.base import PROJECTIONS, eval_private_arrays
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
+
+# sequences whose KV one span keeps at most: routers release theirs as they
+# finish (and the idle timeout frees what a router forgot), so only a client
+# that opens sequences without end reaches it
+MAX_SEQUENCES = 1024
 
 
 class _Layers(nn.Module):
@@ -59,6 +64,12 @@ class _Span:
         wanted = set(sequences)
         for key in [k for k in self._batches if wanted.intersection(k)]:
             self._split(key)
+        held = len(self._loose) + sum(len(k) for k in self._batches)
+        new = sum(s not in self._loose for s in sequences)
+        if held + new > MAX_SEQUENCES:
+            raise RequestTooLargeError(
+                f"layers {self.start}-{self.end - 1} already keep the KV of {held} sequences, and {new} more would "
+                f"pass the limit of {MAX_SEQUENCES}: release finished ones first")
         per = [self._loose.pop(s, None) or [KVCache() for _ in self.layers] for s in sequences]
         for s in sequences:
             self._used.pop(s, None)

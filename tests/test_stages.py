@@ -155,6 +155,23 @@ def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
         with pytest.raises(Exception, match="no stage span starting at layer 1"):
             node.servicer.forward(pb.ForwardRequest(request_id=2, layer=1, hidden=pb.Tensor(
                 data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest()))
+        from expertmesh.errors import RequestTooLargeError
+        from expertmesh.nodes import stages
+
+        def step(sequence: int) -> pb.ForwardResponse:
+            return node.servicer.forward(pb.ForwardRequest(request_id=3, layer=0, hidden=pb.Tensor(
+                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest(sequences=[sequence])))
+        limit, stages.MAX_SEQUENCES = stages.MAX_SEQUENCES, 3
+        try:  # a client that opens sequences without end is refused, not given memory
+            for sequence in (1, 2, 3):
+                assert step(sequence).HasField("output")
+            with pytest.raises(RequestTooLargeError, match="already keep the KV of 3 sequences"):
+                step(4)
+            assert step(3).HasField("output")  # held ones go on
+            node.servicer.forward(pb.ForwardRequest(request_id=4, stage=pb.StageRequest(release=[1])))
+            assert step(4).HasField("output")
+        finally:
+            stages.MAX_SEQUENCES = limit
         m = stub.Measure(pb.MeasureRequest(layer=0), timeout=60)
         assert m.layer_seconds_batch1 > 0 and m.layer_seconds_batch8 > 0 and m.layer_bytes > 0
         for context in (-5, 2**31 - 1):  # a negative KV, or one that would fill the node's memory
