@@ -68,12 +68,24 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             kv_cache_bytes=self.stages.kv_bytes, kv_sequences=len(self.stages.sequences),
         )
 
-    def Assign(self, request, context):
+    def _check_checkpoint(self, config_hash: str, context) -> None:
         ck = self.store.checkpoint
-        if request.config_hash != ck.config_hash:
+        if config_hash != ck.config_hash:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
-                          f"not config {request.config_hash}")
+                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), not config {config_hash}")
+
+    def _check_budget(self, need: int, what: str, context) -> None:
+        if need > self.memory_budget:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"node {self.name}: {what} {need / 1e9:.2f} GB, budget is {self.memory_budget / 1e9:.2f} GB")
+
+    def _lock_loading(self, context) -> None:
+        """Take the one loading slot (Assign, AssignStages, Measure) or abort; the caller releases it."""
+        if not self._assign_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
+
+    def Assign(self, request, context):
+        self._check_checkpoint(request.config_hash, context)
         wanted = {le.layer: list(le.experts) for le in request.experts}
         if len(wanted) != len(request.experts):
             layers = [le.layer for le in request.experts]
@@ -84,12 +96,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         except ExpertmeshError as e:
             context.abort(status_code(e), str(e))
         need = sum(self.store.expert_bytes(l) * len(e) for l, e in wanted.items()) + self.stages.nbytes
-        if need > self.memory_budget:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"node {self.name}: assignment needs {need / 1e9:.2f} GB, "
-                          f"budget is {self.memory_budget / 1e9:.2f} GB")
-        if not self._assign_lock.acquire(blocking=False):
-            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
+        self._check_budget(need, "assignment needs", context)
+        self._lock_loading(context)
         try:
             self.state = pb.LOADING
             updates: queue.SimpleQueue = queue.SimpleQueue()  # streamed while the worker loads
@@ -161,23 +169,14 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     # --- pipeline stages (nodes/stages.py) ------------------------------------
     def AssignStages(self, request, context):
-        ck = self.store.checkpoint
-        if request.config_hash != ck.config_hash:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), "
-                          f"not config {request.config_hash}")
+        self._check_checkpoint(request.config_hash, context)
         spans = [(s.start, s.end) for s in request.stages]
         try:
             self.stages.validate(spans)
         except ExpertmeshError as e:
             context.abort(status_code(e), str(e))
-        need = self.stages.span_bytes(spans) + self.store.nbytes
-        if need > self.memory_budget:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"node {self.name}: stages and experts need {need / 1e9:.2f} GB, "
-                          f"budget is {self.memory_budget / 1e9:.2f} GB")
-        if not self._assign_lock.acquire(blocking=False):
-            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
+        self._check_budget(self.stages.span_bytes(spans) + self.store.nbytes, "stages and experts need", context)
+        self._lock_loading(context)
         try:
             self.worker.run(self.stages.assign, spans)
         except ExpertmeshError as e:
@@ -191,8 +190,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         if not 0 <= request.context <= MAX_MEASURE_CONTEXT:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"context must be 0 to {MAX_MEASURE_CONTEXT} tokens, not {request.context}")
-        if not self._assign_lock.acquire(blocking=False):  # it loads a layer: not beside an assignment
-            context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is loading an assignment")
+        self._lock_loading(context)  # it loads a layer: not beside an assignment
         try:
             b1, b8, nbytes = self.worker.run(self.stages.measure, request.layer, request.context or 32)
         except ExpertmeshError as e:

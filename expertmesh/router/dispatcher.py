@@ -21,7 +21,7 @@ from .. import wire
 from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement, describe
 from ..security import Security
-from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts
+from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts, split_address
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .stats import RoutingStats
@@ -127,7 +127,7 @@ class NodeLink:
             OSError: unreachable, or the TLS handshake failed.
             AuthError: the node refused our token.
         """
-        host = self.address.rpartition(":")[0].strip("[]")
+        host, _ = split_address(self.address)
         sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
