@@ -25,9 +25,16 @@ import hop  # noqa: E402
 
 from expertmesh import Client  # noqa: E402
 from expertmesh.demo import Process  # noqa: E402
+from expertmesh.router import RouterConfig  # noqa: E402
 from expertmesh.tinymodel import write_tiny_model  # noqa: E402
 
 PROMPT = "Once upon a time"
+
+# The mesh's figures (decode_tps_mesh, decode_ratio, ...) are taken in the
+# router's default mode, the one `expertmesh router` runs; every other mode's
+# carry its name (decode_tps_mesh_expert, decode_ratio_expert, ...).
+DEFAULT_MODE = RouterConfig.mode  # "auto"
+MODES = (DEFAULT_MODE, "expert")
 
 
 # Qwen3-30B-A3B's widths (its vocabulary and layer count aside)
@@ -100,6 +107,17 @@ def mesh_runs(address: str, max_tokens: int, prompt_512: str, repeats: int, toke
     return {"decode_tps_mesh": statistics.median(decode), "prefill_tps_mesh": statistics.median(prefill)}
 
 
+def plan_text(cluster) -> str:
+    """What each node runs: its spans of whole layers, or how many experts it holds."""
+    parts = []
+    for n in cluster.nodes:
+        if n.stages:
+            parts.append(f"{n.name}: layers " + ", ".join(f"{a}-{b - 1}" for a, b in n.stages))
+        else:
+            parts.append(f"{n.name}: {sum(len(e) for e in n.experts.values())} experts")
+    return "; ".join(parts)
+
+
 def concurrent_tps(address: str, streams: int, max_tokens: int) -> float:
     counts = [0] * streams
 
@@ -161,6 +179,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None, help="MoE layers (default 24; 2 with --scale)")
     parser.add_argument("--scale", action="store_true",
                         help="Qwen3-30B-A3B widths: hidden 2048, 128 experts, top-8, 4-bit (fewer layers)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="router modes to measure (default: both)")
+    parser.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding runs")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
     trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 3, 64)
@@ -176,36 +197,37 @@ def main() -> int:
         from mlx_lm.utils import load_tokenizer
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
         results.update(local_runs(model, tokens, prompt_512, repeats))
-        mesh = Mesh(model, args.nodes, root)
-        try:
-            results.update(mesh_runs(mesh.address, tokens, prompt_512, repeats, tokens_512))
-            results["batch_tps_1"] = concurrent_tps(mesh.address, 1, tokens)
-            results["batch_tps_8"] = concurrent_tps(mesh.address, 8, tokens)
-        finally:
-            mesh.close()
-        mesh = Mesh(model, args.nodes, root, mode="auto")
-        try:
-            decode = []
-            with Client(mesh.address) as c:
-                for _ in range(repeats + 1):  # the first warms the nodes up
-                    *_, last = c.generate(PROMPT, max_tokens=tokens)
-                    decode.append(last.generation_tps)
-            results["decode_tps_auto"] = statistics.median(decode[1:])
-            results["batch_tps_8_auto"] = concurrent_tps(mesh.address, 8, tokens)
-        finally:
-            mesh.close()
-        results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
+        for mode in MODES:
+            if mode not in args.modes:
+                continue
+            suffix = "" if mode == DEFAULT_MODE else f"_{mode}"
+            mesh = Mesh(model, args.nodes, root, mode=mode)
+            try:
+                with Client(mesh.address) as c:
+                    results[f"plan{suffix}"] = plan_text(c.cluster())
+                mesh_runs(mesh.address, tokens, prompt_512, 1, tokens_512)  # warm-up: compiles, caches
+                run = mesh_runs(mesh.address, tokens, prompt_512, repeats, tokens_512)
+                results[f"decode_tps_mesh{suffix}"] = run["decode_tps_mesh"]
+                results[f"prefill_tps_mesh{suffix}"] = run["prefill_tps_mesh"]
+                results[f"batch_tps_1{suffix}"] = concurrent_tps(mesh.address, 1, tokens)
+                results[f"batch_tps_8{suffix}"] = concurrent_tps(mesh.address, 8, tokens)
+            finally:
+                mesh.close()
+        if not args.no_spec:
+            results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     r = results
-    r["decode_ratio"] = r["decode_tps_mesh"] / r["decode_tps_local"]
-    r["prefill_ratio"] = r["prefill_tps_mesh"] / r["prefill_tps_local"]
-    r["batch_gain"] = r["batch_tps_8"] / r["batch_tps_1"]
-    r["peer_ratio"] = r["decode_tps_mesh"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
-    r["auto_ratio"] = r["decode_tps_auto"] / r["decode_tps_mesh"]
-    r["auto_peer_ratio"] = r["decode_tps_auto"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
+    for mode in MODES:
+        x = "" if mode == DEFAULT_MODE else f"_{mode}"
+        if f"decode_tps_mesh{x}" not in r:
+            continue
+        r[f"decode_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r["decode_tps_local"]
+        r[f"prefill_ratio{x}"] = r[f"prefill_tps_mesh{x}"] / r["prefill_tps_local"]
+        r[f"batch_gain{x}"] = r[f"batch_tps_8{x}"] / r[f"batch_tps_1{x}"]
+        r[f"peer_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{'figure':<34} value")
