@@ -1,7 +1,12 @@
 """``make bench``: the hot path and end-to-end throughput, as ratios measured
 side by side in one run. Writes benchmarks/results/latest.json and prints a table.
 
-    python benchmarks/run.py [--quick] [--nodes 2] [--layers N] [--scale]
+    python benchmarks/run.py [--quick] [--nodes 2] [--layers N] [--scale] [--modes auto expert] [--no-spec]
+
+The mesh is measured in the router's default mode (``auto``: the cost model
+picks spans of whole layers or spread experts) and in ``expert`` mode (every
+MoE layer a round trip to the nodes); each mode's trials alternate with
+local mlx-lm's, so each ratio compares two things measured side by side.
 """
 
 from __future__ import annotations
@@ -79,32 +84,58 @@ class Mesh:
             p.stop()
 
 
-def local_runs(model: Path, max_tokens: int, prompt_512: str, repeats: int) -> dict:
-    from mlx_lm import load
-    from mlx_lm.generate import stream_generate
+class Local:
+    """The checkpoint in mlx-lm, in this process: the reference."""
 
-    m, tok = load(str(model))
-    decode, prefill = [], []
-    for _ in range(repeats):
-        for r in stream_generate(m, tok, PROMPT, max_tokens=max_tokens):
+    def __init__(self, model: Path):
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(model))
+
+    def once(self, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[float, float]:
+        """(decode tok/s, prefill tok/s of the long prompt)."""
+        from mlx_lm.generate import stream_generate
+
+        for r in stream_generate(self.model, self.tokenizer, PROMPT, max_tokens=max_tokens):
             pass
-        decode.append(r.generation_tps)
         t = time.perf_counter()
-        next(iter(stream_generate(m, tok, prompt_512, max_tokens=1)))
-        prefill.append(len(tok.encode(prompt_512)) / (time.perf_counter() - t))
-    return {"decode_tps_local": statistics.median(decode), "prefill_tps_local": statistics.median(prefill)}
+        next(iter(stream_generate(self.model, self.tokenizer, prompt_512, max_tokens=1)))
+        return r.generation_tps, tokens_512 / (time.perf_counter() - t)
 
 
-def mesh_runs(address: str, max_tokens: int, prompt_512: str, repeats: int, tokens_512: int) -> dict:
-    decode, prefill = [], []
-    with Client(address) as c:
+def mesh_once(client: Client, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s of the long prompt) through the mesh."""
+    *_, last = client.generate(PROMPT, max_tokens=max_tokens)
+    t = time.perf_counter()
+    next(iter(client.generate(prompt_512, max_tokens=1)))
+    return last.generation_tps, tokens_512 / (time.perf_counter() - t)
+
+
+def compare(mode: str, model: Path, local: Local, nodes: int, root: Path, tokens: int, prompt_512: str,
+            tokens_512: int, repeats: int) -> dict:
+    """One mode's mesh against local mlx-lm, trials alternating (local, mesh)
+    so that both see the same load; then 1 vs 8 concurrent streams, alternating."""
+    x = "" if mode == DEFAULT_MODE else f"_{mode}"
+    mesh = Mesh(model, nodes, root, mode=mode)
+    trials: dict[str, list[float]] = {k: [] for k in ("dl", "pl", "dm", "pm", "b1", "b8")}
+    try:
+        with Client(mesh.address) as c:
+            plan = plan_text(c.cluster())
+            mesh_once(c, tokens, prompt_512, tokens_512)  # warm-up: compiles, caches
+            for _ in range(repeats):
+                for (d, p), key in ((local.once(tokens, prompt_512, tokens_512), "l"),
+                                    (mesh_once(c, tokens, prompt_512, tokens_512), "m")):
+                    trials["d" + key].append(d)
+                    trials["p" + key].append(p)
         for _ in range(repeats):
-            *_, last = c.generate(PROMPT, max_tokens=max_tokens)
-            decode.append(last.generation_tps)
-            t = time.perf_counter()
-            next(iter(c.generate(prompt_512, max_tokens=1)))
-            prefill.append(tokens_512 / (time.perf_counter() - t))
-    return {"decode_tps_mesh": statistics.median(decode), "prefill_tps_mesh": statistics.median(prefill)}
+            trials["b1"].append(concurrent_tps(mesh.address, 1, tokens))
+            trials["b8"].append(concurrent_tps(mesh.address, 8, tokens))
+    finally:
+        mesh.close()
+    m = {k: statistics.median(v) for k, v in trials.items()}
+    return {f"plan{x}": plan, f"decode_tps_local{x}": m["dl"], f"prefill_tps_local{x}": m["pl"],
+            f"decode_tps_mesh{x}": m["dm"], f"prefill_tps_mesh{x}": m["pm"],
+            f"batch_tps_1{x}": m["b1"], f"batch_tps_8{x}": m["b8"]}
 
 
 def plan_text(cluster) -> str:
@@ -184,7 +215,7 @@ def main() -> int:
     parser.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding runs")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
-    trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 3, 64)
+    trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 5, 64)
     args.layers = args.layers or (2 if args.scale else 24)
     results: dict = {"nodes": args.nodes, "layers": args.layers, "scale": args.scale, "cpus": os.cpu_count()}
     root = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
@@ -196,23 +227,12 @@ def main() -> int:
         prompt_512 = long_prompt(model, 512)
         from mlx_lm.utils import load_tokenizer
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
-        results.update(local_runs(model, tokens, prompt_512, repeats))
+        local = Local(model)
         for mode in MODES:
-            if mode not in args.modes:
-                continue
-            suffix = "" if mode == DEFAULT_MODE else f"_{mode}"
-            mesh = Mesh(model, args.nodes, root, mode=mode)
-            try:
-                with Client(mesh.address) as c:
-                    results[f"plan{suffix}"] = plan_text(c.cluster())
-                mesh_runs(mesh.address, tokens, prompt_512, 1, tokens_512)  # warm-up: compiles, caches
-                run = mesh_runs(mesh.address, tokens, prompt_512, repeats, tokens_512)
-                results[f"decode_tps_mesh{suffix}"] = run["decode_tps_mesh"]
-                results[f"prefill_tps_mesh{suffix}"] = run["prefill_tps_mesh"]
-                results[f"batch_tps_1{suffix}"] = concurrent_tps(mesh.address, 1, tokens)
-                results[f"batch_tps_8{suffix}"] = concurrent_tps(mesh.address, 8, tokens)
-            finally:
-                mesh.close()
+            if mode in args.modes:
+                results.update(compare(mode, model, local, args.nodes, root, tokens, prompt_512, tokens_512,
+                                       repeats))
+        del local
         if not args.no_spec:
             results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
@@ -224,8 +244,8 @@ def main() -> int:
         x = "" if mode == DEFAULT_MODE else f"_{mode}"
         if f"decode_tps_mesh{x}" not in r:
             continue
-        r[f"decode_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r["decode_tps_local"]
-        r[f"prefill_ratio{x}"] = r[f"prefill_tps_mesh{x}"] / r["prefill_tps_local"]
+        r[f"decode_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r[f"decode_tps_local{x}"]
+        r[f"prefill_ratio{x}"] = r[f"prefill_tps_mesh{x}"] / r[f"prefill_tps_local{x}"]
         r[f"batch_gain{x}"] = r[f"batch_tps_8{x}"] / r[f"batch_tps_1{x}"]
         r[f"peer_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
