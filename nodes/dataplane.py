@@ -7,7 +7,10 @@ figures). gRPC ``Forward`` stays for tools and as the fallback. Each
 connection is served by an ``MLXWorker`` of its own, which runs the experts
 itself (no thread hand-off on the hot path). With TLS files a connection is
 TLS with client certificates; with a cluster token its first frame must be a
-``DataPlaneHello`` carrying it: both are checked once, before any request.
+``DataPlaneHello`` carrying it: both are checked once, before any request,
+on a short-lived thread of the connection's own (at most ``MAX_UNADMITTED``
+at a time, each for at most ``HELLO_TIMEOUT_S``), so strangers that connect
+and say nothing cost the node no MLX thread and a bounded number of others.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
+MAX_UNADMITTED = 64     # connections past this many, all still before their hello, are closed at once
 _HELLO_BYTES = 4096
 _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
 
@@ -52,8 +56,24 @@ class DataPlane:
         self._tls = security.server_ssl_context() if security.tls else None
         self._conns: set[socket.socket] = set()
         self._serving: list = []  # futures of the connection loops
+        self._admitting: set[threading.Thread] = set()  # threads checking a connection's TLS and hello
         self._lock = threading.Lock()
         self._closed = False
+        self._full = False  # MAX_UNADMITTED reached (logged once per episode)
+
+    @property
+    def unadmitted(self) -> int:
+        """Connections waiting for their TLS handshake or hello."""
+        with self._lock:
+            return len(self._admitting)
+
+    def join_admissions(self, timeout: float) -> None:
+        """Wait until the connections now waiting for their hello were admitted or dropped."""
+        with self._lock:
+            admitting = list(self._admitting)
+        deadline = time.monotonic() + timeout
+        for t in admitting:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def start(self) -> "DataPlane":
         self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
@@ -74,10 +94,50 @@ class DataPlane:
                     conn.close()
                     return
                 self._conns.add(conn)
-            conn = self._wrap(conn)
-            worker = MLXWorker(f"dataplane-{peer[0]}:{peer[1]}")
+            if self._tls is None and not self._security.token:
+                self._serve_admitted(conn, peer[0])
+                continue
             with self._lock:
-                self._serving.append(worker.submit(self._serve, conn, peer[0], worker))
+                full = len(self._admitting) >= MAX_UNADMITTED
+                if full:
+                    self._conns.discard(conn)
+                    if not self._full:
+                        logger.warning("data plane: %d connections are waiting for their hello; closing new ones "
+                                       "until some are admitted or time out", MAX_UNADMITTED)
+                    self._full = True
+                else:
+                    self._full = False
+                    t = threading.Thread(target=self._admit, args=(conn, peer[0]), name="dataplane-hello",
+                                         daemon=True)
+                    self._admitting.add(t)
+            if full:
+                conn.close()
+            else:
+                t.start()
+
+    def _admit(self, conn: socket.socket, peer: str) -> None:
+        """TLS and hello of one connection; serve it when they pass."""
+        admitted = False
+        try:
+            conn = self._wrap(conn)
+            admitted = self._admitted(conn, peer)
+        except OSError as e:  # peer went away, timed out, stop() shut the socket, or TLS failed
+            logger.debug("data plane connection from %s ended before its hello: %s", peer, e)
+        finally:
+            with self._lock:
+                self._admitting.discard(threading.current_thread())
+                if not admitted or self._closed:
+                    self._conns.discard(conn)
+                    admitted = False
+        if admitted:
+            self._serve_admitted(conn, peer)
+        else:
+            conn.close()
+
+    def _serve_admitted(self, conn: socket.socket, peer: str) -> None:
+        worker = MLXWorker(f"dataplane-{peer}")
+        with self._lock:
+            self._serving.append(worker.submit(self._serve, conn, peer, worker))
 
     def _wrap(self, conn: socket.socket) -> socket.socket:
         """With TLS, the TLS socket over ``conn`` (the handshake waits for ``_admitted``)."""
@@ -127,8 +187,6 @@ class DataPlane:
 
     def _serve(self, conn: socket.socket, peer: str, worker: MLXWorker) -> None:
         try:
-            if not self._admitted(conn, peer):
-                return
             while True:
                 try:
                     req = wire.recv_frame(conn, pb.ForwardRequest, self._max_bytes)
@@ -175,6 +233,7 @@ class DataPlane:
                 pass
         for t in self._acceptors:
             t.join(timeout=10)
+        self.join_admissions(timeout=10)
         with self._lock:
             serving = list(self._serving)
         for fut in serving:

@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 
@@ -19,6 +20,7 @@ from expertmesh import Client, wire
 from expertmesh.certs import write_test_certs
 from expertmesh.errors import AuthError, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
+from expertmesh.nodes.dataplane import MAX_UNADMITTED
 from expertmesh.router import Router, RouterConfig
 from expertmesh.security import Security
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -150,6 +152,29 @@ def test_data_plane_serves_nobody_before_the_hello(token_mesh):
     welcome, answer = hello_then_request(port, [pb.DataPlaneHello(token=TOKEN), probe])
     assert welcome.error_code == 0 and welcome.request_id == 0
     assert answer.request_id == 7 and answer.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]  # served
+
+
+def test_strangers_that_never_say_hello_cost_a_bounded_number_of_threads(token_mesh):
+    node, _ = token_mesh
+    plane = node.dataplane
+    before = threading.active_count()
+    strangers = [socket.create_connection(("127.0.0.1", plane.port), timeout=10) for _ in range(MAX_UNADMITTED + 36)]
+    try:
+        for late in strangers[MAX_UNADMITTED:]:  # accepted in order: the ones past the limit are closed at once
+            assert late.recv(1) == b""
+        assert plane.unadmitted == MAX_UNADMITTED
+        assert threading.active_count() - before <= MAX_UNADMITTED + 4  # one short-lived thread each, no MLX worker
+        try:  # full: even a hello is closed (reset, when it arrives before the close)
+            assert hello_then_request(plane.port, [pb.DataPlaneHello(token=TOKEN)]) == []
+        except ConnectionResetError:
+            pass
+    finally:
+        for s in strangers:
+            s.close()
+    plane.join_admissions(timeout=10)
+    assert plane.unadmitted == 0 and threading.active_count() - before <= 4  # their threads ended
+    welcome, answer = hello_then_request(plane.port, [pb.DataPlaneHello(token=TOKEN), pb.ForwardRequest(request_id=9)])
+    assert welcome.error_code == 0 and answer.request_id == 9  # served again
 
 
 def test_openai_api_wants_the_bearer_token(token_mesh):
