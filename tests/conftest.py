@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import signal
 import subprocess
@@ -93,3 +94,15 @@ def node_processes(model: Path, count: int, tmp: Path, memory_gb: float = 1.0):
             p.proc.send_signal(signal.SIGCONT)
             p.proc.kill()
             p.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def in_threads(fn, count: int, timeout: float = 120):
+    """``fn(0)`` … ``fn(count - 1)`` running at once, on threads of their own,
+    while the block runs; on leaving it, each is waited for (at most
+    ``timeout`` seconds) and the first error is raised. Yields their futures."""
+    with ThreadPoolExecutor(count) as pool:
+        runs: list[Future] = [pool.submit(fn, i) for i in range(count)]
+        yield runs
+        for run in runs:
+            run.result(timeout=timeout)

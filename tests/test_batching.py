@@ -7,7 +7,7 @@ from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
 
-from conftest import running_nodes, running_router
+from conftest import in_threads, running_nodes, running_router
 
 PROMPTS = ["Once upon a time", "Hello! How are you", "The router looks at each token", "Numbers like 1, 2"]
 
@@ -15,22 +15,18 @@ PROMPTS = ["Once upon a time", "Hello! How are you", "The router looks at each t
 def test_concurrent_streams_share_steps_and_match_single_requests(tiny):
     model, tok = load(str(tiny))
     expected = [[r.token for r in stream_generate(model, tok, p, max_tokens=24)] for p in PROMPTS]
-    got = [None] * len(PROMPTS)
     with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
         start = threading.Barrier(len(PROMPTS))
 
         def one(i):
             with Client(f"127.0.0.1:{router.port}") as c:
                 start.wait()
-                got[i] = [p.token for p in c.generate(PROMPTS[i], max_tokens=24)]
+                return [p.token for p in c.generate(PROMPTS[i], max_tokens=24)]
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        with in_threads(one, len(PROMPTS), timeout=300) as runs:
+            pass
         steps = router.engine.scheduler.steps
-    assert got == expected
+    assert [r.result() for r in runs] == expected
     assert steps < sum(len(e) for e in expected)  # streams were batched together
 
 

@@ -2,7 +2,6 @@
 tokens, one forward pass through the nodes checks them; greedy output stays
 mlx-lm's, with fewer round trips per token when the draft guesses well."""
 
-import threading
 
 import mlx.core as mx
 import pytest
@@ -14,7 +13,7 @@ from expertmesh.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from conftest import cli, running_nodes, running_router
+from conftest import cli, in_threads, running_nodes, running_router
 from test_cli import one_line_error
 from test_correctness import PROMPT, reference_tokens
 from test_stages import PROMPTS
@@ -62,17 +61,11 @@ def test_requests_arriving_during_a_speculative_one_batch_beside_it(tiny):
         with Client(f"127.0.0.1:{router.port}") as client:
             long_one = client.generate(PROMPT, max_tokens=200)
             first = next(long_one)  # decoding speculatively: the others batch beside it
-            got = [None] * len(PROMPTS)
-
-            def one(i):
-                got[i] = [p.token for p in client.generate(PROMPTS[i], max_tokens=12)]
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=120)
+            with in_threads(lambda i: [p.token for p in client.generate(PROMPTS[i], max_tokens=12)],
+                            len(PROMPTS)) as runs:
+                pass
             rest = [first.token] + [p.token for p in long_one]
-        assert got == singles
+        assert [r.result() for r in runs] == singles
         assert rest == long_expected
 
 

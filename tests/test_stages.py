@@ -1,7 +1,6 @@
 """Pipeline stages: nodes run spans of whole layers and keep the KV; the
 router plans expert / pipeline / auto and stays token-identical to mlx-lm."""
 
-import threading
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ from expertmesh.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-from conftest import cli, running_nodes, running_router
+from conftest import cli, in_threads, running_nodes, running_router
 from test_correctness import PROMPT, reference_tokens
 
 PROMPTS = ["a b", PROMPT, "The quick brown fox jumps over the lazy dog, again and again and again", "x"]
@@ -63,18 +62,10 @@ def test_a_batch_joining_and_leaving_decodes_what_single_requests_do(tiny, memor
             singles = [tokens(client, p, 12) for p in PROMPTS]
             long_one = client.generate(PROMPTS[1], max_tokens=40)
             first = next(iter(long_one))  # running: the others join its batch, with other prompt lengths
-            got = [None] * len(PROMPTS)
-
-            def one(i):
-                got[i] = tokens(client, PROMPTS[i], 12)
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-            for t in threads:
-                t.start()
-            assert nodes[0].stages.wait_sequences(lambda s: len(s) >= 2, timeout=60)  # rows on the node at once
-            for t in threads:
-                t.join(timeout=120)
+            with in_threads(lambda i: tokens(client, PROMPTS[i], 12), len(PROMPTS)) as runs:
+                assert nodes[0].stages.wait_sequences(lambda s: len(s) >= 2, timeout=60)  # rows on the node at once
             rest = [first.token] + [p.token for p in long_one]
-        assert got == singles
+        assert [r.result() for r in runs] == singles
         assert rest[:12] == singles[1] and len(rest) == 40
         # every sequence finished: the router released its KV on both nodes
         for node in nodes:
