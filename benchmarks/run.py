@@ -65,6 +65,14 @@ def long_prompt(model: Path, tokens: int) -> str:
     return text
 
 
+_T0 = time.perf_counter()
+
+
+def step(what: str) -> None:
+    """A progress line on stderr: where a long run is, and since when."""
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 class Mesh:
     """Node processes and a router process on loopback."""
 
@@ -116,7 +124,9 @@ def compare(mode: str, model: Path, local: Local, nodes: int, root: Path, tokens
     """One mode's mesh against local mlx-lm, trials alternating (local, mesh)
     so that both see the same load; then 1 vs 8 concurrent streams, alternating."""
     x = "" if mode == DEFAULT_MODE else f"_{mode}"
+    step(f"{mode} mode: starting {nodes} nodes and a router")
     mesh = Mesh(model, nodes, root, mode=mode)
+    step(f"{mode} mode: decode and prefill, alternating with local mlx-lm; then 1 vs 8 streams")
     trials: dict[str, list[float]] = {k: [] for k in ("dl", "pl", "dm", "pm", "b1", "b8")}
     try:
         with Client(mesh.address) as c:
@@ -220,6 +230,7 @@ def main() -> int:
     results: dict = {"nodes": args.nodes, "layers": args.layers, "scale": args.scale, "cpus": os.cpu_count()}
     root = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
     try:
+        step("hop: one MoE-layer round trip vs. the TCP floor")
         hop_model = hop.hop_model(root)
         h = hop.measure(hop_model, trials)
         results.update(h)
@@ -227,6 +238,7 @@ def main() -> int:
         prompt_512 = long_prompt(model, 512)
         from mlx_lm.utils import load_tokenizer
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
+        step(f"bench model written ({args.layers} layers); loading it in mlx-lm")
         local = Local(model)
         for mode in MODES:
             if mode in args.modes:
@@ -234,7 +246,9 @@ def main() -> int:
                                        repeats))
         del local
         if not args.no_spec:
+            step("speculative decoding")
             results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
+        step("mlx-lm's ring pipeline (mlx.launch)")
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
     finally:
