@@ -129,9 +129,11 @@ class MetricsServer:
                 return [refused.encode() + b"\n"]
             return metrics(environ, start_response)
 
-        server_class = ThreadingWSGIServer
-        if ":" in host:
-            server_class = type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": socket.AF_INET6})
+        def handle_error(server, request, client_address):  # e.g. a TLS handshake without a certificate
+            logger.debug("metrics: connection from %s failed", client_address[0], exc_info=True)
+
+        server_class = type("MetricsWSGIServer", (ThreadingWSGIServer,), {
+            "handle_error": handle_error, **({"address_family": socket.AF_INET6} if ":" in host else {})})
         try:
             self._server = make_server(host, port, app, server_class, handler_class=_TimedHandler)
         except OSError as e:
