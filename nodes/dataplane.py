@@ -36,8 +36,49 @@ Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
 MAX_UNADMITTED = 64     # connections past this many, all still before their hello, are closed at once
+HEARTBEAT_S = 0.5       # a request computing longer is announced as working this often
 _HELLO_BYTES = 4096
 _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
+
+
+class _Heartbeat:
+    """While a connection's request computes for longer than ``HEARTBEAT_S``,
+    a ``ForwardResponse(working=True)`` goes to the peer every ``HEARTBEAT_S``,
+    so that its deadline measures the node's silence, not its work. The hot
+    path only notes the request (no lock, no wake-up); a thread of the
+    connection's own looks twice per period. Frames go out under one lock,
+    and a heartbeat only while the request still computes (the connection's
+    own thread is then not reading: a TLS socket has one user at a time)."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.current: tuple[int, float] | None = None  # (request id, last word) of the request computing now
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dataplane-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S / 2):
+            current = self.current
+            if current is None or time.monotonic() - current[1] < HEARTBEAT_S:
+                continue
+            with self._lock:
+                if self.current is not current:
+                    continue
+                try:
+                    wire.send_frame(self.conn, pb.ForwardResponse(request_id=current[0], working=True))
+                except OSError:
+                    return  # the connection's own thread sees it too
+                self.current = (current[0], time.monotonic())
+
+    def send(self, reply: pb.ForwardResponse) -> None:
+        with self._lock:
+            self.current = None
+            wire.send_frame(self.conn, reply)
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class DataPlane:
@@ -186,6 +227,7 @@ class DataPlane:
             pass
 
     def _serve(self, conn: socket.socket, peer: str, worker: MLXWorker) -> None:
+        heartbeat = _Heartbeat(conn)
         try:
             while True:
                 try:
@@ -195,10 +237,12 @@ class DataPlane:
                     return
                 if req is None:
                     return
-                wire.send_frame(conn, self._answer(req))
+                heartbeat.current = (req.request_id, time.monotonic())
+                heartbeat.send(self._answer(req))
         except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
             logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:
+            heartbeat.stop()
             with self._lock:
                 self._conns.discard(conn)
             conn.close()

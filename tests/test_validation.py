@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import struct
+import threading
 import time
 
 import grpc
@@ -250,3 +251,35 @@ def test_sdk_misuse_is_invalid_request_error_before_any_call(call, message):
     with Client("127.0.0.1:1", timeout=5) as c, pytest.raises(InvalidRequestError) as err:
         call(c)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
+    """The deadline bounds a node's silence, not its work: a request that
+    computes for 3 s is answered under a 1 s deadline, the node having said
+    "working" in between (a silent, SIGSTOPped node still fails within the
+    deadline: test_failover)."""
+    from expertmesh.nodes.dataplane import HEARTBEAT_S, DataPlane
+    from expertmesh.router.dispatcher import NodeLink
+
+    def slow(req):
+        if req.layer == 1:
+            threading.Event().wait(3.0)  # a long computation (a big prefill, say)
+        return pb.ForwardResponse(request_id=req.request_id, compute_seconds=3.0)
+
+    plane = DataPlane(["127.0.0.1"], slow).start()
+    link = NodeLink(f"127.0.0.1:{plane.port}", timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", plane.port), timeout=10) as raw:  # what goes over the wire
+            wire.send_frame(raw, pb.ForwardRequest(request_id=5, layer=1))
+            frames = []
+            while not frames or frames[-1].working:
+                frames.append(wire.recv_frame(raw, pb.ForwardResponse, 1 << 20))
+        assert len(frames) >= int(3.0 / HEARTBEAT_S) - 2 and all(f.request_id == 5 for f in frames)
+        assert all(f.working for f in frames[:-1]) and not frames[-1].working and frames[-1].compute_seconds == 3.0
+        link._sock = socket.create_connection(("127.0.0.1", plane.port), timeout=10)  # the router's data plane
+        reply = link.submit(pb.ForwardRequest(request_id=6, layer=1)).result(timeout=1.0)
+        assert reply.request_id == 6 and not reply.working and not link.down
+        assert link.submit(pb.ForwardRequest(request_id=7, layer=0)).result(timeout=1.0).request_id == 7
+    finally:
+        link.close(graceful=False)
+        plane.stop()

@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
                    help="give up when the nodes have not turned up after this long (default 60)")
     p.add_argument("--forward-timeout", type=positive, default=10.0, metavar="SECONDS",
-                   help="seconds a node may take for one layer before it counts as down (default 10)")
+                   help="seconds a node may stay silent on a request before it counts as down (default 10; "
+                        "a node computing a long request says it is still working every 0.5 s)")
     p.add_argument("--replicas", type=at_least_one, default=1, metavar="N",
                    help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
     p.add_argument("--placement-stats", type=Path, default=None, metavar="FILE",

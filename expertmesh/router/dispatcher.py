@@ -197,7 +197,8 @@ class NodeLink:
 
     def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
         """The reply to ``request_id``. Replies to older requests (left unread
-        when another node failed that layer) are skipped."""
+        when another node failed that layer) are skipped, and so are the
+        node's "still working" heartbeats: ``timeout`` bounds its silence."""
         while True:
             try:
                 self._sock.settimeout(timeout)
@@ -208,7 +209,7 @@ class NodeLink:
                 raise self.fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
             if resp is None:
                 raise self.fail(UnavailableError(f"{self!r} closed the data plane"))
-            if 0 < resp.request_id < request_id:
+            if 0 < resp.request_id < request_id or resp.working:
                 continue
             if resp.error_code:
                 raise from_status(resp.error_code, resp.error, repr(self), raised="")

@@ -40,7 +40,7 @@ class RouterConfig:
     port: int = 50050                              # 0 picks a free port
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
-    forward_timeout: float = 10.0                  # one MoE layer on one node; then the node counts as down
+    forward_timeout: float = 10.0                  # a node's silence on a request; then it counts as down
     replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
