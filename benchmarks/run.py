@@ -132,6 +132,7 @@ def compare(mode: str, model: Path, local: Local, nodes: int, root: Path, tokens
         with Client(mesh.address) as c:
             plan = plan_text(c.cluster())
             mesh_once(c, tokens, prompt_512, tokens_512)  # warm-up: compiles, caches
+            local.once(tokens, prompt_512, tokens_512)  # and the reference likewise
             for _ in range(repeats):
                 for (d, p), key in ((local.once(tokens, prompt_512, tokens_512), "l"),
                                     (mesh_once(c, tokens, prompt_512, tokens_512), "m")):

@@ -171,7 +171,7 @@ def measure(link, adapter: Adapter, timeout: float, pings: int = 20) -> NodeCost
             for i in range(pings + 1):
                 tic = time.perf_counter()
                 wire.send_frame(sock, pb.ForwardRequest(request_id=i + 1, stage=pb.StageRequest()))
-                if wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES) is None:
+                if wire.recv_reply(sock, MAX_MESSAGE_BYTES) is None:
                     raise OSError("the node closed the connection")
                 times.append(time.perf_counter() - tic)
     except OSError as e:

@@ -148,6 +148,15 @@ def recv_frame(sock: socket.socket, cls, max_bytes: int):
         raise InvalidRequestError(f"frame is not a valid {cls.DESCRIPTOR.name}") from None
 
 
+def recv_reply(sock: socket.socket, max_bytes: int) -> "pb.ForwardResponse | None":
+    """The next ``ForwardResponse`` that is not a "still working" heartbeat
+    (a node sends those while a request computes); ``None`` when the peer closed."""
+    while True:
+        reply = recv_frame(sock, pb.ForwardResponse, max_bytes)
+        if reply is None or not reply.working:
+            return reply
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     """Exactly ``n`` bytes from ``sock``; ``None`` when the peer closed first."""
     buf = bytearray(n)

@@ -8,9 +8,11 @@ connection is served by an ``MLXWorker`` of its own, which runs the experts
 itself (no thread hand-off on the hot path). With TLS files a connection is
 TLS with client certificates; with a cluster token its first frame must be a
 ``DataPlaneHello`` carrying it: both are checked once, before any request,
-on a short-lived thread of the connection's own (at most ``MAX_UNADMITTED``
-at a time, each for at most ``HELLO_TIMEOUT_S``), so strangers that connect
-and say nothing cost the node no MLX thread and a bounded number of others.
+on a short-lived thread of the connection's own, within ``HELLO_TIMEOUT_S``
+in all (a watchdog shuts slower ones). Past ``MAX_UNADMITTED`` waiting
+connections the oldest is dropped for each new one, so strangers that connect
+and say nothing cost the node no MLX thread and a bounded number of others,
+and cannot keep a router that says its hello at once from getting in.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
-MAX_UNADMITTED = 64     # connections past this many, all still before their hello, are closed at once
-HEARTBEAT_S = 0.5       # a request computing longer is announced as working this often
+MAX_UNADMITTED = 64     # past this many connections waiting for their hello, the oldest is dropped
+HEARTBEAT_S = 0.5       # a request computing longer is announced as working at least this often
 _HELLO_BYTES = 4096
 _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
 
@@ -46,7 +48,7 @@ class _Heartbeat:
     a ``ForwardResponse(working=True)`` goes to the peer every ``HEARTBEAT_S``,
     so that its deadline measures the node's silence, not its work. The hot
     path only notes the request (no lock, no wake-up); a thread of the
-    connection's own looks twice per period. Frames go out under one lock,
+    connection's own looks five times per period. Frames go out under one lock,
     and a heartbeat only while the request still computes (the connection's
     own thread is then not reading: a TLS socket has one user at a time)."""
 
@@ -59,16 +61,16 @@ class _Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopped.wait(HEARTBEAT_S / 2):
+        while not self._stopped.wait(HEARTBEAT_S / 5):
             current = self.current
-            if current is None or time.monotonic() - current[1] < HEARTBEAT_S:
+            if current is None or time.monotonic() - current[1] < 0.8 * HEARTBEAT_S:
                 continue
             with self._lock:
                 if self.current is not current:
                     continue
                 try:
                     wire.send_frame(self.conn, pb.ForwardResponse(request_id=current[0], working=True))
-                except OSError:
+                except Exception:  # noqa: BLE001 (closed, reset, or a TLS socket shut by stop())
                     return  # the connection's own thread sees it too
                 self.current = (current[0], time.monotonic())
 
@@ -97,8 +99,11 @@ class DataPlane:
         self._tls = security.server_ssl_context() if security.tls else None
         self._conns: set[socket.socket] = set()
         self._serving: list = []  # futures of the connection loops
-        self._admitting: set[threading.Thread] = set()  # threads checking a connection's TLS and hello
+        # connections waiting for their TLS handshake and hello: thread -> [socket, accepted at], oldest first
+        self._admitting: dict[threading.Thread, list] = {}
+        self._hello_threads: set[threading.Thread] = set()  # those threads, and the dropped ones until they end
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._closed = False
         self._full = False  # MAX_UNADMITTED reached (logged once per episode)
 
@@ -111,7 +116,7 @@ class DataPlane:
     def join_admissions(self, timeout: float) -> None:
         """Wait until the connections now waiting for their hello were admitted or dropped."""
         with self._lock:
-            admitting = list(self._admitting)
+            admitting = list(self._hello_threads)
         deadline = time.monotonic() + timeout
         for t in admitting:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -119,9 +124,22 @@ class DataPlane:
     def start(self) -> "DataPlane":
         self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
                                             daemon=True) for listener in self._listeners]
+        if self._tls is not None or self._security.token:
+            self._acceptors.append(threading.Thread(target=self._watch_hellos, name="dataplane-hello-watchdog",
+                                                    daemon=True))
         for t in self._acceptors:
             t.start()
         return self
+
+    def _watch_hellos(self) -> None:
+        """Shut connections that took longer than ``HELLO_TIMEOUT_S`` in all
+        (a peer trickling its handshake a byte at a time included)."""
+        while not self._stopping.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, accepted in self._admitting.values() if now - accepted > HELLO_TIMEOUT_S]
+            for conn in late:
+                _shut(conn)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -129,7 +147,11 @@ class DataPlane:
                 conn, peer = listener.accept()
             except OSError:
                 return  # listener closed
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before we got to it
+                conn.close()
+                continue
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -138,42 +160,39 @@ class DataPlane:
             if self._tls is None and not self._security.token:
                 self._serve_admitted(conn, peer[0])
                 continue
+            t = threading.Thread(target=self._admit, args=(conn, peer[0]), name="dataplane-hello", daemon=True)
             with self._lock:
-                full = len(self._admitting) >= MAX_UNADMITTED
-                if full:
-                    self._conns.discard(conn)
+                oldest = None
+                if len(self._admitting) >= MAX_UNADMITTED:
+                    oldest, _ = self._admitting.pop(next(iter(self._admitting)))
                     if not self._full:
-                        logger.warning("data plane: %d connections are waiting for their hello; closing new ones "
-                                       "until some are admitted or time out", MAX_UNADMITTED)
-                    self._full = True
-                else:
-                    self._full = False
-                    t = threading.Thread(target=self._admit, args=(conn, peer[0]), name="dataplane-hello",
-                                         daemon=True)
-                    self._admitting.add(t)
-            if full:
-                conn.close()
-            else:
-                t.start()
+                        logger.warning("data plane: %d connections are waiting for their hello; dropping the oldest "
+                                       "for each new one", MAX_UNADMITTED)
+                self._full = oldest is not None
+                self._admitting[t] = [conn, time.monotonic()]
+                self._hello_threads.add(t)
+            if oldest is not None:
+                _shut(oldest)
+            t.start()
 
     def _admit(self, conn: socket.socket, peer: str) -> None:
         """TLS and hello of one connection; serve it when they pass."""
+        me = threading.current_thread()
         admitted = False
         try:
             conn = self._wrap(conn)
             admitted = self._admitted(conn, peer)
-        except OSError as e:  # peer went away, timed out, stop() shut the socket, or TLS failed
+        except Exception as e:  # noqa: BLE001 gone, timed out, dropped, or shut mid-handshake (TLS: ValueError)
             logger.debug("data plane connection from %s ended before its hello: %s", peer, e)
-        finally:
-            with self._lock:
-                self._admitting.discard(threading.current_thread())
-                if not admitted or self._closed:
-                    self._conns.discard(conn)
-                    admitted = False
-        if admitted:
-            self._serve_admitted(conn, peer)
-        else:
-            conn.close()
+        with self._lock:
+            dropped = self._admitting.pop(me, None) is None
+            self._hello_threads.discard(me)
+            if admitted and not dropped and not self._closed:
+                worker = MLXWorker(f"dataplane-{peer}")  # stop() sees its loop from here on
+                self._serving.append(worker.submit(self._serve, conn, peer, worker))
+                return
+            self._conns.discard(conn)
+        conn.close()
 
     def _serve_admitted(self, conn: socket.socket, peer: str) -> None:
         worker = MLXWorker(f"dataplane-{peer}")
@@ -188,9 +207,14 @@ class DataPlane:
         if self._tls is None:
             return conn
         with self._lock:
+            if self._closed:
+                raise OSError("the data plane is stopping")
             self._conns.discard(conn)
             conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             self._conns.add(conn)
+            entry = self._admitting.get(threading.current_thread())
+            if entry is not None:  # the watchdog shuts the TLS socket from now on
+                entry[0] = conn
         return conn
 
     def _admitted(self, conn: socket.socket, peer: str) -> bool:
@@ -261,6 +285,7 @@ class DataPlane:
                                   error=f"request {req.request_id}: {error}")
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._lock:
             self._closed = True
             conns = list(self._conns)
@@ -282,3 +307,11 @@ class DataPlane:
             serving = list(self._serving)
         for fut in serving:
             fut.result(timeout=10)
+
+
+def _shut(conn: socket.socket) -> None:
+    """Wake whatever waits on ``conn`` (its own thread then closes it)."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except Exception:  # noqa: BLE001 already closed or reset; a TLS socket mid-handshake
+        pass

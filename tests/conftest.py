@@ -101,8 +101,11 @@ def in_threads(fn, count: int, timeout: float = 120):
     """``fn(0)`` … ``fn(count - 1)`` running at once, on threads of their own,
     while the block runs; on leaving it, each is waited for (at most
     ``timeout`` seconds) and the first error is raised. Yields their futures."""
-    with ThreadPoolExecutor(count) as pool:
+    pool = ThreadPoolExecutor(count)
+    try:
         runs: list[Future] = [pool.submit(fn, i) for i in range(count)]
         yield runs
         for run in runs:
             run.result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a hung one fails the test instead of hanging it

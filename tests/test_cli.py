@@ -112,6 +112,13 @@ def test_router_bad_replicas_or_deadline_is_one_line(tiny, flag, value, says):
     assert out.stderr.strip().splitlines()[-1] == f"expertmesh router: error: argument {flag}: {says}"
 
 
+def test_router_deadlines_the_heartbeats_cannot_meet_are_one_line(tiny):
+    base = ("router", "--model", str(tiny), "--port", "0", "--peer", "127.0.0.1:1")
+    assert "--forward-timeout must be at least 1 s" in one_line_error(cli(*base, "--forward-timeout", "0.5"), "router")
+    out = cli(*base, "--forward-timeout", "20", "--request-limit", "5")
+    assert "--request-limit must be at least --forward-timeout" in one_line_error(out, "router")
+
+
 def test_missing_and_unsupported_checkpoints_are_one_line(tmp_path):
     out = cli("node", "--model", str(tmp_path / "nope"))
     assert "does not exist" in one_line_error(out, "node")

@@ -156,7 +156,7 @@ def test_data_plane_answers_like_grpc_forward(node):
     n, stub = node
     with data_plane(node) as sock:
         wire.send_frame(sock, request(rid=41))
-        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        resp = wire.recv_reply(sock, 1 << 20)
     (expected,) = forward(stub, request(rid=41))
     assert resp.request_id == 41 and resp.error_code == 0
     assert resp.output.data == expected.output.data
@@ -166,20 +166,20 @@ def test_data_plane_answers_like_grpc_forward(node):
 def test_data_plane_reports_bad_requests_and_keeps_the_connection(node):
     with data_plane(node) as sock:
         wire.send_frame(sock, request(layer=3, rid=5))
-        bad = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        bad = wire.recv_reply(sock, 1 << 20)
         assert bad.request_id == 5
         assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "layer 3 is not held" in bad.error
         wire.send_frame(sock, request(rid=6))
-        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20).error_code == 0
+        assert wire.recv_reply(sock, 1 << 20).error_code == 0
 
 
 def test_data_plane_refuses_oversized_frames_and_keeps_serving(node):
     with data_plane(node) as sock:
         sock.sendall(struct.pack("<I", (64 << 20) + 1))
-        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        resp = wire.recv_reply(sock, 1 << 20)
         assert resp.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20) is None  # that stream is closed
+        assert wire.recv_reply(sock, 1 << 20) is None  # that stream is closed
     with data_plane(node) as sock:  # others are served
         wire.send_frame(sock, request(rid=9))
-        assert wire.recv_frame(sock, pb.ForwardResponse, 1 << 20).request_id == 9
+        assert wire.recv_reply(sock, 1 << 20).request_id == 9

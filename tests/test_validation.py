@@ -16,7 +16,7 @@ import pytest
 
 from expertmesh import Client, wire
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.errors import InvalidRequestError, ModelError
+from expertmesh.errors import InvalidRequestError, ModelError, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.serving import MAX_MESSAGE_BYTES
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -95,7 +95,7 @@ def ask(request, node):
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         def via_socket(req):
             wire.send_frame(sock, req)
-            resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+            resp = wire.recv_reply(sock, 1 << 20)
             assert resp.request_id == req.request_id
             return CODES[resp.error_code], resp.error
         yield via_socket  # one connection for every case: errors do not close it
@@ -123,11 +123,11 @@ def test_data_plane_frame_too_large_for_the_node_is_refused_and_others_go_on(nod
     n, _ = node
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         sock.sendall(struct.pack("<I", 0xFFFFFFFF))
-        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        resp = wire.recv_reply(sock, 1 << 20)
     assert CODES[resp.error_code] == TOO_LARGE and "exceeds" in resp.error
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         sock.sendall(struct.pack("<I", 5) + b"\xff" * 5)  # not a ForwardRequest: framing broken
-        resp = wire.recv_frame(sock, pb.ForwardResponse, 1 << 20)
+        resp = wire.recv_reply(sock, 1 << 20)
     assert CODES[resp.error_code] == INVALID and "not a valid ForwardRequest" in resp.error
 
 
@@ -277,9 +277,13 @@ def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
         assert len(frames) >= int(3.0 / HEARTBEAT_S) - 2 and all(f.request_id == 5 for f in frames)
         assert all(f.working for f in frames[:-1]) and not frames[-1].working and frames[-1].compute_seconds == 3.0
         link._sock = socket.create_connection(("127.0.0.1", plane.port), timeout=10)  # the router's data plane
-        reply = link.submit(pb.ForwardRequest(request_id=6, layer=1)).result(timeout=1.0)
+        reply = link.submit(pb.ForwardRequest(request_id=6, layer=1)).result(timeout=1.5)
         assert reply.request_id == 6 and not reply.working and not link.down
-        assert link.submit(pb.ForwardRequest(request_id=7, layer=0)).result(timeout=1.0).request_id == 7
+        assert link.submit(pb.ForwardRequest(request_id=7, layer=0)).result(timeout=1.5).request_id == 7
+        link.request_limit = 2.0  # --request-limit: "working" for longer is a hang
+        with pytest.raises(UnavailableError, match=r"still working on a request after 2s \(--request-limit\)"):
+            link.submit(pb.ForwardRequest(request_id=8, layer=1)).result(timeout=1.5)
+        assert link.down
     finally:
         link.close(graceful=False)
         plane.stop()

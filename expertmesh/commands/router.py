@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--forward-timeout", type=positive, default=10.0, metavar="SECONDS",
                    help="seconds a node may stay silent on a request before it counts as down (default 10; "
                         "a node computing a long request says it is still working every 0.5 s)")
+    p.add_argument("--request-limit", type=positive, default=300.0, metavar="SECONDS",
+                   help="seconds a node may keep working on one request (a long prompt's prefill, say) before it "
+                        "is taken to hang and counts as down (default 300)")
     p.add_argument("--replicas", type=at_least_one, default=1, metavar="N",
                    help="keep each expert on N nodes where memory allows, so a node can fail mid-generation (default 1)")
     p.add_argument("--placement-stats", type=Path, default=None, metavar="FILE",
@@ -72,8 +75,14 @@ def run(args) -> None:
         raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
     if args.rebalance_min_tokens < 0:
         raise ExpertmeshError("--rebalance-min-tokens must be 0 or more")
+    if args.forward_timeout < 1:
+        raise ExpertmeshError("--forward-timeout must be at least 1 s: a node computing a long request says so "
+                              "every 0.5 s")
+    if args.request_limit < args.forward_timeout:
+        raise ExpertmeshError("--request-limit must be at least --forward-timeout")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
-                                 forward_timeout=args.forward_timeout, replicas=args.replicas, discovery=args.discovery,
+                                 forward_timeout=args.forward_timeout, request_limit=args.request_limit,
+                                 replicas=args.replicas, discovery=args.discovery,
                                  interfaces=args.interface, expect=args.expect, settle=args.settle,
                                  discovery_timeout=args.wait, http_port=args.http_port,
                                  metrics_port=args.metrics_port, mode=args.mode, draft_model=args.draft_model,

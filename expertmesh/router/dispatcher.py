@@ -34,6 +34,9 @@ AssignProgressCallback = Callable[[str, pb.AssignProgress], None]
 # one increasing sequence per process, so a reply's id tells whether it is stale
 _REQUEST_IDS = itertools.count(1)
 
+# a node saying "working" for longer than this is taken to hang (the router's --request-limit)
+REQUEST_LIMIT_S = 300.0
+
 
 class NodeLink:
     """The router's connection to one node.
@@ -43,10 +46,11 @@ class NodeLink:
     """
 
     def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None,
-                 security: Security = Security()):
+                 security: Security = Security(), request_limit: float = REQUEST_LIMIT_S):
         self.address = address
         self.security = security
         self.timeout = timeout
+        self.request_limit = request_limit  # seconds a request may keep its node working
         self.on_broken = on_broken
         self.name = address
         self.info: pb.NodeInfo | None = None
@@ -198,12 +202,19 @@ class NodeLink:
     def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
         """The reply to ``request_id``. Replies to older requests (left unread
         when another node failed that layer) are skipped, and so are the
-        node's "still working" heartbeats: ``timeout`` bounds its silence."""
+        node's "still working" heartbeats: ``timeout`` bounds its silence,
+        ``request_limit`` the whole wait."""
+        give_up = time.monotonic() + self.request_limit
         while True:
+            left = give_up - time.monotonic()
             try:
-                self._sock.settimeout(timeout)
+                self._sock.settimeout(max(min(timeout, left), 0.001))
                 resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
             except socket.timeout:
+                if left < timeout:
+                    raise self.fail(UnavailableError(
+                        f"{self!r} was still working on a request after {self.request_limit:g}s "
+                        "(--request-limit); taking it to hang")) from None
                 raise self.fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
             except (OSError, ExpertmeshError) as e:
                 raise self.fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None

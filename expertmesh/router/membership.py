@@ -144,7 +144,8 @@ class Membership:
         return found
 
     def _link(self, address: str) -> NodeLink:
-        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security)
+        return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security,
+                        request_limit=self.config.request_limit)
 
     def _check(self, link: NodeLink) -> None:
         info = link.info

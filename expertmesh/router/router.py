@@ -41,6 +41,7 @@ class RouterConfig:
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
     forward_timeout: float = 10.0                  # a node's silence on a request; then it counts as down
+    request_limit: float = 300.0                   # a node still "working" on one request after this hangs
     replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
