@@ -16,6 +16,11 @@ from .v1 import expertmesh_pb2 as pb
 
 PROTOCOL_VERSION = 1
 
+# Data plane: a node computing a request for longer than this says it is
+# still working (ForwardResponse.working) at least this often, so a router's
+# deadline can bound silence rather than work.
+HEARTBEAT_S = 0.5
+
 # A [T, H] bfloat16 batch of 4096 tokens at H=7168 is ~58 MB; allow that.
 MAX_MESSAGE_BYTES = 64 << 20
 _OPTIONS = [

@@ -28,7 +28,7 @@ import grpc
 from .. import wire
 from ..errors import AuthError, ExpertmeshError, status_code
 from ..security import Security
-from ..serving import MAX_MESSAGE_BYTES
+from ..serving import HEARTBEAT_S, MAX_MESSAGE_BYTES
 from ..v1 import expertmesh_pb2 as pb
 from ..worker import MLXWorker
 
@@ -38,7 +38,6 @@ Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
 MAX_UNADMITTED = 64     # past this many connections waiting for their hello, the oldest is dropped
-HEARTBEAT_S = 0.5       # a request computing longer is announced as working at least this often
 _HELLO_BYTES = 4096
 _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
 
@@ -97,14 +96,14 @@ class DataPlane:
         self._max_bytes = max_bytes
         self._security = security
         self._tls = security.server_ssl_context() if security.tls else None
+        self._needs_hello = self._tls is not None or bool(security.token)  # TLS handshake and/or token hello
         self._conns: set[socket.socket] = set()
         self._serving: list = []  # futures of the connection loops
         # connections waiting for their TLS handshake and hello: thread -> [socket, accepted at], oldest first
         self._admitting: dict[threading.Thread, list] = {}
         self._hello_threads: set[threading.Thread] = set()  # those threads, and the dropped ones until they end
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._closed = False
+        self._stopping = threading.Event()  # set (under the lock) by stop()
         self._full = False  # MAX_UNADMITTED reached (logged once per episode)
 
     @property
@@ -124,7 +123,7 @@ class DataPlane:
     def start(self) -> "DataPlane":
         self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
                                             daemon=True) for listener in self._listeners]
-        if self._tls is not None or self._security.token:
+        if self._needs_hello:
             self._acceptors.append(threading.Thread(target=self._watch_hellos, name="dataplane-hello-watchdog",
                                                     daemon=True))
         for t in self._acceptors:
@@ -153,13 +152,13 @@ class DataPlane:
                 conn.close()
                 continue
             with self._lock:
-                if self._closed:
+                if self._stopping.is_set():
                     conn.close()
                     return
                 self._conns.add(conn)
-            if self._tls is None and not self._security.token:
-                self._serve_admitted(conn, peer[0])
-                continue
+                if not self._needs_hello:
+                    self._start_serving(conn, peer[0])
+                    continue
             t = threading.Thread(target=self._admit, args=(conn, peer[0]), name="dataplane-hello", daemon=True)
             with self._lock:
                 oldest = None
@@ -187,27 +186,25 @@ class DataPlane:
         with self._lock:
             dropped = self._admitting.pop(me, None) is None
             self._hello_threads.discard(me)
-            if admitted and not dropped and not self._closed:
-                worker = MLXWorker(f"dataplane-{peer}")  # stop() sees its loop from here on
-                self._serving.append(worker.submit(self._serve, conn, peer, worker))
+            if admitted and not dropped and not self._stopping.is_set():
+                self._start_serving(conn, peer)
                 return
             self._conns.discard(conn)
         conn.close()
 
-    def _serve_admitted(self, conn: socket.socket, peer: str) -> None:
+    def _start_serving(self, conn: socket.socket, peer: str) -> None:
+        """Serve an admitted connection on an MLX worker of its own. Call with
+        the lock held, so that stop() either sees its loop or refuses it first."""
         worker = MLXWorker(f"dataplane-{peer}")
-        with self._lock:
-            self._serving.append(worker.submit(self._serve, conn, peer, worker))
+        self._serving.append(worker.submit(self._serve, conn, peer, worker))
 
     def _wrap(self, conn: socket.socket) -> socket.socket:
         """With TLS, the TLS socket over ``conn`` (the handshake waits for ``_admitted``)."""
-        if self._tls is None and not self._security.token:
-            return conn
         conn.settimeout(HELLO_TIMEOUT_S)
         if self._tls is None:
             return conn
         with self._lock:
-            if self._closed:
+            if self._stopping.is_set():
                 raise OSError("the data plane is stopping")
             self._conns.discard(conn)
             conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
@@ -285,21 +282,14 @@ class DataPlane:
                                   error=f"request {req.request_id}: {error}")
 
     def stop(self) -> None:
-        self._stopping.set()
         with self._lock:
-            self._closed = True
+            self._stopping.set()
             conns = list(self._conns)
         for listener in self._listeners:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
-            except OSError:
-                pass
+            _shut(listener)  # wakes accept(); close() alone does not
             listener.close()
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut(conn)
         for t in self._acceptors:
             t.join(timeout=10)
         self.join_admissions(timeout=10)

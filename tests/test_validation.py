@@ -258,7 +258,8 @@ def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
     computes for 3 s is answered under a 1 s deadline, the node having said
     "working" in between (a silent, SIGSTOPped node still fails within the
     deadline: test_failover)."""
-    from expertmesh.nodes.dataplane import HEARTBEAT_S, DataPlane
+    from expertmesh.nodes.dataplane import DataPlane
+    from expertmesh.serving import HEARTBEAT_S
     from expertmesh.router.dispatcher import NodeLink
 
     def slow(req):

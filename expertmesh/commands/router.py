@@ -59,6 +59,7 @@ def run(args) -> None:
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
     from ..security import Security
+    from ..serving import HEARTBEAT_S
 
     try:
         peers = parse_peers(args.peer)
@@ -75,9 +76,9 @@ def run(args) -> None:
         raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
     if args.rebalance_min_tokens < 0:
         raise ExpertmeshError("--rebalance-min-tokens must be 0 or more")
-    if args.forward_timeout < 1:
-        raise ExpertmeshError("--forward-timeout must be at least 1 s: a node computing a long request says so "
-                              "every 0.5 s")
+    if args.forward_timeout < 2 * HEARTBEAT_S:
+        raise ExpertmeshError(f"--forward-timeout must be at least {2 * HEARTBEAT_S:g} s: a node computing a long "
+                              f"request says so every {HEARTBEAT_S:g} s")
     if args.request_limit < args.forward_timeout:
         raise ExpertmeshError("--request-limit must be at least --forward-timeout")
     router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,

@@ -19,7 +19,7 @@ from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .dense import load_dense
-from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
+from .dispatcher import REQUEST_LIMIT_S, AssignProgressCallback, Dispatcher, NodeLink
 from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer
@@ -41,7 +41,7 @@ class RouterConfig:
     rpc_timeout: float = 10.0                      # GetInfo and other control calls
     assign_timeout: float = 600.0                  # a node loading its experts
     forward_timeout: float = 10.0                  # a node's silence on a request; then it counts as down
-    request_limit: float = 300.0                   # a node still "working" on one request after this hangs
+    request_limit: float = REQUEST_LIMIT_S         # a node still "working" on one request after this hangs
     replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
