@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -92,34 +93,25 @@ class Mesh:
             p.stop()
 
 
-class Local:
-    """The checkpoint in mlx-lm, in this process: the reference."""
+def local_generate(model: Path):
+    """The checkpoint in mlx-lm, in this process (the reference), as
+    ``generate(prompt, max_tokens=N)`` like ``Client.generate``."""
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
 
-    def __init__(self, model: Path):
-        from mlx_lm import load
-
-        self.model, self.tokenizer = load(str(model))
-
-    def once(self, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[float, float]:
-        """(decode tok/s, prefill tok/s of the long prompt)."""
-        from mlx_lm.generate import stream_generate
-
-        for r in stream_generate(self.model, self.tokenizer, PROMPT, max_tokens=max_tokens):
-            pass
-        t = time.perf_counter()
-        next(iter(stream_generate(self.model, self.tokenizer, prompt_512, max_tokens=1)))
-        return r.generation_tps, tokens_512 / (time.perf_counter() - t)
+    return partial(stream_generate, *load(str(model)))
 
 
-def mesh_once(client: Client, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[float, float]:
-    """(decode tok/s, prefill tok/s of the long prompt) through the mesh."""
-    *_, last = client.generate(PROMPT, max_tokens=max_tokens)
+def trial(generate, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s of the long prompt) through ``generate``:
+    mlx-lm's ``stream_generate`` or the mesh's ``Client.generate``."""
+    *_, last = generate(PROMPT, max_tokens=max_tokens)
     t = time.perf_counter()
-    next(iter(client.generate(prompt_512, max_tokens=1)))
+    next(iter(generate(prompt_512, max_tokens=1)))
     return last.generation_tps, tokens_512 / (time.perf_counter() - t)
 
 
-def compare(mode: str, model: Path, local: Local, nodes: int, root: Path, tokens: int, prompt_512: str,
+def compare(mode: str, model: Path, local, nodes: int, root: Path, tokens: int, prompt_512: str,
             tokens_512: int, repeats: int) -> dict:
     """One mode's mesh against local mlx-lm, trials alternating (local, mesh)
     so that both see the same load; then 1 vs 8 concurrent streams, alternating."""
@@ -131,13 +123,12 @@ def compare(mode: str, model: Path, local: Local, nodes: int, root: Path, tokens
     try:
         with Client(mesh.address) as c:
             plan = plan_text(c.cluster())
-            mesh_once(c, tokens, prompt_512, tokens_512)  # warm-up: compiles, caches
-            local.once(tokens, prompt_512, tokens_512)  # and the reference likewise
-            for _ in range(repeats):
-                for (d, p), key in ((local.once(tokens, prompt_512, tokens_512), "l"),
-                                    (mesh_once(c, tokens, prompt_512, tokens_512), "m")):
+            for _ in range(repeats + 1):  # the first round warms both up: compiles, caches
+                for key, generate in (("l", local), ("m", c.generate)):
+                    d, p = trial(generate, tokens, prompt_512, tokens_512)
                     trials["d" + key].append(d)
                     trials["p" + key].append(p)
+        trials = {k: v[1:] for k, v in trials.items()}
         for _ in range(repeats):
             trials["b1"].append(concurrent_tps(mesh.address, 1, tokens))
             trials["b8"].append(concurrent_tps(mesh.address, 8, tokens))
@@ -240,7 +231,7 @@ def main() -> int:
         from mlx_lm.utils import load_tokenizer
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
         step(f"bench model written ({args.layers} layers); loading it in mlx-lm")
-        local = Local(model)
+        local = local_generate(model)
         for mode in MODES:
             if mode in args.modes:
                 results.update(compare(mode, model, local, args.nodes, root, tokens, prompt_512, tokens_512,
