@@ -175,7 +175,7 @@ class StageStore:
             raise InvalidRequestError(f"layer spans overlap: {ordered}")
 
     def span_bytes(self, spans: list[tuple[int, int]]) -> int:
-        return sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for a, b in spans for l in range(a, b))
+        return self.adapter.span_bytes(self.checkpoint.tensors, spans)
 
     def assign(self, spans: list[tuple[int, int]]) -> None:
         """Hold exactly ``spans`` afterwards (unchanged spans keep their KV)."""

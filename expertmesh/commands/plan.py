@@ -86,12 +86,11 @@ def run(args) -> None:
         held = placement.experts_of(n.name)
         count = sum(len(e) for e in held.values())
         stages = plan.stages.get(n.name, [])
-        used = placement.bytes_of(n.name, expert_bytes) + sum(
-            adapter.layer_bytes(tensors, l) for a, b in stages for l in range(a, b))
+        used = placement.bytes_of(n.name, expert_bytes) + adapter.span_bytes(tensors, stages)
         where = ", ".join([f"whole layers {a}-{b - 1}" for a, b in stages] + ([per_layer(held)] if count else []))
         print(f"{n.name:<16} {size(n.memory_bytes):>10} {count:>8} {placement.replicas_of(n.name):>8} "
               f"{size(used):>10}  {where}")
-    staged = sum(adapter.layer_bytes(tensors, l) for s in plan.stages.values() for a, b in s for l in range(a, b))
+    staged = sum(adapter.span_bytes(tensors, s) for s in plan.stages.values())
     router = dense - staged + experts_on(plan, adapter, expert_bytes)
     print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(router):>10}")
     for line in plan.describe(adapter.args.num_hidden_layers):

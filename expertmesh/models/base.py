@@ -140,6 +140,10 @@ class Adapter:
         prefix = f"model.layers.{layer}."
         return sum(t.nbytes for n, t in tensors.items() if n.startswith(prefix))
 
+    def span_bytes(self, tensors: dict, spans) -> int:
+        """Bytes of the whole layers of ``spans`` ([start, end) pairs): what those pipeline stages take."""
+        return sum(self.layer_bytes(tensors, l) for a, b in spans for l in range(a, b))
+
     def is_expert_weight(self, name: str) -> bool:
         return self._expert_re.match(name) is not None
 

@@ -181,9 +181,9 @@ class Rebalancer:
         """Each node's memory for spread experts: its budget less its pipeline stages."""
         r = self.router
         stages = r.plan.stages if r.plan is not None else {}
-        return [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes - sum(
-            r.adapter.layer_bytes(r.checkpoint.tensors, l) for a, b in stages.get(m.name, []) for l in range(a, b)))
-            for m in r.membership.members]
+        return [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes -
+                                   r.adapter.span_bytes(r.checkpoint.tensors, stages.get(m.name, [])))
+                for m in r.membership.members]
 
     def _switch(self, placement: planner.Placement, report: Report, rounds: int) -> None:
         router = self.router

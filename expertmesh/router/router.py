@@ -164,8 +164,7 @@ class Router:
     def _assign_stages(self, name: str, spans: list[tuple[int, int]]) -> None:
         member = next(m for m in self.membership.members if m.name == name)
         member.link.assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
-        member.stage_bytes = sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for a, b in spans
-                                 for l in range(a, b))
+        member.stage_bytes = self.adapter.span_bytes(self.checkpoint.tensors, spans)
         self.plan.stages[name] = spans
 
     def _relocate_stage(self, start: int, end: int, dead: NodeLink) -> NodeLink:
@@ -175,7 +174,7 @@ class Router:
         Raises:
             UnavailableError: naming the layers, when no live node has room or loads them.
         """
-        need = sum(self.adapter.layer_bytes(self.checkpoint.tensors, l) for l in range(start, end))
+        need = self.adapter.span_bytes(self.checkpoint.tensors, [(start, end)])
         failures = []
         back = next((m for m in self.membership.members if m.name == dead.name and not m.down and m.link is not dead
                      and (start, end) in self.plan.stages.get(m.name, [])), None)
