@@ -182,7 +182,9 @@ class NodeLink:
         return self._broken is not None
 
     def submit(self, request: pb.ForwardRequest):
-        """Send one request; the returned object's ``result(timeout)`` is the reply."""
+        """Send one request; the returned object's ``result(timeout)`` is the
+        reply, or raises ``UnavailableError`` with the link failed when the node
+        went silent for ``timeout`` (on either path)."""
         with self._lock:
             broken = self._broken
         if broken is not None:
@@ -197,7 +199,7 @@ class NodeLink:
         with self._lock:
             self._pending[request.request_id] = fut
         self._requests.put(request)
-        return fut
+        return _StreamReply(self, fut)
 
     def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
         """The reply to ``request_id``. Replies to older requests (left unread
@@ -239,6 +241,21 @@ class NodeLink:
             if graceful:
                 self._reader.join(timeout=self.timeout)
         self._channel.close()
+
+
+class _StreamReply:
+    """A reply on the gRPC Forward stream (nodes without a data plane)."""
+
+    __slots__ = ("link", "future")
+
+    def __init__(self, link: NodeLink, future: Future):
+        self.link, self.future = link, future
+
+    def result(self, timeout: float) -> pb.ForwardResponse:
+        try:
+            return self.future.result(timeout)
+        except FutureTimeout:
+            raise self.link.fail(UnavailableError(f"{self.link!r} did not answer within {timeout:g}s")) from None
 
 
 class _SocketReply:
@@ -380,10 +397,6 @@ class Dispatcher:
         for n, link, mine, rows, nbytes, t0, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
-            except FutureTimeout:
-                e = link.fail(UnavailableError(f"{link!r} did not answer layer {layer} within {self.timeout:g}s"))
-                failed = self._note_failure(layer, link, e, mine, node, failed)
-                continue
             except UnavailableError as e:
                 if not link.down:  # the node itself refused: no failover helps
                     raise

@@ -316,10 +316,7 @@ class StageRuntime:
         self._lost.discard(sequence)
 
     def _call(self, link: NodeLink, request: pb.ForwardRequest) -> pb.ForwardResponse:
-        try:
-            return link.submit(request).result(timeout=self.timeout)
-        except TimeoutError:
-            raise link.fail(UnavailableError(f"{link!r} did not answer its stage within {self.timeout:g}s")) from None
+        return link.submit(request).result(timeout=self.timeout)
 
     def sweep(self) -> None:
         """Release on the nodes the sequences no cache here holds any more."""
