@@ -6,6 +6,7 @@
     ├── PlacementError              the experts do not fit the nodes' memory
     ├── InvalidRequestError         bad input to an RPC (INVALID_ARGUMENT)
     ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
+    ├── OverloadedError             the router runs and queues all it can (RESOURCE_EXHAUSTED)
     ├── AuthError                   missing or wrong credentials (UNAUTHENTICATED)
     ├── DiscoveryError              mDNS cannot run on the chosen interfaces
     └── UnavailableError            a router or node cannot be reached / went down
@@ -51,6 +52,11 @@ class RequestTooLargeError(InvalidRequestError):
     """A request exceeded a size limit."""
 
 
+class OverloadedError(ExpertmeshError):
+    """The router runs as many generations as it batches and queues as many as
+    it may; try again later."""
+
+
 class AuthError(ExpertmeshError):
     """Credentials were missing or wrong."""
 
@@ -76,6 +82,7 @@ _BY_CODE = {
 
 _TO_CODE = {
     RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
     ConfigMismatchError: grpc.StatusCode.FAILED_PRECONDITION,

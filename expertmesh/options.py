@@ -68,6 +68,8 @@ class GenerationOptions:
             raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
         if not all(self.stop):
             raise InvalidRequestError("stop strings must not be empty", param="stop")
+        if not all(map(_is_text, self.stop)):
+            raise InvalidRequestError("stop strings must be valid Unicode text (no lone surrogates)", param="stop")
         if len(self.stop) > MAX_STOPS or max(map(len, self.stop), default=0) > MAX_STOP_CHARS:
             raise RequestTooLargeError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters",
                                        param="stop")
@@ -104,3 +106,11 @@ class GenerationOptions:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

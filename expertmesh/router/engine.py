@@ -12,18 +12,23 @@ import mlx.nn as nn
 from ..errors import InvalidRequestError, RequestTooLargeError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
-from .batching import Piece, Request, Scheduler
+from .batching import MAX_BATCH, MAX_WAITING, Piece, Request, Scheduler
 from .speculative import Draft
 from .stats import RequestStats
 
 logger = logging.getLogger(__name__)
+
+# apply_chat_template arguments a request may not set: the router asks for token ids itself
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+    "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs"})
 
 
 class Engine:
     """Generates with mlx-lm on the (remote-expert) model; callers stream pieces."""
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, default_max_tokens: int = 256,
-                 draft: Draft | None = None):
+                 draft: Draft | None = None, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = int(config.get("max_position_embeddings") or 1 << 31)
@@ -33,7 +38,8 @@ class Engine:
         self.max_chars = self.context_length * max(map(len, tokenizer.get_vocab()), default=64)
         self.default_max_tokens = default_max_tokens
         self.worker = MLXWorker("mlx-router")
-        self.scheduler = Scheduler(model, tokenizer, self.worker, draft=draft)
+        self.scheduler = Scheduler(model, tokenizer, self.worker, max_batch=max_batch, draft=draft,
+                                   max_waiting=max_waiting)
         self.stats = RequestStats()
 
     def close(self) -> None:
@@ -45,24 +51,46 @@ class Engine:
         return tok.encode(prompt, add_special_tokens=add_special)
 
     def apply_chat_template(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
-        """The tokens mlx-lm would generate from for this conversation.
+        """The tokens mlx-lm would generate from for this conversation: its
+        server's, with the checkpoint's chat template, or without one its
+        plain role-prefixed prompt (``mlx_lm.server.convert_chat``).
 
         Raises:
-            InvalidRequestError: no messages, a malformed one, no chat template,
-                or the template rejects the conversation.
+            InvalidRequestError: no messages, a malformed one, template
+                arguments that are not the template's to take, or the
+                template rejects the conversation.
         """
-        if not self.tokenizer.has_chat_template:
-            raise InvalidRequestError("this checkpoint has no chat template: use Generate with your own prompt",
-                                      param="messages")
         messages = [_message(m, i) for i, m in enumerate(messages or [])]
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         self._check_length(sum(len(m["content"]) for m in messages), "messages")
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs must not set {', '.join(reserved)}: the router "
+                                      "renders and tokenizes the conversation itself", param="chat_template_kwargs")
+        if not self.tokenizer.has_chat_template:
+            from mlx_lm.server import convert_chat  # what mlx-lm's server does without a template
+            return self._checked(self.tokenizer.encode(convert_chat(messages)), "messages")
         try:
-            return list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, **(chat_template_kwargs or {})))
+            tokens = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except Exception as e:  # jinja raises what the template says: the conversation's fault
             raise InvalidRequestError(f"the chat template rejects these messages: {e}", param="messages") from None
+        return self._checked(tokens, "messages")
+
+    def _checked(self, tokens, param: str) -> list[int]:
+        """``tokens`` as a list of token ids of this vocabulary.
+
+        Raises:
+            InvalidRequestError: anything else (a template that renders text, ids out of range).
+        """
+        if not isinstance(tokens, (list, tuple)) or not all(type(t) is int for t in tokens):
+            raise InvalidRequestError(f"the {param} did not render to token ids (got {type(tokens).__name__})",
+                                      param=param)
+        if self.vocab_size and tokens and not 0 <= min(tokens) <= max(tokens) < self.vocab_size:
+            raise InvalidRequestError(f"the {param} has token ids outside the vocabulary of {self.vocab_size}",
+                                      param=param)
+        return list(tokens)
 
     def generate(self, prompt: str, options: GenerationOptions = GenerationOptions(),
                  is_active: Callable[[], bool] = lambda: True) -> Iterator[Piece]:
@@ -75,7 +103,11 @@ class Engine:
         if not isinstance(prompt, str):
             raise InvalidRequestError("prompt must be a string", param="prompt")
         self._check_length(len(prompt), "prompt")
-        return self._start(self.encode(prompt), options, "prompt", is_active, "generate")
+        try:
+            tokens = self.encode(prompt)
+        except (ValueError, TypeError, UnicodeError) as e:  # a lone surrogate, say
+            raise InvalidRequestError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
+        return self._start(self._checked(tokens, "prompt"), options, "prompt", is_active, "generate")
 
     def chat(self, messages: list[dict], options: GenerationOptions = GenerationOptions(),
              chat_template_kwargs: dict | None = None,

@@ -18,6 +18,7 @@ from ..security import Security
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from .batching import MAX_BATCH, MAX_WAITING
 from .dense import load_dense
 from .dispatcher import REQUEST_LIMIT_S, AssignProgressCallback, Dispatcher, NodeLink
 from .engine import Engine, Piece
@@ -44,6 +45,8 @@ class RouterConfig:
     request_limit: float = REQUEST_LIMIT_S         # a node still "working" on one request after this hangs
     replicas: int = 1                              # copies of every expert, where memory allows
     default_max_tokens: int = 256
+    max_batch: int = MAX_BATCH                     # generations decoded together, one forward pass per step
+    max_waiting: int = MAX_WAITING                 # generations queued beyond those; more get RESOURCE_EXHAUSTED
     http_port: int | None = None                   # OpenAI-compatible HTTP API; None: off, 0: a free port
     discovery: bool = False                        # find nodes over mDNS too (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
@@ -81,11 +84,14 @@ class Router:
         try:
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
-            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft)
+            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft,
+                                 max_batch=config.max_batch, max_waiting=config.max_waiting)
             self.server, self.port, self._health = create_server(
                 f"{config.host}:{config.port}",
                 lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
                 ["InferenceService"],
+                # a thread per stream, running or queued, and room beside them for control calls
+                workers=config.max_batch + config.max_waiting + 16,
                 security=config.security,
             )
         except BaseException:
