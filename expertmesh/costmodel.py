@@ -20,11 +20,10 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from . import wire
-from .errors import PlacementError, UnavailableError, from_rpc_error
+from .errors import PlacementError, UnavailableError
 from .models import Adapter
 from .placement import Load, NodeBudget, Placement, balanced, contiguous
 from .serving import MAX_MESSAGE_BYTES
@@ -161,10 +160,7 @@ def measure(link, adapter: Adapter, timeout: float, pings: int = 20) -> NodeCost
         ExpertmeshError: the node refused or failed the measurement.
     """
     layer = adapter.moe_layers[0]
-    try:
-        m = link.stub.Measure(pb.MeasureRequest(layer=layer), timeout=timeout)
-    except grpc.RpcError as e:
-        raise from_rpc_error(e, repr(link)) from None
+    m = link.measure(layer, timeout)
     times = []
     try:
         with link.dial_data_plane() as sock:

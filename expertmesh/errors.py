@@ -3,6 +3,7 @@
     ExpertmeshError                 base of everything below
     ├── ModelError                  checkpoint missing, unreadable or unsupported
     ├── ConfigMismatchError         a node serves another checkpoint than the router
+    ├── OwnershipError              a node serves another router (FAILED_PRECONDITION)
     ├── PlacementError              the experts do not fit the nodes' memory
     ├── InvalidRequestError         bad input to an RPC (INVALID_ARGUMENT)
     ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
@@ -29,6 +30,10 @@ class ModelError(ExpertmeshError):
 
 class ConfigMismatchError(ExpertmeshError):
     """A node was started with a different checkpoint than the router."""
+
+
+class OwnershipError(ExpertmeshError):
+    """A node serves another router; it can be taken over only explicitly."""
 
 
 class PlacementError(ExpertmeshError):
@@ -86,6 +91,7 @@ _TO_CODE = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
     ConfigMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    OwnershipError: grpc.StatusCode.FAILED_PRECONDITION,
     PlacementError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,

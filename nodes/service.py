@@ -13,7 +13,7 @@ import grpc
 import mlx.core as mx
 
 from .. import __version__, wire
-from ..errors import ExpertmeshError, InvalidRequestError, status_code
+from ..errors import ExpertmeshError, InvalidRequestError, OwnershipError, abort, status_code
 from ..metrics import Histogram
 from ..serving import PROTOCOL_VERSION, layer_experts
 from ..v1 import expertmesh_pb2 as pb
@@ -23,6 +23,8 @@ from .stages import StageStore
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"  # the router id of a caller that gives none
 
 # Measure times one layer after this many tokens at most: its KV stays small
 MAX_MEASURE_CONTEXT = 4096
@@ -43,6 +45,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.compute = Histogram()  # seconds per Forward request
         self._assign_lock = threading.Lock()
         self._stats_lock = threading.Lock()
+        # the router this node serves (id "" when none) and the epoch of its hold: see RouterIdentity
+        self.router = pb.RouterIdentity()
+        self.epoch = 0
+        self._router_lock = threading.Lock()
+        self.on_router_change: Callable[[], None] = lambda: None  # e.g. the data plane drops its connections
 
     @property
     def state(self) -> int:
@@ -66,7 +73,57 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             token_required=self.token_required,
             stages=[pb.LayerSpan(start=s.start, end=s.end) for s in self.stages.spans.values()],
             kv_cache_bytes=self.stages.kv_bytes, kv_sequences=len(self.stages.sequences),
+            router=self.router, epoch=self.epoch,
         )
+
+    # --- one router at a time (RouterIdentity) ------------------------------------
+    def _claim(self, router: pb.RouterIdentity, context) -> int:
+        """Serve ``router`` from now on, unless another holds this node and it
+        does not take over; returns the epoch of its hold."""
+        if not router.id:  # a tool (grpcurl, a test) that names no router holds the node as one
+            router = pb.RouterIdentity(id=ANONYMOUS, address=context.peer(), takeover=router.takeover)
+        with self._router_lock:
+            holder = self.router
+            if holder.id and holder.id != router.id and not router.takeover:
+                abort(context, OwnershipError(
+                    f"node {self.name} serves router {holder.id[:8]} at {holder.address}: stop that router, or "
+                    f"start this one with --takeover to take the node from it"))
+            taken = holder.id and holder.id != router.id
+            if holder.id != router.id:
+                self.epoch += 1
+            self.router = pb.RouterIdentity(id=router.id, address=router.address)
+            epoch = self.epoch
+        if taken:
+            logger.warning("router %s at %s takes node %s over from router %s at %s", router.id[:8], router.address,
+                           self.name, holder.id[:8], holder.address)
+            self._drop_router_state()
+        return epoch
+
+    def _drop_router_state(self) -> None:
+        """What the last router left: its data-plane connections and its sequences' KV."""
+        self.on_router_change()
+        self.worker.submit(lambda: self.stages.release(set(self.stages.sequences)))
+
+    def hello_error(self, hello: pb.DataPlaneHello) -> str:
+        """Why a data-plane hello is refused ("" when the router holding this node says it)."""
+        with self._router_lock:
+            holder, epoch = self.router, self.epoch
+        if not holder.id:
+            return f"node {self.name} serves no router: Assign it first"
+        if hello.router_id != holder.id or hello.epoch != epoch:
+            return (f"node {self.name} serves router {holder.id[:8]} at {holder.address} (epoch {epoch}), "
+                    f"not router {hello.router_id[:8] or '(none)'} (epoch {hello.epoch}): it was taken over")
+        return ""
+
+    def Release(self, request, context):
+        with self._router_lock:
+            released = bool(request.router_id) and request.router_id == self.router.id and request.epoch == self.epoch
+            if released:
+                self.router = pb.RouterIdentity()
+        if released:
+            logger.info("router %s released node %s", request.router_id[:8], self.name)
+            self._drop_router_state()
+        return pb.ReleaseReply()
 
     def _check_checkpoint(self, config_hash: str, context) -> None:
         ck = self.store.checkpoint
@@ -86,6 +143,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def Assign(self, request, context):
         self._check_checkpoint(request.config_hash, context)
+        epoch = self._claim(request.router, context)
         wanted = {le.layer: list(le.experts) for le in request.experts}
         if len(wanted) != len(request.experts):
             layers = [le.layer for le in request.experts]
@@ -117,7 +175,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             loading.result()
             self.state = pb.READY
             yield pb.AssignProgress(loaded_bytes=self.store.nbytes, total_bytes=self.store.nbytes,
-                                    layers_done=layers_total, layers_total=layers_total, done=True)
+                                    layers_done=layers_total, layers_total=layers_total, done=True, epoch=epoch)
         except ExpertmeshError as e:
             self.state = pb.IDLE
             context.abort(status_code(e), str(e))
@@ -170,6 +228,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     # --- pipeline stages (nodes/stages.py) ------------------------------------
     def AssignStages(self, request, context):
         self._check_checkpoint(request.config_hash, context)
+        epoch = self._claim(request.router, context)
         spans = [(s.start, s.end) for s in request.stages]
         try:
             self.stages.validate(spans)
@@ -184,12 +243,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         finally:
             self._assign_lock.release()
         yield pb.AssignProgress(loaded_bytes=self.stages.nbytes, total_bytes=self.stages.nbytes,
-                                layers_done=len(spans), layers_total=len(spans), done=True)
+                                layers_done=len(spans), layers_total=len(spans), done=True, epoch=epoch)
 
     def Measure(self, request, context):
         if not 0 <= request.context <= MAX_MEASURE_CONTEXT:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"context must be 0 to {MAX_MEASURE_CONTEXT} tokens, not {request.context}")
+        epoch = self._claim(request.router, context)
         self._lock_loading(context)  # it loads a layer: not beside an assignment
         try:
             b1, b8, nbytes = self.worker.run(self.stages.measure, request.layer, request.context or 32)
@@ -197,7 +257,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             context.abort(status_code(e), str(e))
         finally:
             self._assign_lock.release()
-        return pb.Measurement(layer_seconds_batch1=b1, layer_seconds_batch8=b8, layer_bytes=nbytes)
+        return pb.Measurement(layer_seconds_batch1=b1, layer_seconds_batch8=b8, layer_bytes=nbytes, epoch=epoch)
 
     def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:
         stage = req.stage

@@ -36,7 +36,7 @@ def test_a_stage_node_killed_mid_generation_moves_its_span_and_both_streams_go_o
             running_router(tiny, [address for _, address in nodes], mode="pipeline") as router, \
             Client(f"127.0.0.1:{router.port}") as client:
         before = spans_of(router)
-        assert all(before[n] for n in ("n0", "n1", "n2"))  # a span on every node
+        assert all(before[n] for n in ("n0", "n1", "n2")), before  # a span on every node
         other = [p.token for p in client.generate(PROMPTS[2], max_tokens=TOKENS)]  # alone, before any failure
         first = client.generate(PROMPT, max_tokens=TOKENS)
         got, joined = [next(first).token], threading.Event()

@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
                         "alone are decoded speculatively, checking its guesses in one pass through the mesh")
     p.add_argument("--num-draft-tokens", type=at_least_one, default=3, metavar="N",
                    help="tokens the draft model proposes per pass (default 3)")
+    p.add_argument("--takeover", action="store_true",
+                   help="take nodes that serve another router (a node serves one router at a time; "
+                        "the other router's requests then fail)")
 
 
 def run(args) -> None:
@@ -91,7 +94,7 @@ def run(args) -> None:
                                  security=Security.from_args(args), placement_stats=args.placement_stats,
                                  rebalance_threshold=args.rebalance_threshold,
                                  rebalance_interval=args.rebalance_interval,
-                                 rebalance_min_tokens=args.rebalance_min_tokens))
+                                 rebalance_min_tokens=args.rebalance_min_tokens, takeover=args.takeover))
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)

@@ -175,9 +175,8 @@ class Scheduler:
                     continue
                 responses = [self._speculative.next()] if self._speculative else []
                 if len(active) > len(responses):
-                    step = gen.next()[1]
-                    self.peak_batch = max(self.peak_batch, len(step))
-                    responses += step
+                    responses += gen.next()[1]
+                    self.peak_batch = max(self.peak_batch, len(responses) - bool(self._speculative))
                 self.steps += 1
                 failed = {uid: request_error(a.guard.error) for uid, a in active.items() if a.guard.error}
                 stopped = []
@@ -192,7 +191,7 @@ class Scheduler:
                             self._finish(active.pop(r.uid).request, request_error(e))
                         else:
                             failed[r.uid] = request_error(e)
-                del responses  # finished ones carry their caches: on_step must not see them alive
+                r = responses = None  # finished ones carry their caches: on_step must not see them alive
                 if stopped:  # a stop string ended them before mlx-lm would have
                     self._remove(gen, stopped)
                 if failed:

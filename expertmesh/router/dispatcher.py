@@ -46,8 +46,11 @@ class NodeLink:
     """
 
     def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None,
-                 security: Security = Security(), request_limit: float = REQUEST_LIMIT_S):
+                 security: Security = Security(), request_limit: float = REQUEST_LIMIT_S,
+                 identity: pb.RouterIdentity | None = None):
         self.address = address
+        self.identity = identity or pb.RouterIdentity()  # the router, to the node (shared by all its links)
+        self.epoch = 0  # of the node's hold for this router, from its last assignment
         self.security = security
         self.timeout = timeout
         self.request_limit = request_limit  # seconds a request may keep its node working
@@ -80,10 +83,13 @@ class NodeLink:
                progress: AssignProgressCallback | None = None) -> None:
         request = pb.AssignRequest(
             config_hash=config_hash,
-            experts=layer_experts(experts))
+            experts=layer_experts(experts),
+            router=self.identity)
         try:
             for update in self.stub.Assign(request, timeout=timeout):
                 logger.debug("%r: loaded %d/%d bytes", self, update.loaded_bytes, update.total_bytes)
+                if update.done:
+                    self.epoch = update.epoch
                 if progress is not None:
                     progress(self.name, update)
         except grpc.RpcError as e:
@@ -93,13 +99,32 @@ class NodeLink:
     def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
         """Have the node hold these spans of whole layers (pipeline stages)."""
         request = pb.AssignStagesRequest(config_hash=config_hash,
-                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans])
+                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans], router=self.identity)
         try:
-            for _ in self.stub.AssignStages(request, timeout=timeout):
-                pass
+            for update in self.stub.AssignStages(request, timeout=timeout):
+                if update.done:
+                    self.epoch = update.epoch
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()
+
+    def measure(self, layer: int, timeout: float) -> pb.Measurement:
+        """Time one whole layer on the node (the cost model's probe)."""
+        try:
+            m = self.stub.Measure(pb.MeasureRequest(layer=layer, router=self.identity), timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, repr(self)) from None
+        self.epoch = m.epoch
+        return m
+
+    def release(self) -> None:
+        """Tell the node this router is done with it (best effort: it may be down)."""
+        if not self.identity.id:
+            return
+        try:
+            self.stub.Release(pb.ReleaseRequest(router_id=self.identity.id, epoch=self.epoch), timeout=2)
+        except grpc.RpcError as e:
+            logger.debug("%r: release failed: %s", self, e)
 
     # --- the Forward exchange -------------------------------------------------
     def open_stream(self) -> None:

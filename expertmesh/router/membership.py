@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..discovery import Announcement, Browser, resolve_interfaces
-from ..errors import ConfigMismatchError, ExpertmeshError, PlacementError, UnavailableError
+from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, PlacementError, UnavailableError
 from ..placement import Placement, describe, take_over
 from ..serving import PROTOCOL_VERSION
+from ..v1 import expertmesh_pb2 as pb
 from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ class Member:
 class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
-    def __init__(self, config: RouterConfig, model_id: str, config_hash: str):
+    def __init__(self, config: RouterConfig, model_id: str, config_hash: str,
+                 identity: pb.RouterIdentity | None = None):
         self.config = config
+        self.identity = identity or pb.RouterIdentity(id="membership")  # who we are to the nodes
         self.model_id, self.config_hash = model_id, config_hash
         self.members: list[Member] = []
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
@@ -120,6 +123,12 @@ class Membership:
             except ConfigMismatchError:
                 link.close()
                 raise
+            except OwnershipError as e:
+                link.close()
+                if instance is None:  # named by --peer: the user meant this node
+                    raise
+                failures.append(str(e))  # found over mDNS: another mesh's node
+                continue
             except ExpertmeshError as e:
                 failures.append(str(e))
                 link.close()
@@ -145,7 +154,12 @@ class Membership:
 
     def _link(self, address: str) -> NodeLink:
         return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security,
-                        request_limit=self.config.request_limit)
+                        request_limit=self.config.request_limit, identity=self.identity)
+
+    def release(self) -> None:
+        """Tell every node this router is done with it, so another may take it without --takeover."""
+        for m in self.members:
+            m.link.release()
 
     def _check(self, link: NodeLink) -> None:
         info = link.info
@@ -155,6 +169,10 @@ class Membership:
             raise ConfigMismatchError(
                 f"{link!r} serves model {info.model_id} (config {info.config_hash}) but the router has "
                 f"{self.model_id} (config {self.config_hash}): start both with the same checkpoint")
+        holder = info.router
+        if holder.id and holder.id != self.identity.id and not self.identity.takeover:
+            raise OwnershipError(f"{link!r} serves router {holder.id[:8]} at {holder.address}: stop that router, "
+                                 "or start this one with --takeover to take the node from it")
 
     def _wait_for_nodes(self) -> None:
         """Until ``expect`` compatible nodes are seen, or (without ``expect``)

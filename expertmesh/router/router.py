@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +16,7 @@ from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..popularity import read_load
 from ..security import Security
-from ..serving import create_server, layer_experts, set_serving
+from ..serving import create_server, join_address, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .batching import MAX_BATCH, MAX_WAITING
@@ -62,6 +63,7 @@ class RouterConfig:
     rebalance_threshold: float | None = None       # rebalance when the live balance ratio falls below; None: off
     rebalance_interval: float = 30.0               # seconds between automatic checks
     rebalance_min_tokens: int = 256                # tokens through the model since the last change before acting
+    takeover: bool = False                         # take nodes that serve another router (it then stops using them)
 
 
 class Router:
@@ -79,25 +81,6 @@ class Router:
         self.config = config
         self.checkpoint = Checkpoint(config.model)
         get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
-        # browsing starts now, so nodes are found while the dense model loads
-        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash)
-        try:
-            self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
-            draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
-            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft,
-                                 max_batch=config.max_batch, max_waiting=config.max_waiting)
-            self.server, self.port, self._health = create_server(
-                f"{config.host}:{config.port}",
-                lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
-                ["InferenceService"],
-                # a thread per stream, running or queued, and room beside them for control calls
-                workers=config.max_batch + config.max_waiting + 16,
-                security=config.security,
-            )
-        except BaseException:
-            self.membership.close()
-            raise
-        self.worker = self.engine.worker
         self.placement: planner.Placement | None = None
         self.plan: costmodel.Plan | None = None
         self.routing: RoutingStats | None = None
@@ -105,6 +88,40 @@ class Router:
         self.http: OpenAIServer | None = None
         self.metrics: MetricsServer | None = None
         self.rebalancer: Rebalancer | None = None
+        self.membership: Membership | None = None
+        # every port is bound before any node is touched: a router that cannot serve takes no node
+        self.server, self.port, self._health = create_server(
+            f"{config.host}:{config.port}",
+            lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), s),
+            ["InferenceService"],
+            # a thread per stream, running or queued, and room beside them for control calls
+            workers=config.max_batch + config.max_waiting + 16,
+            security=config.security,
+        )
+        # who this router is to its nodes: each serves one router at a time (RouterIdentity)
+        self.identity = pb.RouterIdentity(id=secrets.token_hex(16), address=join_address(config.host, self.port),
+                                          takeover=config.takeover)
+        try:
+            if config.http_port is not None:
+                self.http = OpenAIServer(self, config.host, config.http_port)
+            # browsing starts now, so nodes are found while the dense model loads
+            self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash,
+                                         self.identity)
+            self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
+            draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
+            self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft,
+                                 max_batch=config.max_batch, max_waiting=config.max_waiting)
+            if config.metrics_port is not None:
+                self.metrics = MetricsServer(config.host, config.metrics_port, lambda: router_families(self.stats()),
+                                             config.security)
+        except BaseException:
+            if self.http is not None:
+                self.http.stop()
+            if self.membership is not None:
+                self.membership.close()
+            self.server.stop(0)
+            raise
+        self.worker = self.engine.worker
 
     @property
     def links(self) -> list[NodeLink]:
@@ -132,6 +149,7 @@ class Router:
         if self.plan.stages:
             self._bring_up_stages(links)
         self.membership.watch(self.dispatcher)
+        self.identity.takeover = False  # taken once: recovery and rebalancing never take a node back
         self.rebalancer = Rebalancer(self)
         logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
 
@@ -214,11 +232,8 @@ class Router:
 
     def start(self) -> "Router":
         self.server.start()
-        if self.config.http_port is not None:
-            self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
-        if self.config.metrics_port is not None:
-            self.metrics = MetricsServer(self.config.host, self.config.metrics_port,
-                                         lambda: router_families(self.stats()), self.config.security)
+        if self.http is not None:
+            self.http.start()
         if self.config.rebalance_threshold is not None and self.rebalancer is not None:
             c = self.config
             self.rebalancer.watch(c.rebalance_threshold, c.rebalance_interval, c.rebalance_min_tokens)
@@ -235,6 +250,7 @@ class Router:
         if self.rebalancer is not None:
             self.rebalancer.close()
         self.engine.close()
+        self.membership.release()  # a later router takes the nodes without --takeover
         self.membership.close()
 
     def wait(self) -> None:

@@ -74,7 +74,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required", "stages", "kv_cache_bytes", "kv_sequences")
+    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required", "stages", "kv_cache_bytes", "kv_sequences", "router", "epoch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class NodeInfo(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -103,7 +105,9 @@ class NodeInfo(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
     kv_cache_bytes: int
     kv_sequences: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., kv_cache_bytes: _Optional[int] = ..., kv_sequences: _Optional[int] = ...) -> None: ...
+    router: RouterIdentity
+    epoch: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., kv_cache_bytes: _Optional[int] = ..., kv_sequences: _Optional[int] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class LayerSpan(_message.Message):
     __slots__ = ("start", "end")
@@ -114,52 +118,84 @@ class LayerSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class AssignStagesRequest(_message.Message):
-    __slots__ = ("config_hash", "stages")
+    __slots__ = ("config_hash", "stages", "router")
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     config_hash: str
     stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
-    def __init__(self, config_hash: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ...) -> None: ...
+    router: RouterIdentity
+    def __init__(self, config_hash: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ...) -> None: ...
+
+class RouterIdentity(_message.Message):
+    __slots__ = ("id", "address", "takeover")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    takeover: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., takeover: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("router_id", "epoch")
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    epoch: int
+    def __init__(self, router_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class MeasureRequest(_message.Message):
-    __slots__ = ("layer", "context")
+    __slots__ = ("layer", "context", "router")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     layer: int
     context: int
-    def __init__(self, layer: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
+    router: RouterIdentity
+    def __init__(self, layer: _Optional[int] = ..., context: _Optional[int] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ...) -> None: ...
 
 class Measurement(_message.Message):
-    __slots__ = ("layer_seconds_batch1", "layer_seconds_batch8", "layer_bytes")
+    __slots__ = ("layer_seconds_batch1", "layer_seconds_batch8", "layer_bytes", "epoch")
     LAYER_SECONDS_BATCH1_FIELD_NUMBER: _ClassVar[int]
     LAYER_SECONDS_BATCH8_FIELD_NUMBER: _ClassVar[int]
     LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     layer_seconds_batch1: float
     layer_seconds_batch8: float
     layer_bytes: int
-    def __init__(self, layer_seconds_batch1: _Optional[float] = ..., layer_seconds_batch8: _Optional[float] = ..., layer_bytes: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, layer_seconds_batch1: _Optional[float] = ..., layer_seconds_batch8: _Optional[float] = ..., layer_bytes: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("config_hash", "experts")
+    __slots__ = ("config_hash", "experts", "router")
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     config_hash: str
     experts: _containers.RepeatedCompositeFieldContainer[LayerExperts]
-    def __init__(self, config_hash: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...
+    router: RouterIdentity
+    def __init__(self, config_hash: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ...) -> None: ...
 
 class AssignProgress(_message.Message):
-    __slots__ = ("loaded_bytes", "total_bytes", "layers_done", "layers_total", "done")
+    __slots__ = ("loaded_bytes", "total_bytes", "layers_done", "layers_total", "done", "epoch")
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     loaded_bytes: int
     total_bytes: int
     layers_done: int
     layers_total: int
     done: bool
-    def __init__(self, loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    epoch: int
+    def __init__(self, loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., done: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "stage")
@@ -206,10 +242,14 @@ class ForwardResponse(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., working: _Optional[bool] = ...) -> None: ...
 
 class DataPlaneHello(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "router_id", "epoch")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     token: str
-    def __init__(self, token: _Optional[str] = ...) -> None: ...
+    router_id: str
+    epoch: int
+    def __init__(self, token: _Optional[str] = ..., router_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

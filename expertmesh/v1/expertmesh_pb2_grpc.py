@@ -64,6 +64,11 @@ class ExpertServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/expertmesh.v1.ExpertService/Release',
+                request_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -105,6 +110,12 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Measure,
                     request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class ExpertService:
             '/expertmesh.v1.ExpertService/Measure',
             expertmesh_dot_v1_dot_expertmesh__pb2.MeasureRequest.SerializeToString,
             expertmesh_dot_v1_dot_expertmesh__pb2.Measurement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.ExpertService/Release',
+            expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expertmesh__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,
