@@ -119,6 +119,7 @@ def decode(tensor: pb.Tensor, name: str = "tensor") -> mx.array:
 
 # --- data-plane framing: 4-byte little-endian length, then the message ------
 _LEN = struct.Struct("<I")
+RECV_CHUNK = 64 << 10  # bytes a frame may have allocated beyond those received
 
 
 def send_frame(sock: socket.socket, message) -> None:
@@ -158,13 +159,30 @@ def recv_reply(sock: socket.socket, max_bytes: int) -> "pb.ForwardResponse | Non
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Exactly ``n`` bytes from ``sock``; ``None`` when the peer closed first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+    """Exactly ``n`` bytes from ``sock``; ``None`` when the peer closed first.
+
+    Memory grows with the bytes that arrive (at most twice them, plus
+    ``RECV_CHUNK``), not with what a length prefix claims: a header that
+    announces 64 MB and then silence costs ``RECV_CHUNK``.
+    """
+    if n <= RECV_CHUNK:
+        buf = _recv_into(sock, bytearray(n))
+        return None if buf is None else bytes(buf)
+    parts, got = [], 0
     while got < n:
+        part = _recv_into(sock, bytearray(min(n - got, max(RECV_CHUNK, got))))  # doubles as bytes arrive
+        if part is None:
+            return None
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _recv_into(sock: socket.socket, buf: bytearray) -> bytearray | None:
+    view, got = memoryview(buf), 0
+    while got < len(buf):
         k = sock.recv_into(view[got:])
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf

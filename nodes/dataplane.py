@@ -13,6 +13,10 @@ in all (a watchdog shuts slower ones). Past ``MAX_UNADMITTED`` waiting
 connections the oldest is dropped for each new one, so strangers that connect
 and say nothing cost the node no MLX thread and a bounded number of others,
 and cannot keep a router that says its hello at once from getting in.
+Frames are read into memory as their bytes arrive (``wire.recv_exact``), not
+as their length prefix claims. At most ``MAX_SERVED`` admitted connections are
+served at once (the least recently active is dropped for a new one), and
+nothing of a connection is kept once it closes.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
 MAX_UNADMITTED = 64     # past this many connections waiting for their hello, the oldest is dropped
+MAX_SERVED = 16         # admitted connections served at once (an MLX thread each); a router needs one or two
 _HELLO_BYTES = 4096
 _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
+_WORKER_WAIT_S = 2.0  # how long a new connection waits for a dropped one's worker
 
 
 class _Heartbeat:
@@ -98,13 +104,17 @@ class DataPlane:
         self._tls = security.server_ssl_context() if security.tls else None
         self._needs_hello = self._tls is not None or bool(security.token)  # TLS handshake and/or token hello
         self._conns: set[socket.socket] = set()
-        self._serving: list = []  # futures of the connection loops
+        self._serving: dict[socket.socket, object] = {}  # admitted connection -> future of its loop
+        self._active: dict[socket.socket, float] = {}     # admitted connection -> when its last frame came
+        self._idle_workers: list[MLXWorker] = []          # of ended connections, for the next ones
+        self._workers = 0                                 # MLX workers borrowed, idle or serving: <= MAX_SERVED
         # connections waiting for their TLS handshake and hello: thread -> [socket, accepted at], oldest first
         self._admitting: dict[threading.Thread, list] = {}
         self._hello_threads: set[threading.Thread] = set()  # those threads, and the dropped ones until they end
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when a worker goes idle, and on stop()
         self._stopping = threading.Event()  # set (under the lock) by stop()
         self._full = False  # MAX_UNADMITTED reached (logged once per episode)
+        self._crowded = False  # MAX_SERVED reached (logged once per episode)
 
     @property
     def unadmitted(self) -> int:
@@ -148,6 +158,7 @@ class DataPlane:
                 return  # listener closed
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _keepalive(conn)
             except OSError:  # reset before we got to it
                 conn.close()
                 continue
@@ -157,7 +168,9 @@ class DataPlane:
                     return
                 self._conns.add(conn)
                 if not self._needs_hello:
-                    self._start_serving(conn, peer[0])
+                    if not self._start_serving(conn, peer[0]):
+                        self._conns.discard(conn)
+                        conn.close()
                     continue
             t = threading.Thread(target=self._admit, args=(conn, peer[0]), name="dataplane-hello", daemon=True)
             with self._lock:
@@ -186,17 +199,36 @@ class DataPlane:
         with self._lock:
             dropped = self._admitting.pop(me, None) is None
             self._hello_threads.discard(me)
-            if admitted and not dropped and not self._stopping.is_set():
-                self._start_serving(conn, peer)
+            if admitted and not dropped and not self._stopping.is_set() and self._start_serving(conn, peer):
                 return
             self._conns.discard(conn)
         conn.close()
 
-    def _start_serving(self, conn: socket.socket, peer: str) -> None:
-        """Serve an admitted connection on an MLX worker of its own. Call with
-        the lock held, so that stop() either sees its loop or refuses it first."""
-        worker = MLXWorker(f"dataplane-{peer}")
-        self._serving.append(worker.submit(self._serve, conn, peer, worker))
+    def _start_serving(self, conn: socket.socket, peer: str) -> bool:
+        """Serve an admitted connection on an MLX worker of its own; False when
+        there is none. Call with the lock held, so that stop() either sees its
+        loop or refuses it first. Past ``MAX_SERVED`` the least recently active
+        connection is shut, and its worker serves this one."""
+        if len(self._active) >= MAX_SERVED:
+            idle = min(self._active, key=self._active.get)
+            self._active.pop(idle)
+            _shut(idle)  # its loop ends, forgets it, and hands its worker back
+            if not self._crowded:
+                logger.warning("data plane: %d connections are open; dropping the least recently active for %s",
+                               MAX_SERVED, peer)
+        self._crowded = len(self._active) >= MAX_SERVED - 1
+        if not self._idle_workers and self._workers >= MAX_SERVED:
+            self._lock.wait_for(lambda: self._idle_workers or self._stopping.is_set(), _WORKER_WAIT_S)
+        if self._stopping.is_set() or (not self._idle_workers and self._workers >= MAX_SERVED):
+            logger.warning("data plane: no worker for %s: %d connections are busy", peer, MAX_SERVED)
+            return False
+        if self._idle_workers:
+            worker = self._idle_workers.pop()
+        else:
+            worker, self._workers = MLXWorker("dataplane"), self._workers + 1
+        self._active[conn] = time.monotonic()
+        self._serving[conn] = worker.submit(self._serve, conn, peer, worker)
+        return True
 
     def _wrap(self, conn: socket.socket) -> socket.socket:
         """With TLS, the TLS socket over ``conn`` (the handshake waits for ``_admitted``)."""
@@ -248,7 +280,7 @@ class DataPlane:
             pass
 
     def _serve(self, conn: socket.socket, peer: str, worker: MLXWorker) -> None:
-        heartbeat = _Heartbeat(conn)
+        heartbeat = None  # its thread starts with the first request
         try:
             while True:
                 try:
@@ -258,16 +290,26 @@ class DataPlane:
                     return
                 if req is None:
                     return
-                heartbeat.current = (req.request_id, time.monotonic())
+                heartbeat = heartbeat or _Heartbeat(conn)
+                heartbeat.current = (req.request_id, now := time.monotonic())
+                self._active[conn] = now
                 heartbeat.send(self._answer(req))
         except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
             logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:
-            heartbeat.stop()
+            if heartbeat is not None:
+                heartbeat.stop()
             with self._lock:
                 self._conns.discard(conn)
+                self._active.pop(conn, None)
+                self._serving.pop(conn, None)
+                keep = not self._stopping.is_set()
+                if keep:  # the next connection runs on this thread: no new one for each
+                    self._idle_workers.append(worker)
+                    self._lock.notify_all()
             conn.close()
-            worker.release()
+            if not keep:
+                worker.release()
 
     def _answer(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
         """The reply to one request; a failed one is answered and the connection goes on."""
@@ -284,6 +326,7 @@ class DataPlane:
     def stop(self) -> None:
         with self._lock:
             self._stopping.set()
+            self._lock.notify_all()
             conns = list(self._conns)
         for listener in self._listeners:
             _shut(listener)  # wakes accept(); close() alone does not
@@ -294,9 +337,24 @@ class DataPlane:
             t.join(timeout=10)
         self.join_admissions(timeout=10)
         with self._lock:
-            serving = list(self._serving)
+            serving = list(self._serving.values())
         for fut in serving:
             fut.result(timeout=10)
+        with self._lock:
+            idle, self._idle_workers = self._idle_workers, []
+        for worker in idle:
+            worker.release()
+
+
+def _keepalive(conn: socket.socket) -> None:
+    """Probe an idle connection, so that one whose peer vanished (host
+    unplugged) ends within about a minute instead of holding its slot."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # Linux / macOS
+    for option, value in ((idle, 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
+                          (getattr(socket, "TCP_KEEPCNT", None), 3)):
+        if option is not None:
+            conn.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _shut(conn: socket.socket) -> None:
