@@ -77,7 +77,9 @@ class Node:
             ["ExpertService"],
             security=config.security,
         )
-        self.dataplane = DataPlane(hosts, self.servicer.forward, security=config.security)
+        self.dataplane = DataPlane(hosts, self.servicer.forward, security=config.security,
+                                   hello_wanted=self.servicer.held_by_router, hello_error=self.servicer.hello_error)
+        self.servicer.on_router_change = self.dataplane.drop_all
         self.servicer.token_required = bool(config.security.token)
         self.servicer.data_port = self.dataplane.port
         self.addresses = [join_address(h, self.port) for h in hosts]

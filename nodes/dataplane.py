@@ -30,7 +30,7 @@ from typing import Callable
 import grpc
 
 from .. import wire
-from ..errors import AuthError, ExpertmeshError, status_code
+from ..errors import AuthError, ExpertmeshError, OwnershipError, status_code
 from ..security import Security
 from ..serving import HEARTBEAT_S, MAX_MESSAGE_BYTES
 from ..v1 import expertmesh_pb2 as pb
@@ -90,8 +90,12 @@ class _Heartbeat:
 
 class DataPlane:
     def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES,
-                 security: Security = Security()):
-        """Listen on every one of ``hosts``, on one port (the first free one)."""
+                 security: Security = Security(), hello_wanted: Callable[[], bool] = lambda: False,
+                 hello_error: Callable[[pb.DataPlaneHello], str] = lambda hello: ""):
+        """Listen on every one of ``hosts``, on one port (the first free one).
+
+        While ``hello_wanted()`` (the node serves a router), a connection's
+        hello must also satisfy ``hello_error`` (returns why not, or "")."""
         self._listeners: list[socket.socket] = []
         self.port = 0
         for host in hosts:
@@ -103,6 +107,7 @@ class DataPlane:
         self._security = security
         self._tls = security.server_ssl_context() if security.tls else None
         self._needs_hello = self._tls is not None or bool(security.token)  # TLS handshake and/or token hello
+        self._hello_wanted, self._hello_error = hello_wanted, hello_error  # the router holding the node
         self._conns: set[socket.socket] = set()
         self._serving: dict[socket.socket, object] = {}  # admitted connection -> future of its loop
         self._active: dict[socket.socket, float] = {}     # admitted connection -> when its last frame came
@@ -133,9 +138,8 @@ class DataPlane:
     def start(self) -> "DataPlane":
         self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
                                             daemon=True) for listener in self._listeners]
-        if self._needs_hello:
-            self._acceptors.append(threading.Thread(target=self._watch_hellos, name="dataplane-hello-watchdog",
-                                                    daemon=True))
+        self._acceptors.append(threading.Thread(target=self._watch_hellos, name="dataplane-hello-watchdog",
+                                                daemon=True))
         for t in self._acceptors:
             t.start()
         return self
@@ -167,7 +171,7 @@ class DataPlane:
                     conn.close()
                     return
                 self._conns.add(conn)
-                if not self._needs_hello:
+                if not self._needs_hello and not self._hello_wanted():
                     if not self._start_serving(conn, peer[0]):
                         self._conns.discard(conn)
                         conn.close()
@@ -254,19 +258,29 @@ class DataPlane:
         """
         if self._tls is not None:
             conn.do_handshake()
-        if self._security.token:
+        router = self._hello_wanted()
+        if self._security.token or router:
             try:
                 hello = wire.recv_frame(conn, pb.DataPlaneHello, _HELLO_BYTES)
             except ExpertmeshError:
                 hello = None
-            why = self._security.token_error(hello.token if hello else None)
+            why, error = self._security.token_error(hello.token if hello else None), AuthError()
+            if router and not why:
+                why, error = self._hello_error(hello or pb.DataPlaneHello()), OwnershipError()
             if why:
                 logger.warning("data plane: refused %s: %s", peer, why)
-                self._refuse(conn, pb.ForwardResponse(error_code=status_code(AuthError()).value[0], error=why))
+                self._refuse(conn, pb.ForwardResponse(error_code=status_code(error).value[0], error=why))
                 return False
             wire.send_frame(conn, pb.ForwardResponse())
         conn.settimeout(None)
         return True
+
+    def drop_all(self) -> None:
+        """Shut every admitted connection (another router holds the node now)."""
+        with self._lock:
+            admitted = list(self._serving)
+        for conn in admitted:
+            _shut(conn)
 
     @staticmethod
     def _refuse(conn: socket.socket, reply: pb.ForwardResponse) -> None:

@@ -84,20 +84,26 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             router = pb.RouterIdentity(id=ANONYMOUS, address=context.peer(), takeover=router.takeover)
         with self._router_lock:
             holder = self.router
-            if holder.id and holder.id != router.id and not router.takeover:
+            if holder.id not in ("", ANONYMOUS, router.id) and not router.takeover:  # tools hold no node from routers
                 abort(context, OwnershipError(
                     f"node {self.name} serves router {holder.id[:8]} at {holder.address}: stop that router, or "
                     f"start this one with --takeover to take the node from it"))
-            taken = holder.id and holder.id != router.id
-            if holder.id != router.id:
+            changed = holder.id != router.id
+            if changed:
                 self.epoch += 1
             self.router = pb.RouterIdentity(id=router.id, address=router.address)
             epoch = self.epoch
-        if taken:
+        if changed and holder.id:
             logger.warning("router %s at %s takes node %s over from router %s at %s", router.id[:8], router.address,
                            self.name, holder.id[:8], holder.address)
+        if changed:  # what was opened before belongs to no one now
             self._drop_router_state()
         return epoch
+
+    def held_by_router(self) -> bool:
+        """A router holds this node: data-plane connections must name it in their hello."""
+        with self._router_lock:
+            return self.router.id not in ("", ANONYMOUS)
 
     def _drop_router_state(self) -> None:
         """What the last router left: its data-plane connections and its sequences' KV."""

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import wire
-from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
+from ..errors import ExpertmeshError, OwnershipError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement, describe
 from ..security import Security
 from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts, split_address
@@ -162,11 +162,14 @@ class NodeLink:
         try:
             if self.security.tls:
                 sock = self.security.client_ssl_context().wrap_socket(sock, server_hostname=host)
-            if self.info.token_required:
-                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or ""))
+            if self.info.token_required or self.epoch:  # the token, and we hold the node since that epoch
+                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or "", router_id=self.identity.id,
+                                                        epoch=self.epoch))
                 welcome = wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
                 if welcome is None:
                     raise UnavailableError(f"{self!r} closed the data plane during the hello")
+                if welcome.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
+                    raise OwnershipError(f"{self!r} refused the data plane: {welcome.error}")
                 if welcome.error_code:
                     raise from_status(welcome.error_code, f"{self!r} refused the data plane: {welcome.error}", repr(self),
                                       raised="")
