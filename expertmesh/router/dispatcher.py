@@ -117,6 +117,17 @@ class NodeLink:
         self.epoch = m.epoch
         return m
 
+    def _why_closed(self) -> str:
+        """", taken over by ..." when the node now serves another router (a node
+        drops the data plane of the router it was taken from)."""
+        try:
+            holder = self.stub.GetInfo(pb.GetInfoRequest(), timeout=1.0).router
+        except grpc.RpcError:
+            return ""
+        if holder.id and holder.id != self.identity.id:
+            return f": it was taken over by router {holder.id[:8]} at {holder.address}"
+        return ""
+
     def release(self) -> None:
         """Tell the node this router is done with it (best effort: it may be down)."""
         if not self.identity.id:
@@ -249,7 +260,7 @@ class NodeLink:
             except (OSError, ExpertmeshError) as e:
                 raise self.fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
             if resp is None:
-                raise self.fail(UnavailableError(f"{self!r} closed the data plane"))
+                raise self.fail(UnavailableError(f"{self!r} closed the data plane{self._why_closed()}"))
             if 0 < resp.request_id < request_id or resp.working:
                 continue
             if resp.error_code:

@@ -377,6 +377,16 @@ class Membership:
             self._check(link)
             link.name = member.name
             self._assign(link, member.experts)
+        except OwnershipError:
+            holder = link.info.router
+            link.close()
+            member.backoff = _MAX_BACKOFF
+            member.retry_at = time.monotonic() + member.backoff
+            error = f"taken over by router {holder.id[:8]} at {holder.address}"
+            if member.error != error:
+                member.error = error
+                logger.warning("node %s serves another router now: %s", member.name, error)
+            return
         except ExpertmeshError as e:
             link.close()
             member.backoff = min(member.backoff * 2, _MAX_BACKOFF)
