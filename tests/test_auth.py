@@ -140,8 +140,13 @@ def hello_then_request(port: int, first_frames: list, sock_wrap=lambda s: s) -> 
         return replies
 
 
+def held(router) -> pb.DataPlaneHello:
+    """The hello of the router holding the node: the token, its identity and epoch."""
+    return pb.DataPlaneHello(token=TOKEN, router_id=router.identity.id, epoch=router.links[0].epoch)
+
+
 def test_data_plane_serves_nobody_before_the_hello(token_mesh):
-    node, _ = token_mesh
+    node, router = token_mesh
     port = node.dataplane.port
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
     probe = pb.ForwardRequest(request_id=7, layer=0)
@@ -149,13 +154,15 @@ def test_data_plane_serves_nobody_before_the_hello(token_mesh):
     assert refused.error_code == unauthenticated and "no cluster token" in refused.error
     (refused,) = hello_then_request(port, [pb.DataPlaneHello(token="guess"), probe])
     assert refused.error_code == unauthenticated and refused.error == "wrong cluster token"
-    welcome, answer = hello_then_request(port, [pb.DataPlaneHello(token=TOKEN), probe])
+    (refused,) = hello_then_request(port, [pb.DataPlaneHello(token=TOKEN), probe])  # the token, but no router
+    assert refused.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "serves router" in refused.error
+    welcome, answer = hello_then_request(port, [held(router), probe])
     assert welcome.error_code == 0 and welcome.request_id == 0
     assert answer.request_id == 7 and answer.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]  # served
 
 
 def test_strangers_that_never_say_hello_cannot_keep_a_router_out_or_pile_up_threads(token_mesh):
-    node, _ = token_mesh
+    node, router = token_mesh
     plane = node.dataplane
     before = threading.active_count()
     strangers = [socket.create_connection(("127.0.0.1", plane.port), timeout=10) for _ in range(MAX_UNADMITTED + 36)]
@@ -163,8 +170,7 @@ def test_strangers_that_never_say_hello_cannot_keep_a_router_out_or_pile_up_thre
         for oldest in strangers[:36]:  # each one past the limit dropped the oldest waiting
             assert oldest.recv(1) == b""
         assert plane.unadmitted == MAX_UNADMITTED  # one short-lived thread each, no MLX worker
-        welcome, answer = hello_then_request(plane.port, [pb.DataPlaneHello(token=TOKEN),
-                                                          pb.ForwardRequest(request_id=9)])
+        welcome, answer = hello_then_request(plane.port, [held(router), pb.ForwardRequest(request_id=9)])
         assert welcome.error_code == 0 and answer.request_id == 9  # a router that says its hello gets in even so
     finally:
         for s in strangers:
@@ -215,7 +221,7 @@ def test_pipeline_stages_run_under_the_token_and_mutual_tls(tiny, certs, tls_mes
 
 
 def test_tls_data_plane_refuses_plaintext_and_foreign_certificates(tls_mesh, certs, tmp_path):
-    node, _ = tls_mesh
+    node, router = tls_mesh
     port = node.dataplane.port
     with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
         hello_then_request(port, [pb.DataPlaneHello(token=TOKEN)])  # plaintext: no reply, the server drops it
@@ -225,7 +231,7 @@ def test_tls_data_plane_refuses_plaintext_and_foreign_certificates(tls_mesh, cer
                            lambda s: stranger.client_ssl_context().wrap_socket(s, server_hostname="127.0.0.1"))
     ours = Security(**tls(certs, "client"))
     welcome, answer = hello_then_request(
-        port, [pb.DataPlaneHello(token=TOKEN), pb.ForwardRequest(request_id=3)],
+        port, [held(router), pb.ForwardRequest(request_id=3)],
         lambda s: ours.client_ssl_context().wrap_socket(s, server_hostname="127.0.0.1"))
     assert welcome.error_code == 0 and answer.request_id == 3
 

@@ -142,8 +142,9 @@ def test_router_refuses_a_node_with_another_checkpoint(tiny, tmp_path):
 @pytest.mark.parametrize("role", ["node", "router"])
 def test_ctrl_c_stops_a_process_cleanly(mesh, tiny, tmp_path, role):
     args = ["node", "--model", str(tiny), "--port", "0"]
-    if role == "router":
-        args = ["router", "--model", str(tiny), "--port", "0", "--peer", mesh.nodes[0]]
+    own = Process(args, tmp_path / "own-node.log") if role == "router" else None  # mesh's node serves its router
+    if own is not None:
+        args = ["router", "--model", str(tiny), "--port", "0", "--peer", own.address(timeout=120)]
     p = Process(args, tmp_path / f"{role}.log")
     try:
         p.address(timeout=120)
@@ -152,6 +153,8 @@ def test_ctrl_c_stops_a_process_cleanly(mesh, tiny, tmp_path, role):
         assert "Traceback" not in p.log.read_text()
     finally:
         p.stop()
+        if own is not None:
+            own.stop()
 
 
 
