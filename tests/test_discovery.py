@@ -152,13 +152,18 @@ def test_nodes_announce_their_state_and_experts(mesh):
 
 def test_peers_mix_with_discovery_and_without_expect_the_router_settles(mesh, lan, tiny):
     peer = mesh.cluster()["mini-a"].split()[1]  # mini-a's HOST:PORT: given as --peer, and announced
-    second = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--peer", peer],
+    # the mesh's router holds the nodes: this one takes them over, and gives them back when it stops
+    second = Process(["router", "--model", str(tiny), "--port", "0", *MDNS, "--peer", peer, "--takeover"],
                      mesh.logs / "second-router.log", prefix=lan.hosts["router"].prefix)
     try:
         second.wait_for(r"listening on \S+ \(2 nodes: mini-a, mini-b;", 120)
         assert "joined after the plan" not in second.log.read_text()  # mini-a is the peer, not a newcomer
+        out = mesh.cli("generate", "--router", mesh.address, PROMPT, "--max-tokens", "4")
+        assert out.returncode == 1 and "taken over by router" in out.stderr  # the first router says why
     finally:
         second.stop()
+    back = {mesh.router.wait_for(r"node (mini-\w) is back at \S+: re-assigned", 60)[1] for _ in range(2)}
+    assert back == {"mini-a", "mini-b"}  # released: the mesh's router took its nodes back
 
 
 def test_router_says_whom_it_saw_and_rejected_when_too_few_turn_up(mesh, lan, tiny):
