@@ -77,3 +77,29 @@ def test_a_peer_that_stops_is_down_its_experts_move_and_it_comes_back_with_them(
     finally:
         for n in nodes:
             n.stop(grace=0)
+
+
+def test_a_failed_load_during_recovery_leaves_the_placement_as_it_was(tiny, monkeypatch):
+    from expertmesh import UnavailableError
+    from expertmesh.errors import ExpertmeshError
+
+    from conftest import running_nodes
+
+    expected = reference_tokens(tiny, PROMPT, 8)
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
+        lost = router.placement.experts_of("n1")
+        real_assign = nodes[0].store.assign
+        monkeypatch.setattr(nodes[0].store, "assign", lambda *a, **kw: (_ for _ in ()).throw(
+            ExpertmeshError("the disk is gone")))
+        nodes[1].stop(grace=0)
+        with Client(f"127.0.0.1:{router.port}") as c:
+            try:
+                list(c.generate(PROMPT, max_tokens=8))
+                raise AssertionError("a generation without n1's experts cannot succeed")
+            except UnavailableError as e:
+                assert "n0 failed to load them" in str(e) and "the disk is gone" in str(e)
+            # the router did not take n0 to hold what it failed to load
+            assert all(router.placement.holders(l, e) == [1] for l, es in lost.items() for e in es)
+            monkeypatch.setattr(nodes[0].store, "assign", real_assign)
+            assert [p.token for p in c.generate(PROMPT, max_tokens=8)] == expected  # a later load succeeds
+        assert all(router.placement.holders(l, e) == [1, 0] for l, es in lost.items() for e in es)  # now loaded

@@ -12,6 +12,7 @@ mid-layer) has live nodes with room load them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -261,18 +262,18 @@ class Membership:
 
     def recover(self, missing: dict[int, list[int]]) -> None:
         """Have live nodes with room load the ``missing`` experts (layer -> ids)
-        that no live node holds, and record them in the placement.
+        that no live node holds, and record them in the placement once loaded.
 
         Raises:
             UnavailableError: naming the experts, when the live nodes lack the
-                memory or fail to load them.
+                memory or fail to load them; what failed to load is not in the placement.
         """
         with self._lock:
             live = {i: m for i, m in enumerate(self.members) if not m.down}
             free = {i: m.link.info.memory_budget_bytes - m.stage_bytes
                     - sum(len(e) * self.expert_bytes[l] for l, e in m.experts.items()) for i, m in live.items()}
-            try:
-                moves = take_over(self.placement, missing, free, self.expert_bytes)
+            try:  # planned on a copy: the placement changes only for what a node has loaded
+                moves = take_over(copy.deepcopy(self.placement), missing, free, self.expert_bytes)
             except PlacementError as e:
                 down = ", ".join(f"{m.name} ({m.error or m.link.error or 'down'})" for m in self.members if m.down)
                 raise UnavailableError(f"{e}; down: {down}" if down else str(e)) from None
@@ -285,6 +286,9 @@ class Membership:
                 except ExpertmeshError as e:
                     raise UnavailableError(f"no live node holds {describe(missing)}: {m.name} failed to load them ({e})") from None
                 m.experts = wanted
+                for l, es in experts.items():
+                    for e in es:
+                        self.placement.add(l, e, i)
 
     # --- after the plan: one thread owns every change ----------------------------
     def watch(self, dispatcher: Dispatcher) -> None:
