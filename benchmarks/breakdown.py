@@ -153,12 +153,12 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
                                 weights=wire.encode_numpy(np.where(ids >= 0, 1.0 / k, 0.0), pb.FLOAT32))
         frames.append(req.SerializeToString())
     timer = _Timer()
-    saved = service.wire, service.mx, store.forward
+    saved = service.wire, service.mx, store.forward_wire
     service.wire = _TimedModule(wire, timer, {"decode_numpy": "decode", "all_finite": "decode",
                                                "from_numpy": "decode", "decode": "decode",
                                                "encode": "encode", "encode_numpy": "encode"})
     service.mx = _TimedModule(mx, timer, {"eval": "eval"})
-    store.forward = timer.wrap("graph", store.forward)
+    store.forward_wire = timer.wrap("graph", store.forward_wire)
     parse, serialize, total = [], [], []
 
     def one(frame: bytes) -> None:
@@ -184,7 +184,7 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
     try:
         worker.run(run)
     finally:
-        service.wire, service.mx, store.forward = saved
+        service.wire, service.mx, store.forward_wire = saved
         worker.close()
     n = len(total)
     out = {f"node_{name}_us": timer.spent[name] / n * 1e6 for name in ("decode", "graph", "eval", "encode")}

@@ -60,8 +60,11 @@ def mps(enabled: bool, results: dict):
     try:
         yield
     finally:
-        if started:
-            subprocess.run([control], input="quit\n", text=True, capture_output=True, timeout=30)
+        if started:  # the daemon ends once this process, its last client, has exited
+            quit_ = subprocess.Popen([control], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, text=True)
+            quit_.stdin.write("quit\n")
+            quit_.stdin.close()
         for k in env:
             os.environ.pop(k, None)
 

@@ -20,7 +20,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 H, I, E, K = 2048, 768, 64, 8
 
 
-def timed(fn, n: int = 200) -> float:
+def timed(fn, n: int = 50) -> float:
     """Median µs of ``fn()`` after a warm-up."""
     for _ in range(10):
         fn()
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json")
     args = parser.parse_args()
-    r: dict = {"device": str(mx.default_device())}
+    r = _Printed(device=str(mx.default_device()))
     x = mx.random.normal((1, H)).astype(mx.bfloat16)
     host = np.asarray(x.view(mx.uint16))
     mx.eval(x)
@@ -93,11 +93,17 @@ def main() -> None:
     r["expert_slots_8_tokens_first_call_us"] = first_call(lambda: mx.eval(slot_step(x8, inds8, ws8)))
     r["expert_slots_8_tokens_us"] = timed(lambda: mx.eval(slot_step(x8, inds8, ws8)))
     r["gather_qmm_one_proj_us"] = timed(lambda: mx.eval(mlp.gate_proj(x[:, None, None, :], inds)))
-    for k, v in r.items():
-        print(f"{k:<40} {v:10.1f}" if isinstance(v, float) else f"{k:<40} {v}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
+
+
+class _Printed(dict):
+    """Figures printed as they come, so a run cut short shows what it measured."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key:<40} {value:10.1f}" if isinstance(value, float) else f"{key:<40} {value}", flush=True)
 
 
 def _chain(a: mx.array, n: int) -> mx.array:
