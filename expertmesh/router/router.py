@@ -14,6 +14,7 @@ from ..errors import ExpertmeshError, UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..popularity import read_load
+from ..residency import WiredLimit
 from ..security import Security
 from ..serving import create_server, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
@@ -98,6 +99,7 @@ class Router:
         self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
         self.metrics: MetricsServer | None = None
+        self.wired = WiredLimit("router")  # weights wired while serving, on Apple silicon
         self.rebalancer: Rebalancer | None = None
 
     @property
@@ -207,6 +209,7 @@ class Router:
                                (f" ({'; '.join(failures)})" if failures else ""))
 
     def start(self) -> "Router":
+        self.wired.start()
         self.server.start()
         if self.config.http_port is not None:
             self.http = OpenAIServer(self, self.config.host, self.config.http_port).start()
@@ -230,6 +233,7 @@ class Router:
             self.rebalancer.close()
         self.engine.close()
         self.membership.close()
+        self.wired.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
