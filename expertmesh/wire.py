@@ -41,11 +41,6 @@ def wire_dtype(dtype) -> "pb.DType":
     return code
 
 
-def carrier(code: "pb.DType") -> np.dtype:
-    """The numpy dtype that carries ``code``'s values (bfloat16: uint16 bits)."""
-    return _CODECS[code][1]
-
-
 def mlx_dtype(code: "pb.DType"):
     """The mlx dtype of ``code``."""
     return _CODECS[code][0]

@@ -49,12 +49,25 @@ class _Layer:
     nbytes: int
 
     def __post_init__(self):
-        self._step = compiled.for_decode(partial(_combine, self.mlp))
+        self._steps: dict[tuple[int, int, int, int], Callable] = {}
 
-    def step(self, hidden: mx.array, tok: mx.array, lids: mx.array, w: mx.array, rows: int) -> mx.array:
-        """``_combine`` compiled, on rows padded to a power of two; the first ``rows`` of its output."""
-        out = self._step(hidden, tok, lids, w)
+    def step(self, buf: mx.array, layout: tuple[int, int, int, int], rows: int) -> mx.array:
+        """``_combine`` compiled for one ``layout`` (padded rows, hidden width,
+        padded pairs, wire dtype) of the packed inputs ``buf`` (``_pack``),
+        unpacked inside the compiled graph; the first ``rows`` of its output."""
+        step = self._steps.get(layout)
+        if step is None:
+            step = self._steps[layout] = compiled.for_decode(partial(_unpacked, self.mlp, layout))
+        out = step(buf)
         return out if rows == out.shape[0] else out[:rows]
+
+
+def _unpacked(mlp: SwitchGLU, layout: tuple[int, int, int, int], buf: mx.array) -> mx.array:
+    Tp, H, Pp, code = layout
+    n = buf.size - 3 * Pp
+    hidden = buf[:n].view(wire.mlx_dtype(code)).reshape(Tp, H)
+    ints = buf[n:].view(mx.int32).reshape(3, Pp)
+    return _combine(mlp, hidden, ints[0], ints[1], ints[2].view(mx.float32))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -221,18 +234,20 @@ class ExpertStore:
         tok = (pair // k).astype(np.int32)
         if T > DECODE_TOKENS:
             return _combine(held.mlp, wire.from_numpy(hidden, code), mx.array(tok), mx.array(lids), mx.array(w))
-        return held.step(*_decode_inputs(hidden, code, tok, lids, w))
+        buf, layout = _pack(hidden, code, tok, lids, w)
+        return held.step(buf, layout, T)
 
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _decode_inputs(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: np.ndarray):
-    """The compiled step's inputs in one host-to-device copy: rows padded to a
-    power of two with zeros, pairs to a power of two by repeating the first
-    with weight 0 (it adds nothing), all packed in one uint32 buffer and
-    viewed back on the device. The output's extra rows are sliced off."""
+def _pack(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: np.ndarray):
+    """The compiled step's inputs as one host-to-device copy (on the H200 each
+    array made from numpy costs ~70-90 µs, benchmarks/README.md): rows padded
+    to a power of two with zeros, pairs to a power of two by repeating the
+    first with weight 0 (it adds nothing), all in one uint32 buffer.
+    Returns ``(buffer, layout)``; the output's extra rows are sliced off."""
     T, H = hidden.shape
     Tp, P = _pow2(T), tok.size
     Pp = _pow2(P)
@@ -242,7 +257,4 @@ def _decode_inputs(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndar
     ints = buf[Tp * words:].view(np.int32).reshape(3, Pp)
     ints[0, :P], ints[1, :P], ints[1, P:] = tok, lids, lids[0]  # tok of the padding: row 0
     ints[2].view(np.float32)[:P] = w
-    dev = mx.array(buf)
-    h = dev[:Tp * words].view(wire.mlx_dtype(code)).reshape(Tp, H)
-    rest = dev[Tp * words:].view(mx.int32).reshape(3, Pp)
-    return h, rest[0], rest[1], rest[2].view(mx.float32), T
+    return mx.array(buf), (Tp, H, Pp, code)

@@ -414,21 +414,14 @@ class Dispatcher:
 
 def _to_host(x: mx.array, inds: mx.array, scores: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A layer's (hidden [T, H] as the wire carries it, expert ids [T, k]
-    int32, weights [T, k] float32) on the host, read back from the device as
-    one buffer: one evaluation, one copy out."""
+    int32, weights [T, k] float32) on the host, after one evaluation. Each is
+    read out as it is (a memoryview where it is contiguous): on the H200 a
+    read-back costs ~17 µs, and packing the three into one buffer on the
+    device costs more in ops than it saves (benchmarks/README.md)."""
     H, k = x.shape[-1], inds.shape[-1]
-    if (x.dtype.size * H) % 4:  # rows that are no whole number of 32-bit words (no supported family)
-        mx.eval(x, inds, scores)
-        return (wire.to_numpy(x).reshape(-1, H), np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False),
-                wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k))
-    packed = mx.concatenate([mx.contiguous(x).reshape(-1).view(mx.uint32), inds.reshape(-1).astype(mx.uint32),
-                             scores.reshape(-1).astype(mx.float32).view(mx.uint32)])
-    mx.eval(packed)
-    words = np.frombuffer(memoryview(packed), np.uint32)
-    n = x.size * x.dtype.size // 4
-    T = x.size // H
-    hidden = words[:n].view(wire.carrier(wire.wire_dtype(x.dtype))).reshape(T, H)
-    return hidden, words[n:n + T * k].view(np.int32).reshape(T, k), words[n + T * k:].view(np.float32).reshape(T, k)
+    mx.eval(x, inds, scores)
+    return (wire.to_numpy(x).reshape(-1, H), np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False),
+            wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k))
 
 
 class _Sum:
