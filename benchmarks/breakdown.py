@@ -1,9 +1,11 @@
-"""Where an expert-mode decode token's time goes: a router in this process
-(its dispatcher timed from outside) over node processes, the same 24-layer
-checkpoint as ``make bench``. Run it twice, with and without
+"""Where an expert-mode decode token's time goes, per MoE layer: a router in
+this process (its dispatcher timed from outside) over node processes, and a
+node's own time per request (its servicer in this process, each phase timed
+from outside: parse, decode, compute graph, eval, encode). The same 24-layer
+checkpoint as ``make bench`` by default. Run it twice, with and without
 ``EXPERTMESH_COMPILE=0``, to see what compiling decode steps gives.
 
-    python benchmarks/breakdown.py [--nodes 2] [--tokens 64] [--rounds 3]
+    python benchmarks/breakdown.py [--nodes 2] [--tokens 64] [--rounds 3] [--scale --layers 12]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from expertmesh.demo import Process
 from expertmesh.options import GenerationOptions
@@ -26,28 +29,171 @@ from expertmesh.router import dispatcher
 from expertmesh.v1 import expertmesh_pb2 as pb
 from run import PROMPT, bench_model
 
-spent: dict[str, float] = defaultdict(float)
-calls: dict[str, int] = defaultdict(int)
+# what the router's figures are called (µs per MoE layer), in the order they are printed
+EVAL, SEND, WAIT, ALL = ("router eval (attention, norms, gate)", "send (sendall per node)",
+                         "wait for the node + read", "dispatcher, in all")
 
 
-def timed(name: str, fn):
-    def wrapper(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kw)
-        finally:
-            spent[name] += time.perf_counter() - t
-            calls[name] += 1
-    return wrapper
+class _Timer:
+    def __init__(self):
+        self.spent: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, fn):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.spent[name] += time.perf_counter() - t
+                self.calls[name] += 1
+        return wrapper
+
+    def clear(self) -> None:
+        self.spent.clear()
+        self.calls.clear()
 
 
-class _TimedMx:
-    """The dispatcher's ``mx`` with its one ``eval`` per layer timed."""
+class _TimedModule:
+    """A stand-in for ``module`` whose functions in ``names`` (attribute ->
+    figure) are timed; every other attribute is the module's own."""
 
-    eval = staticmethod(timed("router eval (attention, norms, gate)", mx.eval))
+    def __init__(self, module, timer: _Timer, names: dict[str, str]):
+        self._module = module
+        for attr, figure in names.items():
+            if hasattr(module, attr):
+                setattr(self, attr, timer.wrap(figure, getattr(module, attr)))
 
     def __getattr__(self, name):
-        return getattr(mx, name)
+        return getattr(self._module, name)
+
+
+def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path) -> dict:
+    """µs per MoE layer of an expert-mode decode (prefill of the short prompt included)."""
+    timer = _Timer()
+    saved = dispatcher.mx, dispatcher.NodeLink.submit, dispatcher.NodeLink.receive, dispatcher.Dispatcher.__call__
+    dispatcher.mx = _TimedModule(mx, timer, {"eval": EVAL})
+    dispatcher.NodeLink.submit = timer.wrap(SEND, saved[1])
+    dispatcher.NodeLink.receive = timer.wrap(WAIT, saved[2])
+    dispatcher.Dispatcher.__call__ = timer.wrap(ALL, saved[3])
+    procs, router = [], None
+    try:
+        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
+                         logs / f"breakdown-node{i}.log") for i in range(nodes)]
+        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0,
+                                     mode="expert"))
+        router.connect()
+        moe_layers = len(router.adapter.moe_layers)
+
+        def generate() -> float:
+            *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
+            return last.generation_tps
+
+        generate()  # warm-up: compiles, caches
+        before = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
+        timer.clear()
+        t = time.perf_counter()
+        tps = [generate() for _ in range(rounds)]
+        wall = time.perf_counter() - t
+        after = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
+    finally:
+        dispatcher.mx, dispatcher.NodeLink.submit, dispatcher.NodeLink.receive, dispatcher.Dispatcher.__call__ = saved
+        if router is not None:
+            router.stop(grace=0)
+        for p in procs:
+            p.stop()
+    layers = timer.calls[ALL]
+    compute = sum(b.compute_seconds - a.compute_seconds for a, b in zip(before, after))
+    requests = sum(b.forward_requests - a.forward_requests for a, b in zip(before, after))
+    us = {name: timer.spent[name] / layers * 1e6 for name in (EVAL, SEND, WAIT, ALL)}
+    node_us = compute / requests * 1e6
+    return {
+        "decode_tps": statistics.median(tps),
+        "ms_per_token": wall / (layers / moe_layers) * 1e3,
+        "router_eval_us": us[EVAL],
+        "send_us": us[SEND],
+        "wait_and_read_us": us[WAIT],
+        "requests_per_layer": requests / layers,
+        "node_compute_us": node_us,  # each request, as the node reports it (nodes run in parallel)
+        # the exchange beyond one node's own time (nodes compute in parallel): the wire both
+        # ways, framing, parsing, the readers' wake-ups
+        "wire_both_ways_us": us[SEND] + us[WAIT] - node_us,
+        "dispatcher_other_us": us[ALL] - us[EVAL] - us[SEND] - us[WAIT],  # numpy prep, requests, combine
+        "dispatcher_us": us[ALL],
+        "outside_dispatcher_us": (wall - timer.spent[ALL]) / layers * 1e6,  # graphs, lm head, sampling, batching
+    }
+
+
+def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:
+    """µs per request of a node holding 1/``share`` of every MoE layer's
+    experts, its servicer in this process: a decode request as the dispatcher
+    sends it (``tokens`` rows, the slots this node holds), phase by phase."""
+    from expertmesh import wire
+    from expertmesh.checkpoint import Checkpoint
+    from expertmesh.nodes import service
+    from expertmesh.nodes.service import ExpertServicer
+    from expertmesh.nodes.store import ExpertStore
+    from expertmesh.worker import MLXWorker
+
+    store = ExpertStore(Checkpoint(model))
+    E, k, H = store.adapter.num_experts, store.adapter.top_k, store.adapter.hidden_size
+    mine = list(range(E // share))
+    store.assign({layer: mine for layer in store.adapter.moe_layers})
+    worker = MLXWorker("node-breakdown")
+    servicer = ExpertServicer("bench", store, 1 << 40, worker)
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(64):
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(tokens)]).astype(np.int32)
+        ids = np.where(ids < len(mine), ids, -1)
+        hidden = wire.from_float32(rng.standard_normal((tokens, H)).astype(np.float32), pb.BFLOAT16)
+        req = pb.ForwardRequest(request_id=i + 1, layer=store.adapter.moe_layers[i % len(store.adapter.moe_layers)],
+                                hidden=wire.encode_numpy(hidden, pb.BFLOAT16),
+                                expert_ids=wire.encode_numpy(ids, pb.INT32),
+                                weights=wire.encode_numpy(np.where(ids >= 0, 1.0 / k, 0.0), pb.FLOAT32))
+        frames.append(req.SerializeToString())
+    timer = _Timer()
+    saved = service.wire, service.mx, store.forward_wire
+    service.wire = _TimedModule(wire, timer, {"decode_numpy": "decode", "all_finite": "decode",
+                                               "from_numpy": "decode", "decode": "decode",
+                                               "encode": "encode", "encode_numpy": "encode"})
+    service.mx = _TimedModule(mx, timer, {"eval": "eval"})
+    store.forward_wire = timer.wrap("graph", store.forward_wire)
+    parse, serialize, total = [], [], []
+
+    def one(frame: bytes) -> None:
+        t0 = time.perf_counter()
+        req = pb.ForwardRequest.FromString(frame)
+        t1 = time.perf_counter()
+        resp = servicer.forward(req)
+        t2 = time.perf_counter()
+        resp.SerializeToString()
+        t3 = time.perf_counter()
+        parse.append(t1 - t0)
+        serialize.append(t3 - t2)
+        total.append(t3 - t0)
+
+    def run() -> None:
+        for f in frames * 4:  # warm-up: every layer's compiled step traced
+            one(f)
+        timer.clear()
+        parse.clear(), serialize.clear(), total.clear()
+        for i in range(trials):
+            one(frames[i % len(frames)])
+
+    try:
+        worker.run(run)
+    finally:
+        service.wire, service.mx, store.forward_wire = saved
+        worker.close()
+    n = len(total)
+    out = {f"node_{name}_us": timer.spent[name] / n * 1e6 for name in ("decode", "graph", "eval", "encode")}
+    out.update(node_parse_us=statistics.mean(parse) * 1e6, node_serialize_us=statistics.mean(serialize) * 1e6,
+               node_request_us=statistics.median(total) * 1e6, node_request_mean_us=statistics.mean(total) * 1e6,
+               node_tokens=tokens)
+    out["node_other_us"] = out["node_request_mean_us"] - sum(
+        out[f"node_{p}_us"] for p in ("parse", "serialize", "decode", "graph", "eval", "encode"))
+    return out
 
 
 def main() -> None:
@@ -55,52 +201,22 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--scale", action="store_true", help="Qwen3-30B-A3B widths, 4-bit (run.py --scale)")
     args = parser.parse_args()
-    dispatcher.mx = _TimedMx()
-    dispatcher.NodeLink.submit = timed("send (sendall per node)", dispatcher.NodeLink.submit)
-    dispatcher.NodeLink.receive = timed("wait for the node + read", dispatcher.NodeLink.receive)
-    dispatcher.Dispatcher.__call__ = timed("dispatcher, in all", dispatcher.Dispatcher.__call__)
     os.environ["EXPERTMESH_DISCOVERY"] = "off"
     root = Path(tempfile.mkdtemp(prefix="expertmesh-breakdown-"))
-    nodes, router = [], None
     try:
-        model = bench_model(root, 24, False)
-        nodes = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "4", "--no-discovery"],
-                         root / f"node{i}.log") for i in range(args.nodes)]
-        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in nodes], port=0,
-                                     mode="expert"))
-        router.connect()
-
-        def generate() -> float:
-            *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=args.tokens))
-            return last.generation_tps
-
-        generate()  # warm-up: compiles, caches
-        before = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
-        spent.clear()
-        calls.clear()
-        t = time.perf_counter()
-        tps = [generate() for _ in range(args.rounds)]
-        wall = time.perf_counter() - t
-        after = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
+        model = bench_model(root, args.layers, args.scale)
+        r = router_breakdown(model, args.nodes, args.tokens, args.rounds, root)
+        r.update(node_breakdown(model))
     finally:
-        if router is not None:
-            router.stop(grace=0)
-        for p in nodes:
-            p.stop()
         shutil.rmtree(root, ignore_errors=True)
-    layers = calls["dispatcher, in all"]
-    tokens = layers / 24
-    compute = sum(b.compute_seconds - a.compute_seconds for a, b in zip(before, after))
-    requests = sum(b.forward_requests - a.forward_requests for a, b in zip(before, after))
     print(f"compile {'on' if os.environ.get('EXPERTMESH_COMPILE', '1') != '0' else 'off'}: "
-          f"decode {statistics.median(tps):.1f} tok/s; {wall / tokens * 1e3:.2f} ms per token, prefill included")
-    for name, s in spent.items():
-        print(f"  {name:<38} {s / layers * 1e6:6.0f} us per MoE layer ({calls[name] / layers:.2f} calls)")
-    print(f"  {'node compute (each request)':<38} {compute / requests * 1e6:6.0f} us ({requests / layers:.2f} requests"
-          " per layer, nodes in parallel)")
-    print(f"  {'router outside the dispatcher':<38} {(wall - spent['dispatcher, in all']) / layers * 1e6:6.0f} us per "
-          "MoE layer (graph building, lm head, sampling, batching)")
+          f"decode {r['decode_tps']:.1f} tok/s; {r['ms_per_token']:.2f} ms per token, prefill included")
+    for key, value in r.items():
+        if key.endswith("_us"):
+            print(f"  {key:<28} {value:8.0f} us")
 
 
 if __name__ == "__main__":

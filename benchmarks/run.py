@@ -112,14 +112,19 @@ def trial(generate, max_tokens: int, prompt_512: str, tokens_512: int) -> tuple[
 
 
 def compare(mode: str, model: Path, local, nodes: int, root: Path, tokens: int, prompt_512: str,
-            tokens_512: int, repeats: int) -> dict:
+            tokens_512: int, repeats: int, warm: bool = False) -> dict:
     """One mode's mesh against local mlx-lm, trials alternating (local, mesh)
-    so that both see the same load; then 1 vs 8 concurrent streams, alternating."""
+    so that both see the same load; then 1 vs 8 concurrent streams, alternating.
+    ``warm``: every batch size is run once before any is timed (1 and 8 streams,
+    and a batch growing from 1 to 8 and shrinking back, twice: the second
+    pass's longest inter-token gap is ``growth_gap_s``, the first's
+    ``growth_gap_cold_s``)."""
     x = "" if mode == DEFAULT_MODE else f"_{mode}"
     step(f"{mode} mode: starting {nodes} nodes and a router")
     mesh = Mesh(model, nodes, root, mode=mode)
     step(f"{mode} mode: decode and prefill, alternating with local mlx-lm; then 1 vs 8 streams")
     trials: dict[str, list[float]] = {k: [] for k in ("dl", "pl", "dm", "pm", "b1", "b8")}
+    gaps = {}
     try:
         with Client(mesh.address) as c:
             plan = plan_text(c.cluster())
@@ -129,6 +134,11 @@ def compare(mode: str, model: Path, local, nodes: int, root: Path, tokens: int, 
                     trials["d" + key].append(d)
                     trials["p" + key].append(p)
         trials = {k: v[1:] for k, v in trials.items()}
+        if warm:
+            step(f"{mode} mode: warming every batch size; a batch growing 1 -> 8 -> 1, twice")
+            concurrent_tps(mesh.address, 8, tokens)
+            concurrent_tps(mesh.address, 1, tokens)
+            gaps = {f"growth_gap_cold_s{x}": growth_gap(mesh.address, 8), f"growth_gap_s{x}": growth_gap(mesh.address, 8)}
         for _ in range(repeats):
             trials["b1"].append(concurrent_tps(mesh.address, 1, tokens))
             trials["b8"].append(concurrent_tps(mesh.address, 8, tokens))
@@ -137,7 +147,7 @@ def compare(mode: str, model: Path, local, nodes: int, root: Path, tokens: int, 
     m = {k: statistics.median(v) for k, v in trials.items()}
     return {f"plan{x}": plan, f"decode_tps_local{x}": m["dl"], f"prefill_tps_local{x}": m["pl"],
             f"decode_tps_mesh{x}": m["dm"], f"prefill_tps_mesh{x}": m["pm"],
-            f"batch_tps_1{x}": m["b1"], f"batch_tps_8{x}": m["b8"]}
+            f"batch_tps_1{x}": m["b1"], f"batch_tps_8{x}": m["b8"], **gaps}
 
 
 def plan_text(cluster) -> str:
@@ -168,6 +178,36 @@ def concurrent_tps(address: str, streams: int, max_tokens: int) -> float:
     return sum(counts) / (time.perf_counter() - t)
 
 
+def growth_gap(address: str, streams: int, stagger: int = 3) -> float:
+    """The longest gap (s) between two tokens of any stream while a batch grows
+    from 1 to ``streams`` (each stream starts once the previous one has
+    ``stagger`` tokens) and shrinks back as they finish in turn."""
+    tokens = stagger * streams + 16
+    started = [threading.Event() for _ in range(streams + 1)]
+    gaps = [0.0] * streams
+    started[0].set()
+
+    def one(i):
+        started[i].wait(300)
+        with Client(address) as c:
+            last = None
+            for n, _ in enumerate(c.generate(f"{PROMPT} {i}", max_tokens=tokens), 1):
+                now = time.perf_counter()
+                if last is not None:
+                    gaps[i] = max(gaps[i], now - last)
+                last = now
+                if n == stagger:
+                    started[i + 1].set()
+        started[i + 1].set()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return max(gaps)
+
+
 def speculative_runs(model: Path, nodes: int, logs: Path, max_tokens: int, repeats: int) -> dict:
     """Greedy decode in expert mode without a draft model, with the checkpoint
     itself as the draft (run wholly on the router: every guess is accepted),
@@ -193,10 +233,13 @@ def speculative_runs(model: Path, nodes: int, logs: Path, max_tokens: int, repea
     return out
 
 
-def pipeline_tps(model: Path, max_tokens: int) -> float | None:
+def pipeline_tps(model: Path, max_tokens: int, warm: int = 0, rounds: int = 1) -> float | None:
+    """mlx-lm's ring pipeline of 2 ranks on this host: decode tok/s, the median
+    of ``rounds`` after ``warm`` untimed generations in the same processes."""
     launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
     out = subprocess.run([*launcher, "--backend", "ring", "-n", "2", "--python", sys.executable,
-                          "--hosts", "127.0.0.1", str(HERE / "pipeline_peer.py"), str(model), str(max_tokens)],
+                          "--hosts", "127.0.0.1", str(HERE / "pipeline_peer.py"), str(model), str(max_tokens),
+                          str(warm), str(rounds)],
                          capture_output=True, text=True, timeout=600)
     for line in out.stdout.splitlines():
         if line.startswith("{"):
@@ -245,7 +288,13 @@ def main() -> int:
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    r = results
+    add_ratios(results)
+    write(results, args.out)
+    return 0
+
+
+def add_ratios(r: dict) -> None:
+    """Each measured mode's ratios, from the figures measured side by side."""
     for mode in MODES:
         x = "" if mode == DEFAULT_MODE else f"_{mode}"
         if f"decode_tps_mesh{x}" not in r:
@@ -253,14 +302,20 @@ def main() -> int:
         r[f"decode_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r[f"decode_tps_local{x}"]
         r[f"prefill_ratio{x}"] = r[f"prefill_tps_mesh{x}"] / r[f"prefill_tps_local{x}"]
         r[f"batch_gain{x}"] = r[f"batch_tps_8{x}"] / r[f"batch_tps_1{x}"]
-        r[f"peer_ratio{x}"] = r[f"decode_tps_mesh{x}"] / r["decode_tps_pipeline"] if r["decode_tps_pipeline"] else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2) + "\n")
+        pipeline = r.get("decode_tps_pipeline")
+        r[f"peer_ratio{x}"] = r[f"decode_tps_mesh{x}"] / pipeline if pipeline else None
+
+
+def write(r: dict, out: Path, table: bool = True) -> None:
+    """``r`` as JSON at ``out``, and (``table``) as a table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    if not table:
+        return
     print(f"{'figure':<34} value")
     for k, v in r.items():
         print(f"{k:<34} {v:.3f}" if isinstance(v, float) else f"{k:<34} {v}")
-    print(f"written to {args.out}")
-    return 0
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

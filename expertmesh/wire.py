@@ -41,6 +41,11 @@ def wire_dtype(dtype) -> "pb.DType":
     return code
 
 
+def mlx_dtype(code: "pb.DType"):
+    """The mlx dtype of ``code``."""
+    return _CODECS[code][0]
+
+
 def to_numpy(array: mx.array) -> np.ndarray:
     """An evaluated array's memory as numpy, without an MLX op when it is
     row-contiguous (bfloat16 as uint16 bits)."""

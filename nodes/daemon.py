@@ -14,6 +14,7 @@ from ..checkpoint import Checkpoint
 from ..discovery import Advertiser, NodeRecord, resolve_interfaces
 from ..metrics import MetricsServer, node_families
 from ..models import get_adapter
+from ..residency import WiredLimit, default_budget
 from ..security import Security
 from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
 from ..v1 import expertmesh_pb2 as pb
@@ -39,7 +40,7 @@ class NodeConfig:
     host: str | None = None           # address to listen on; default: the mDNS interfaces' addresses, else 127.0.0.1
     port: int = 0                     # 0 picks a free port
     name: str = ""                    # defaults to the host name
-    memory_gb: float | None = None    # expert memory budget; default 75% of RAM
+    memory_gb: float | None = None    # expert memory budget; default 90% of Metal's working set, else 75% of RAM
     discovery: bool = False           # announce the node over mDNS (the CLI's default)
     interfaces: list[str] = field(default_factory=list)  # names or IPs for mDNS; [] = every non-loopback one
     kv_idle_timeout: float = 300.0    # pipeline stages: free a sequence's KV cache unused this long
@@ -67,7 +68,8 @@ class Node:
             hosts = [i.ip for i in interfaces] or ["127.0.0.1"]
         else:
             hosts = [config.host]
-        budget = config.memory_gb * 1e9 if config.memory_gb else 0.75 * physical_memory()
+        budget = config.memory_gb * 1e9 if config.memory_gb else default_budget(physical_memory())
+        self.wired = WiredLimit(f"node {self.name}")
         self.worker = MLXWorker(f"mlx-{self.name}")
         self.stages = StageStore(self.store, config.kv_idle_timeout)
         self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker, self.stages)
@@ -114,6 +116,7 @@ class Node:
             logger.warning("could not update the mDNS record: %s", e)
 
     def start(self) -> "Node":
+        self.wired.start()
         self.server.start()
         self.dataplane.start()
         if self.config.metrics_port is not None:
@@ -138,6 +141,7 @@ class Node:
         self.dataplane.stop()
         self.stages.close()
         self.worker.close()
+        self.wired.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

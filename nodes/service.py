@@ -214,10 +214,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         hidden = wire.decode_numpy(req.hidden, "hidden")
         if not wire.all_finite(hidden, req.hidden.dtype):
             raise InvalidRequestError("hidden contains NaN or inf")
-        hidden = wire.from_numpy(hidden, req.hidden.dtype)
         ids = wire.decode_numpy(req.expert_ids, "expert_ids")
         weights = wire.decode_numpy(req.weights, "weights")
-        out = self.store.forward(req.layer, hidden, ids, weights)
+        out = self.store.forward_wire(req.layer, hidden, req.hidden.dtype, ids, weights)
         mx.eval(out)
         resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
         resp.compute_seconds = time.perf_counter() - start

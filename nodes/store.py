@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import infer_quant_config
 
-from .. import compiled
+from .. import compiled, wire
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, ModelError
 from ..models import Adapter, get_adapter
@@ -49,7 +49,25 @@ class _Layer:
     nbytes: int
 
     def __post_init__(self):
-        self.step = compiled.for_decode(partial(_combine, self.mlp))
+        self._steps: dict[tuple[int, int, int, int], Callable] = {}
+
+    def step(self, buf: mx.array, layout: tuple[int, int, int, int], rows: int) -> mx.array:
+        """``_combine`` compiled for one ``layout`` (padded rows, hidden width,
+        padded pairs, wire dtype) of the packed inputs ``buf`` (``_pack``),
+        unpacked inside the compiled graph; the first ``rows`` of its output."""
+        step = self._steps.get(layout)
+        if step is None:
+            step = self._steps[layout] = compiled.for_decode(partial(_unpacked, self.mlp, layout))
+        out = step(buf)
+        return out if rows == out.shape[0] else out[:rows]
+
+
+def _unpacked(mlp: SwitchGLU, layout: tuple[int, int, int, int], buf: mx.array) -> mx.array:
+    Tp, H, Pp, code = layout
+    n = buf.size - 3 * Pp
+    hidden = buf[:n].view(wire.mlx_dtype(code)).reshape(Tp, H)
+    ints = buf[n:].view(mx.int32).reshape(3, Pp)
+    return _combine(mlp, hidden, ints[0], ints[1], ints[2].view(mx.float32))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -171,6 +189,19 @@ class ExpertStore:
         Raises:
             InvalidRequestError: shapes disagree, or a layer or expert is not held.
         """
+        code = wire.wire_dtype(hidden.dtype)
+        return self.forward_wire(layer, wire.to_numpy(hidden), code, ids, weights)
+
+    def forward_wire(self, layer: int, hidden: np.ndarray, code: int, ids: np.ndarray,
+                     weights: np.ndarray) -> mx.array:
+        """``forward`` of ``hidden`` as the wire carries it (``code``'s carrier
+        values, bfloat16 as uint16 bits): a decode-sized request goes to the
+        device as one buffer, its rows padded to a power of two (few shapes,
+        so few compiled traces, however a batch's rows spread over nodes).
+
+        Raises:
+            InvalidRequestError: shapes disagree, or a layer or expert is not held.
+        """
         with self._lock:
             held = self.layers.get(layer)
         if held is None:
@@ -194,17 +225,36 @@ class ExpertStore:
             raise InvalidRequestError(f"expert ids must lie in [-1, {E})")
         pair = np.flatnonzero(flat >= 0)  # the (token, slot) pairs to compute, row-major
         if pair.size == 0:
-            return mx.zeros(hidden.shape, dtype=hidden.dtype)
-        P = pair.size
-        if T <= DECODE_TOKENS:  # padding repeats the first pair with weight 0: it adds nothing
-            pair = np.concatenate([pair, np.repeat(pair[:1], (1 << (P - 1).bit_length()) - P)])
+            return wire.from_numpy(np.zeros(hidden.shape, hidden.dtype), code)
         lids = held.local[flat[pair]]
         if lids.min() < 0:
             missing = sorted(set(flat[pair][lids < 0].tolist()))
             raise InvalidRequestError(f"layer {layer}: experts {missing} are not held by this node")
-        w = weights.reshape(-1)[pair].astype(np.float32)
-        w[P:] = 0.0
-        tok, lids, w = mx.array((pair // k).astype(np.int32)), mx.array(lids), mx.array(w)
+        w = weights.reshape(-1)[pair].astype(np.float32, copy=False)
+        tok = (pair // k).astype(np.int32)
         if T > DECODE_TOKENS:
-            return _combine(held.mlp, hidden, tok, lids, w)
-        return held.step(hidden, tok, lids, w)
+            return _combine(held.mlp, wire.from_numpy(hidden, code), mx.array(tok), mx.array(lids), mx.array(w))
+        buf, layout = _pack(hidden, code, tok, lids, w)
+        return held.step(buf, layout, T)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _pack(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: np.ndarray):
+    """The compiled step's inputs as one host-to-device copy (on the H200 each
+    array made from numpy costs ~70-90 µs, benchmarks/README.md): rows padded
+    to a power of two with zeros, pairs to a power of two by repeating the
+    first with weight 0 (it adds nothing), all in one uint32 buffer.
+    Returns ``(buffer, layout)``; the output's extra rows are sliced off."""
+    T, H = hidden.shape
+    Tp, P = _pow2(T), tok.size
+    Pp = _pow2(P)
+    words = hidden.dtype.itemsize * H // 4  # 32-bit words per row (H is even in every supported family)
+    buf = np.zeros(Tp * words + 3 * Pp, np.uint32)
+    buf[:T * words] = np.ascontiguousarray(hidden).view(np.uint32).reshape(-1)
+    ints = buf[Tp * words:].view(np.int32).reshape(3, Pp)
+    ints[0, :P], ints[1, :P], ints[1, P:] = tok, lids, lids[0]  # tok of the padding: row 0
+    ints[2].view(np.float32)[:P] = w
+    return mx.array(buf), (Tp, H, Pp, code)

@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
                    help="address to listen on (default: the --interface addresses; 127.0.0.1 without discovery)")
     p.add_argument("--port", type=port, default=0, help="port (default 0: pick a free one)")
     p.add_argument("--name", default="", help="node name (default: host name)")
-    p.add_argument("--memory-gb", type=positive, default=None, help="memory for experts (default: 75%% of RAM)")
+    p.add_argument("--memory-gb", type=positive, default=None, help="memory for experts (default: 90%% of Metal's working set on Apple silicon, else 75%% of RAM)")
     p.add_argument("--kv-idle-timeout", type=positive, default=300.0, metavar="SECONDS",
                    help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")

@@ -353,13 +353,9 @@ class Dispatcher:
             return self._layer(layer, x, inds, scores)
 
     def _layer(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        shape, k = x.shape, inds.shape[-1]
-        mx.eval(x, inds, scores)  # the one sync point of the layer; the rest is numpy
-        code = wire.wire_dtype(x.dtype)
-        hidden = wire.to_numpy(x).reshape(-1, shape[-1])
-        ids = np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False)
-        weights = wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k)
-        out = np.zeros((ids.shape[0], shape[-1]), np.float32)
+        shape, code = x.shape, wire.wire_dtype(x.dtype)
+        hidden, ids, weights = _to_host(x, inds, scores)  # the one sync point of the layer; the rest is numpy
+        out = _Sum(hidden.shape)
         todo = None  # the (token, slot) pairs left to compute; None: all of them
         served = None  # the node that answered each slot
         sent: list[tuple[int, int, int, float]] = []
@@ -375,7 +371,7 @@ class Dispatcher:
             todo = failed
         if self.stats is not None:
             self.stats.record_layer(layer, ids, served, sent)
-        return wire.from_numpy(wire.from_float32(out, code), code).reshape(shape)
+        return wire.from_numpy(out.result(code), code).reshape(shape)
 
     def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None, turn: int) -> np.ndarray:
         """[T, k] node index per (token, slot) in ``todo`` (None: all) to
@@ -442,8 +438,7 @@ class Dispatcher:
                 failed = self._note_failure(layer, link, e, mine, node, failed)
                 continue
             sent.append((n, nbytes, resp.ByteSize(), time.perf_counter() - t0))
-            part = wire.to_float32(wire.decode_numpy(resp.output, "output"), resp.output.dtype)
-            out[slice(None) if rows is None else rows] += part
+            out.add(rows, wire.decode_numpy(resp.output, "output"), resp.output.dtype)
         return failed
 
     @staticmethod
@@ -454,3 +449,45 @@ class Dispatcher:
         logger.warning("layer %d: %s failed (%s); sending its %d tokens to other holders", layer, link, err,
                        int(mine.any(axis=1).sum()))
         return mine if failed is None else failed | mine
+
+
+def _to_host(x: mx.array, inds: mx.array, scores: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A layer's (hidden [T, H] as the wire carries it, expert ids [T, k]
+    int32, weights [T, k] float32) on the host, after one evaluation. Each is
+    read out as it is (a memoryview where it is contiguous): on the H200 a
+    read-back costs ~17 µs, and packing the three into one buffer on the
+    device costs more in ops than it saves (benchmarks/README.md)."""
+    H, k = x.shape[-1], inds.shape[-1]
+    mx.eval(x, inds, scores)
+    return (wire.to_numpy(x).reshape(-1, H), np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False),
+            wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k))
+
+
+class _Sum:
+    """A layer's answers: the one that covers every row kept as its bits, or
+    several added in float32 (and rounded once, at the end)."""
+
+    __slots__ = ("shape", "whole", "total")
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.whole: tuple[np.ndarray, int] | None = None
+        self.total: np.ndarray | None = None
+
+    def add(self, rows: np.ndarray | None, part: np.ndarray, code: int) -> None:
+        if self.whole is None and self.total is None and rows is None and part.shape == self.shape:
+            self.whole = (part, code)
+            return
+        if self.total is None:
+            self.total = np.zeros(self.shape, np.float32)
+            if self.whole is not None:
+                self.total += wire.to_float32(*self.whole)
+        self.total[slice(None) if rows is None else rows] += wire.to_float32(part, code)
+
+    def result(self, code: int) -> np.ndarray:
+        """The sum as ``code``'s carrier values."""
+        if self.total is None and self.whole is not None and self.whole[1] == code:
+            return self.whole[0]
+        if self.total is None:
+            self.total = np.zeros(self.shape, np.float32) if self.whole is None else wire.to_float32(*self.whole)
+        return wire.from_float32(self.total, code)

@@ -15,6 +15,7 @@ from ..errors import ExpertmeshError, UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
 from ..popularity import read_load
+from ..residency import WiredLimit
 from ..security import Security
 from ..serving import create_server, join_address, layer_experts, set_serving
 from ..v1 import expertmesh_pb2 as pb
@@ -87,6 +88,7 @@ class Router:
         self.dispatcher: Dispatcher | None = None
         self.http: OpenAIServer | None = None
         self.metrics: MetricsServer | None = None
+        self.wired = WiredLimit("router")  # weights wired while serving, on Apple silicon
         self.rebalancer: Rebalancer | None = None
         self.membership: Membership | None = None
         # every port is bound before any node is touched: a router that cannot serve takes no node
@@ -231,6 +233,7 @@ class Router:
                                (f" ({'; '.join(failures)})" if failures else ""))
 
     def start(self) -> "Router":
+        self.wired.start()
         self.server.start()
         if self.http is not None:
             self.http.start()
@@ -252,6 +255,7 @@ class Router:
         self.engine.close()
         self.membership.release()  # a later router takes the nodes without --takeover
         self.membership.close()
+        self.wired.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -1,0 +1,169 @@
+"""The H200 benchmark: the mesh where compute is as fast as a Mac's.
+
+    python3 benchmarks/device.py --out results/device-YYYYMMDD.json [--layers 12] [--quick]
+
+One command, run on the H200 machine through MLX's CUDA backend (the kit in
+``../shared/device/``; benchmarks/README.md says how to send it). The model has
+Qwen3-30B-A3B's widths (hidden 2048, 128 experts, top-8, moe_intermediate 768),
+4-bit, ``--layers`` MoE layers (default 12), served by 2 node processes and a
+router process, every process sharing the one GPU. The whole run is under
+CUDA's Multi-Process Service, started here and stopped at the end (``--no-mps``
+for a machine without it). Every figure is a ratio of two things measured side
+by side in this run, under the keys of ``make bench``'s JSON (``decode_ratio``,
+``prefill_ratio``, ``batch_gain``, ``peer_ratio``, ``hop_ratio``,
+``node_compute_us``; expert mode's with ``_expert``), and every shape a figure
+depends on is run before it is timed: the first round of decode and prefill is
+dropped, each batch size is run once before the batch trials, and mlx-lm's ring
+pipeline generates once in its processes before it is timed. Also written:
+``growth_gap_s[_expert]`` (the longest inter-token gap while a batch grows
+from 1 to 8 streams and shrinks back, after one such warm-up pass) and the
+per-MoE-layer breakdown of an expert-mode token (``breakdown``).
+
+The JSON is rewritten after every stage, so a run cut short keeps what it
+measured; a stage that fails records its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@contextlib.contextmanager
+def mps(enabled: bool, results: dict):
+    """CUDA's Multi-Process Service for this process and its children, when
+    the machine has it: GPU work of several processes then shares the GPU
+    without a context switch at each hand-off."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if not enabled or control is None:
+        results["mps"] = False
+        yield
+        return
+    root = Path(tempfile.mkdtemp(prefix="expertmesh-mps-"))
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
+    for d in env.values():
+        Path(d).mkdir()
+    os.environ.update(env)
+    started = subprocess.run([control, "-d"], capture_output=True, text=True).returncode == 0
+    results["mps"] = started
+    try:
+        yield
+    finally:
+        if started:  # the daemon ends once this process, its last client, has exited
+            quit_ = subprocess.Popen([control], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, text=True)
+            quit_.stdin.write("quit\n")
+            quit_.stdin.close()
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cached_model(root: Path, layers: int, scale: bool) -> Path:
+    """The bench checkpoint (``scale``: at Qwen3-30B-A3B's widths), written
+    once per ``root`` (a later run on the same machine reuses it)."""
+    import run
+
+    root = root / ("scale" if scale else "tiny")
+    done = root / f"bench-{layers}.done"
+    if not done.exists():
+        run.bench_model(root, layers, scale=scale)
+        done.touch()
+    return root / f"bench-{layers}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="where the JSON goes")
+    parser.add_argument("--layers", type=int, default=12, help="MoE layers (default 12; Qwen3-30B-A3B has 48)")
+    parser.add_argument("--quick", action="store_true", help="one timed round per figure (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="make bench's 64-wide model: a smoke run off the GPU")
+    parser.add_argument("--no-mps", action="store_true", help="leave CUDA's Multi-Process Service off")
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "expertmesh-device",
+                        help="where the checkpoint is written, and found by a later run")
+    parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "auto", "expert", "pipeline"],
+                        choices=["hop", "breakdown", "auto", "expert", "pipeline"])
+    args = parser.parse_args()
+    repeats, tokens = (1, 32) if args.quick else (3, 64)
+    results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
+                     "scale": not args.tiny, "nodes": 2, "cpus": os.cpu_count(), "gpu": gpu_name(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "errors": {}}
+    os.environ["EXPERTMESH_DISCOVERY"] = "off"
+    with mps(not args.no_mps, results):
+        import mlx.core as mx  # after MPS is up: this process's CUDA context joins it
+
+        import run
+
+        results["device"] = str(mx.default_device())
+        results["mlx"] = mx.__version__
+        logs = Path(tempfile.mkdtemp(prefix="expertmesh-device-"))
+
+        def stage(name: str, fn) -> None:
+            if name not in args.stages and name != "model":
+                return
+            run.step(name)
+            try:
+                results.update(fn() or {})
+            except Exception as e:  # noqa: BLE001 recorded; the other stages still run
+                traceback.print_exc()
+                results["errors"][name] = f"{type(e).__name__}: {e}"
+            results["seconds"] = round(time.perf_counter() - run._T0, 1)
+            run.add_ratios(results)
+            run.write(results, args.out, table=False)
+
+        args.model_dir.mkdir(parents=True, exist_ok=True)
+        model = cached_model(args.model_dir, args.layers, not args.tiny)
+        stage("hop", lambda: _hop(logs, 300 if args.quick else 900))
+        stage("breakdown", lambda: _breakdown(model, tokens, repeats, logs))
+        from mlx_lm.utils import load_tokenizer
+
+        prompt_512 = run.long_prompt(model, 512)
+        tokens_512 = len(load_tokenizer(model).encode(prompt_512))
+        local = run.local_generate(model)
+        for mode in run.MODES:
+            stage(mode, lambda mode=mode: run.compare(mode, model, local, 2, logs, tokens, prompt_512, tokens_512,
+                                                      repeats, warm=True))
+        del local
+        stage("pipeline", lambda: {"decode_tps_pipeline": run.pipeline_tps(model, tokens, warm=1, rounds=repeats)})
+        shutil.rmtree(logs, ignore_errors=True)
+    results["seconds"] = round(time.perf_counter() - run._T0, 1)
+    run.add_ratios(results)
+    run.write(results, args.out)
+    return 0
+
+
+def _hop(root: Path, trials: int) -> dict:
+    import hop
+
+    return hop.measure(hop.hop_model(root), trials)
+
+
+def _breakdown(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
+    import breakdown
+
+    r = breakdown.router_breakdown(model, 2, tokens, rounds, logs)
+    r.update(breakdown.node_breakdown(model))
+    return {"breakdown": r}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
