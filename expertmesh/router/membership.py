@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..discovery import Announcement, Browser, resolve_interfaces
+from ..discovery import Announcement, Bounds, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, PlacementError, UnavailableError
 from ..placement import Placement, describe, take_over
 from ..serving import PROTOCOL_VERSION
@@ -56,7 +56,7 @@ class Member:
 class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
-    def __init__(self, config: RouterConfig, model_id: str, config_hash: str):
+    def __init__(self, config: RouterConfig, model_id: str, config_hash: str, bounds: Bounds = Bounds()):
         self.config = config
         self.model_id, self.config_hash = model_id, config_hash
         self.members: list[Member] = []
@@ -71,7 +71,7 @@ class Membership:
         self.browser: Browser | None = None
         if config.discovery:
             self.browser = Browser(resolve_interfaces(config.interfaces),
-                                   lambda instance, ann: self._events.put((instance, ann)))
+                                   lambda instance, ann: self._events.put((instance, ann)), bounds)
 
     @property
     def links(self) -> list[NodeLink]:

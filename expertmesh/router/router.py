@@ -10,6 +10,7 @@ from typing import Iterator
 from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
+from ..discovery import Bounds
 from ..errors import ExpertmeshError, UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
@@ -75,9 +76,10 @@ class Router:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.checkpoint = Checkpoint(config.model)
-        get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
-        # browsing starts now, so nodes are found while the dense model loads
-        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash)
+        adapter = get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
+        # browsing starts now, so nodes are found while the dense model loads; their records name ids of this model
+        bounds = Bounds(adapter.args.num_hidden_layers, adapter.num_experts, self.checkpoint.config_hash)
+        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash, bounds)
         try:
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
