@@ -77,8 +77,10 @@ class Browser:
             if name in self._known:
                 self._known.discard(name)
                 self._listener(instance, None)
-        elif name in self._known or len(self._known) + len(self._resolving) < self.max_instances:
-            self._ignoring = False
+            return
+        room = len(self._known.union(self._resolving)) < self.max_instances
+        self._ignoring = self._ignoring and not room
+        if name in self._known or room:
             self._resolving[name] = asyncio.ensure_future(self._resolve(name, instance))
         elif not self._ignoring:
             self._ignoring = True
