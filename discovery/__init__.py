@@ -9,7 +9,7 @@ from .advertiser import TTL, Advertiser
 from .browser import Announcement, Browser
 from .interfaces import Interface, local_interfaces, resolve_interfaces
 from .peers import parse_peers
-from .record import SERVICE_TYPE, STATES, NodeRecord
+from .record import SERVICE_TYPE, STATES, Bounds, NodeRecord
 
-__all__ = ["Advertiser", "Announcement", "Browser", "Interface", "NodeRecord", "SERVICE_TYPE", "STATES",
+__all__ = ["Advertiser", "Announcement", "Bounds", "Browser", "Interface", "NodeRecord", "SERVICE_TYPE", "STATES",
            "TTL", "local_interfaces", "parse_peers", "resolve_interfaces"]

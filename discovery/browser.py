@@ -12,11 +12,12 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
 from .interfaces import Interface, reachable_first
 from .mdns import MDNS
-from .record import SERVICE_TYPE, NodeRecord
+from .record import SERVICE_TYPE, Bounds, NodeRecord
 
 logger = logging.getLogger(__name__)
 
 _RESOLVE_MS = 3000
+MAX_INSTANCES = 256  # nodes followed at once; others announced meanwhile are ignored until some leave
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,22 @@ class Browser:
     """Browses continuously; calls ``listener`` on zeroconf's event loop, so
     the listener must not block (put the news on a queue).
 
+    Records are read within ``bounds`` (see record.py; a router sets its
+    model's counts); one that is malformed or too large is announced with
+    ``record=None`` and the reason. At most ``max_instances`` nodes are followed.
+
     Raises:
         DiscoveryError: mDNS cannot run on ``interfaces``.
     """
 
-    def __init__(self, interfaces: list[Interface], listener: Listener):
+    def __init__(self, interfaces: list[Interface], listener: Listener, bounds: Bounds = Bounds(),
+                 max_instances: int = MAX_INSTANCES):
         self._listener = listener
+        self.bounds = bounds
+        self.max_instances = max_instances
         self._resolving: dict[str, asyncio.Task] = {}  # name -> task; touched on the loop only
+        self._known: set[str] = set()                   # names announced to the listener; the loop only
+        self._ignoring = False                          # at max_instances (logged once per episode)
         self.mdns = MDNS(interfaces)
         self._browser: AsyncServiceBrowser | None = None
 
@@ -58,12 +68,24 @@ class Browser:
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         instance = name[: -len(SERVICE_TYPE) - 1]
+        if not instance.isprintable():  # it would end up in log lines
+            logger.debug("mDNS: ignoring an instance name with control characters: %r", instance[:80])
+            return
         if task := self._resolving.pop(name, None):
             task.cancel()
         if state_change is ServiceStateChange.Removed:
-            self._listener(instance, None)
-        else:
+            if name in self._known:
+                self._known.discard(name)
+                self._listener(instance, None)
+            return
+        room = len(self._known.union(self._resolving)) < self.max_instances
+        self._ignoring = self._ignoring and not room
+        if name in self._known or room:
             self._resolving[name] = asyncio.ensure_future(self._resolve(name, instance))
+        elif not self._ignoring:
+            self._ignoring = True
+            logger.warning("mDNS: following %d nodes already; ignoring %s and others until some leave",
+                           self.max_instances, instance)
 
     async def _resolve(self, name: str, instance: str) -> None:
         info = AsyncServiceInfo(SERVICE_TYPE, name)
@@ -74,10 +96,11 @@ class Browser:
             return
         addresses = reachable_first(info.parsed_addresses(IPVersion.V4Only), self.mdns.interfaces)
         try:
-            record, problem = NodeRecord.from_txt(info.properties), ""
+            record, problem = NodeRecord.from_txt(info.properties, self.bounds), ""
         except ValueError as e:
             record, problem = None, f"unreadable TXT record: {e}"
-        self._listener(instance, Announcement(instance, tuple(addresses), info.port or 0, record, problem))
+        self._known.add(name)
+        self._listener(instance, Announcement(instance, tuple(addresses[:8]), info.port or 0, record, problem))
 
     def close(self) -> None:
         async def stop():

@@ -15,11 +15,26 @@ def compact(ids: list[int]) -> str:
     return ",".join(parts)
 
 
-def expand(text: str) -> list[int]:
+def expand(text: str, below: int | None = None) -> list[int]:
+    """``"0-2,5"`` -> ``[0, 1, 2, 5]``.
+
+    With ``below``, every id must be under it and there are at most ``below``
+    of them: text from the network may say "0-99999" in 7 bytes.
+
+    Raises:
+        ValueError: a part is not ``N`` or ``N-M`` with ``N <= M``, or ids pass ``below``.
+    """
     out: list[int] = []
     for part in filter(None, text.split(",")):
         lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
+        hi = hi or lo
+        if not (lo.isdigit() and hi.isdigit() and len(lo) <= 9 and len(hi) <= 9) or int(lo) > int(hi):
+            raise ValueError(f"{part!r} is not a number or a range N-M")
+        if below is not None and int(hi) >= below:
+            raise ValueError(f"{int(hi)} is out of range: ids lie below {below}")
+        out.extend(range(int(lo), int(hi) + 1))
+        if below is not None and len(out) > below:
+            raise ValueError(f"more than {below} ids")
     return out
 
 

@@ -213,14 +213,15 @@ class DataPlane:
         there is none. Call with the lock held, so that stop() either sees its
         loop or refuses it first. Past ``MAX_SERVED`` the least recently active
         connection is shut, and its worker serves this one."""
-        if len(self._active) >= MAX_SERVED:
+        crowded = len(self._active) >= MAX_SERVED
+        if crowded:
             idle = min(self._active, key=self._active.get)
             self._active.pop(idle)
             _shut(idle)  # its loop ends, forgets it, and hands its worker back
             if not self._crowded:
                 logger.warning("data plane: %d connections are open; dropping the least recently active for %s",
                                MAX_SERVED, peer)
-        self._crowded = len(self._active) >= MAX_SERVED - 1
+        self._crowded = crowded
         if not self._idle_workers and self._workers >= MAX_SERVED:
             self._lock.wait_for(lambda: self._idle_workers or self._stopping.is_set(), _WORKER_WAIT_S)
         if self._stopping.is_set() or (not self._idle_workers and self._workers >= MAX_SERVED):

@@ -64,7 +64,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return self.info()
 
     def info(self) -> pb.NodeInfo:
+        """What the node is and holds; never waits for a computation (GetInfo, metrics)."""
         ck = self.store.checkpoint
+        kv_bytes, kv_sequences = self.stages.usage()
         return pb.NodeInfo(
             name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
             model_id=ck.model_id, config_hash=ck.config_hash,
@@ -72,7 +74,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
             token_required=self.token_required,
             stages=[pb.LayerSpan(start=s.start, end=s.end) for s in self.stages.spans.values()],
-            kv_cache_bytes=self.stages.kv_bytes, kv_sequences=len(self.stages.sequences),
+            kv_cache_bytes=kv_bytes, kv_sequences=kv_sequences,
             router=self.router, epoch=self.epoch,
         )
 

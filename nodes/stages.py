@@ -152,6 +152,7 @@ class StageStore:
 
     def __post_init__(self):
         self._lock = threading.Condition()
+        self._usage = (0, 0)  # (KV bytes, sequences) when last counted
         self._closed = False
         self._sweeper = threading.Thread(target=self._sweep, name="stage-kv-sweeper", daemon=True)
         self._sweeper.start()
@@ -303,6 +304,17 @@ class StageStore:
     def sequences(self) -> set[int]:
         with self._lock:
             return set().union(*(s.sequences for s in self.spans.values()))
+
+    def usage(self) -> tuple[int, int]:
+        """(KV bytes, sequences) held now, or, while a span computes, as last
+        counted: GetInfo and metrics never wait for a computation."""
+        if self._lock.acquire(blocking=False):
+            try:
+                spans = self.spans.values()
+                self._usage = (sum(s.kv_bytes for s in spans), len(set().union(*(s.sequences for s in spans))))
+            finally:
+                self._lock.release()
+        return self._usage
 
     def wait_sequences(self, predicate, timeout: float) -> bool:
         """Wait until ``predicate(set of sequence ids held)`` holds; False on timeout."""

@@ -4,6 +4,7 @@ limit. Its memory and thread count are read from outside, in /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -40,19 +41,27 @@ def steady_threads(pid: int, timeout: float = 10) -> int:
     return seen
 
 
-@pytest.fixture(scope="module")
-def node(tiny, tmp_path_factory):
-    if not open("/proc/self/status").read():
-        pytest.skip("needs /proc")
-    p = Process(["node", "--model", str(tiny), "--name", "n0", "--memory-gb", "1", "--no-discovery"],
-                tmp_path_factory.mktemp("dataplane") / "node.log")
+TOKEN = "bounds-token"
+
+
+@contextlib.contextmanager
+def node_process(model, log, *args: str):
+    """(pid, data port, gRPC address) of an ``expertmesh node`` process."""
+    p = Process(["node", "--model", str(model), "--name", "n0", "--memory-gb", "1", "--no-discovery", *args], log)
     try:
         address = p.address(timeout=120)
         with channel(address) as ch:
-            info = pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=30)
+            metadata = [("authorization", f"Bearer {TOKEN}")] if args else None
+            info = pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
         yield p.proc.pid, info.data_port, address
     finally:
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tiny, tmp_path_factory):
+    with node_process(tiny, tmp_path_factory.mktemp("dataplane") / "node.log") as n:
+        yield n
 
 
 def ping(port: int, request_id: int = 1) -> pb.ForwardResponse:
@@ -113,3 +122,21 @@ def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(nod
         assert threads2 <= threads0 + MAX_SERVED  # MLX threads are kept for reuse, at most one per slot
     with channel(address) as ch:  # and the node answers its control plane as before
         assert pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10).data_port == port
+
+
+def test_before_its_hello_a_connection_gets_no_more_than_the_hello_bytes(tiny, tmp_path):
+    """With a cluster token nothing is served before the hello, and a hello may be 4 KB."""
+    with node_process(tiny, tmp_path / "node.log", "--token", TOKEN) as (pid, port, _):
+        rss0, threads0 = status(pid)[0], steady_threads(pid)
+
+        def oversized_hello(i: int) -> pb.ForwardResponse:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(struct.pack("<I", MAX_MESSAGE_BYTES) + b"x" * 1000)
+                return wire.recv_reply(s, MB)
+        with ThreadPoolExecutor(8) as pool:
+            refusals = list(pool.map(oversized_hello, range(100)))
+        assert all(r.error_code == grpc.StatusCode.UNAUTHENTICATED.value[0] for r in refusals)
+        rss1, threads1 = status(pid)[0], steady_threads(pid)
+        print(f"\n100 hellos claiming {MAX_MESSAGE_BYTES // MB} MB refused: RSS {rss0 / MB:.0f} -> {rss1 / MB:.0f} MB, "
+              f"threads {threads0} -> {threads1}")
+        assert rss1 - rss0 < 16 * MB and threads1 <= threads0  # short-lived hello threads only, no MLX worker

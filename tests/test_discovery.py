@@ -16,7 +16,7 @@ import pytest
 from expertmesh import DiscoveryError
 from expertmesh.checkpoint import Checkpoint
 from expertmesh.demo import Process
-from expertmesh.discovery import Interface, NodeRecord, resolve_interfaces
+from expertmesh.discovery import Bounds, Interface, NodeRecord, resolve_interfaces
 from expertmesh.serving import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S
 
 from conftest import cli
@@ -44,6 +44,28 @@ def test_unreadable_txt_records_say_why():
         NodeRecord.from_txt({k: v for k, v in txt.items() if k != b"config"})
     with pytest.raises(ValueError, match="unknown state 'asleep'"):
         NodeRecord.from_txt({**txt, b"state": b"asleep"})
+
+
+def test_records_are_read_within_the_models_counts_or_small_absolute_caps():
+    txt = {k.encode(): v.encode() for k, v in NodeRecord("n", 1, "m", "c", 1).to_txt().items()}
+    model = Bounds(layers=48, experts=128, config_hash="c")
+    assert NodeRecord.from_txt({**txt, b"held": b"0-47:0-127"}, model).held[47] == list(range(128))
+    for held, why in ((b"0-99999:0-99999", "ids lie below 48"), (b"0:0-128", "ids lie below 128"),
+                      (b"0:" + b"0-127," * 2, "more than 128 ids"), (b"3-1:0", "not a number or a range")):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=why):
+            NodeRecord.from_txt({**txt, b"held": held}, model)
+        assert time.perf_counter() - start < 0.01
+    # another model's record (refused for its config anyway) and a router that knows no model yet: absolute caps
+    with pytest.raises(ValueError, match="ids lie below 512"):
+        NodeRecord.from_txt({**txt, b"config": b"other", b"held": b"0-99999:0"}, model)
+    with pytest.raises(ValueError, match=r"more than 65536 \(layer, expert\) pairs"):
+        NodeRecord.from_txt({**txt, b"held": b"0-511:0-2047"})
+    with pytest.raises(ValueError, match="mem must be"):
+        NodeRecord.from_txt({**txt, b"mem": b"-1"})
+    # a node whose list would not fit a record leaves it out rather than send what no router reads
+    scattered = {l: list(range(l % 7, 2048, 7)) for l in range(60)}
+    assert NodeRecord("n", 1, "m", "c", 1, held=scattered).to_txt()["held"] == ""
 
 
 def test_interfaces_are_named_or_given_by_address_and_unknown_ones_are_one_line(tiny):
@@ -148,6 +170,98 @@ def test_nodes_announce_their_state_and_experts(mesh):
     for name, held in (("mini-a", "0-3 (every layer)"), ("mini-b", "4-7 (every layer)")):
         assert " ready " in rows[name] and held in rows[name] and "mlx-f32" in rows[name]
         assert " 1.0 GB " in rows[name]
+
+
+def resident_bytes(pid: int) -> int:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(fields["VmRSS"].split()[0]) * 1024
+
+
+# before a second router takes these nodes over (issue 14, point 10)
+def test_crafted_records_are_skipped_in_one_line_each_and_cost_the_router_nothing(mesh, lan, tiny, expected):
+    router = mesh.router.proc.pid  # `ip netns exec` execs: this is the router's python
+    before = resident_bytes(router)
+    fakes = subprocess.Popen(
+        [*lan.hosts["x"].prefix, sys.executable, "-c", CRAFTED_RECORDS, IFACE, Checkpoint(tiny).config_hash],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert fakes.stdout.readline().strip() == "advertised"
+        deadline = time.monotonic() + 30
+        while not all(f"mDNS: {n} at" in (log := mesh.router.log.read_text()) for n in CRAFTED) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = subprocess.run([*lan.hosts["router"].prefix, sys.executable, "-c", CLUSTER_LATENCY, mesh.address,
+                              PROMPT, str(TOKENS)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        latency = json.loads(out.stdout)
+        during = resident_bytes(router)
+    finally:
+        fakes.communicate(timeout=30)
+    for name, why in CRAFTED.items():
+        (line,) = [l for l in log.splitlines() if f"mDNS: {name} at" in l]  # one warning line each
+        assert "WARNING" in line and "cannot join: unreadable TXT record: " in line and why in line, line
+    print(f"\nrouter RSS {before / 2**20:.0f} -> {during / 2**20:.0f} MB with the crafted records on the wire; "
+          f"GetCluster worst {max(latency['cluster']) * 1e3:.0f} ms of {len(latency['cluster'])}")
+    assert during - before < 32 << 20  # not 10^10 integers
+    assert max(latency["cluster"]) < 1.0 and latency["tokens"] == expected
+    assert len(latency["followed"]) == 3  # a browser follows a bounded number of nodes
+
+
+# what each crafted record makes the router say
+CRAFTED = {
+    "bomb": "held group '0-99999:0-99999': 99999 is out of range: ids lie below 4",  # the tiny model's 4 layers
+    "garbled": "held group 'x-y:1': 'x-y' is not a number or a range N-M",
+    "bloated": "at most 4096 bytes in 32 keys",
+    "shouting": "name is not printable text",
+}
+
+CRAFTED_RECORDS = """
+import asyncio, sys
+from zeroconf import ServiceInfo
+from expertmesh.discovery import SERVICE_TYPE, resolve_interfaces
+from expertmesh.discovery.mdns import MDNS
+interfaces = resolve_interfaces([sys.argv[1]])
+ip = interfaces[0].ip
+base = {"name": "x", "proto": "1", "model": "mlx-f32", "config": sys.argv[2], "mem": "1000000000", "state": "ready"}
+crafted = {"bomb": {"held": "0-99999:0-99999"}, "garbled": {"held": "x-y:1"},
+           "bloated": {f"pad{i}": "p" * 180 for i in range(31)}, "shouting": {"name": "a\\nfake log line"}}
+mdns = MDNS(interfaces)
+infos = [ServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=4100 + i, parsed_addresses=[ip],
+                     properties={**base, **extra}, server=f"crafted-{name}.local.")
+         for i, (name, extra) in enumerate(crafted.items())]
+async def each(method):
+    await asyncio.gather(*[await method(info) for info in infos])
+try:
+    mdns.submit(each(mdns.zc.async_register_service)).result(30)
+    print("advertised", flush=True)
+    sys.stdin.read()
+    mdns.submit(each(mdns.zc.async_unregister_service)).result(30)
+finally:
+    mdns.close()
+"""
+
+CLUSTER_LATENCY = """
+import json, queue, sys, time
+from expertmesh import Client
+from expertmesh.discovery import Browser, resolve_interfaces
+with Client(sys.argv[1]) as c:
+    cluster = []
+    for _ in range(20):
+        tic = time.perf_counter()
+        c.cluster()
+        cluster.append(time.perf_counter() - tic)
+    tokens = [p.token for p in c.generate(sys.argv[2], max_tokens=int(sys.argv[3]))]
+news = queue.SimpleQueue()  # a browser that follows at most 3 of the 6 nodes announced
+browser = Browser(resolve_interfaces(["mesh0"]), lambda instance, ann: news.put(instance), max_instances=3)
+followed, deadline = set(), time.monotonic() + 5  # listen a while: no fourth may come
+while (left := deadline - time.monotonic()) > 0:
+    try:
+        followed.add(news.get(timeout=left))
+    except queue.Empty:
+        break
+browser.close()
+print(json.dumps({"cluster": cluster, "tokens": tokens, "followed": sorted(followed)}))
+"""
 
 
 def test_peers_mix_with_discovery_and_without_expect_the_router_settles(mesh, lan, tiny):

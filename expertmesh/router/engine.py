@@ -4,6 +4,7 @@ batched across requests by the Scheduler on the router's MLX thread."""
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from typing import Callable, Iterator
 
@@ -17,6 +18,8 @@ from .speculative import Draft
 from .stats import RequestStats
 
 logger = logging.getLogger(__name__)
+
+CALLER_POLL_S = 0.5  # how often a waiting stream checks that its caller is still there
 
 # apply_chat_template arguments a request may not set: the router asks for token ids itself
 RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -147,7 +150,7 @@ class Engine:
         start = time.perf_counter()
         self.scheduler.submit(request)
         try:
-            while (item := request.pieces.get()) is not None:
+            while (item := _next_piece(request, is_active)) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 if item.generation_tokens == 1:
@@ -158,6 +161,17 @@ class Engine:
                     break
         finally:
             request.cancelled.set()
+
+
+def _next_piece(request: Request, is_active: Callable[[], bool]):
+    """The request's next item; None too once its caller has gone (while it waits
+    its turn or a slow step runs, not only after each token)."""
+    while True:
+        try:
+            return request.pieces.get(timeout=CALLER_POLL_S)
+        except queue.Empty:
+            if not is_active():
+                return None
 
 
 def _message(m, i: int) -> dict:

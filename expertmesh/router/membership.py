@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..discovery import Announcement, Browser, resolve_interfaces
+from ..discovery import Announcement, Bounds, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, PlacementError, UnavailableError
 from ..placement import Placement, describe, take_over
 from ..serving import PROTOCOL_VERSION
@@ -59,7 +59,7 @@ class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
     def __init__(self, config: RouterConfig, model_id: str, config_hash: str,
-                 identity: pb.RouterIdentity | None = None):
+                 identity: pb.RouterIdentity | None = None, bounds: Bounds = Bounds()):
         self.config = config
         self.identity = identity or pb.RouterIdentity(id="membership")  # who we are to the nodes
         self.model_id, self.config_hash = model_id, config_hash
@@ -75,7 +75,7 @@ class Membership:
         self.browser: Browser | None = None
         if config.discovery:
             self.browser = Browser(resolve_interfaces(config.interfaces),
-                                   lambda instance, ann: self._events.put((instance, ann)))
+                                   lambda instance, ann: self._events.put((instance, ann)), bounds)
 
     @property
     def links(self) -> list[NodeLink]:

@@ -8,6 +8,14 @@ streaming as server-sent events; errors as ``{"error": {"message", "type",
 with client certificates, like the gRPC API. Handler threads never touch mlx: they call
 ``Router.generate`` / ``Router.chat``, which run the model on the router's
 MLX worker.
+
+Limits (``Limits``), so that one client never costs another: at most
+``max_connections`` connections at once (others get 503 at once); a
+request's line, headers and body must arrive within ``read_s`` in all (a
+slow-loris client is cut off) and every read or write within ``io_s``; a body
+is at most ``MAX_BODY_BYTES``; a generation runs at most ``request_s``. A
+client that goes away, streaming or not, ends its generation at the next
+token, which frees its batch slot.
 """
 
 from __future__ import annotations
@@ -18,16 +26,17 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .. import __version__
 from ..errors import ExpertmeshError, InvalidRequestError, RequestTooLargeError, UnavailableError
 from ..options import GenerationOptions
 from ..security import bearer
+from .boundedhttp import BoundedHandler, BoundedHTTPServer, Limits
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
+_BODY_CHUNK = 64 << 10  # a body is read as it arrives, not allocated at its Content-Length
 # body fields that are GenerationOptions fields under the same name
 _OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "seed", "stop")
 
@@ -39,9 +48,9 @@ class OpenAIServer:
         UnavailableError: the address cannot be bound.
     """
 
-    def __init__(self, router, host: str, port: int):
+    def __init__(self, router, host: str, port: int, limits: Limits = Limits()):
         try:
-            self._httpd = _Server((host, port), _Handler)
+            self._httpd = _Server((host, port), _Handler, limits)
         except OSError as e:
             raise UnavailableError(f"cannot listen for HTTP on {host}:{port}: {e}") from None
         security = router.config.security
@@ -70,15 +79,25 @@ class OpenAIServer:
         if self._thread.is_alive():
             self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.watchdog.close()
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(BoundedHTTPServer):
     def handle_error(self, request, client_address):
         logger.debug("HTTP connection from %s failed", client_address[0], exc_info=True)  # e.g. a TLS handshake
 
+    def busy_body(self) -> dict:
+        message = f"the router has {self.limits.max_connections} HTTP connections open; retry later"
+        return _error_json(message, "server_error", None, "too_many_connections")
 
-class _Handler(BaseHTTPRequestHandler):
+
+class _Handler(BoundedHandler):
     server_version = f"expertmesh/{__version__}"
+    _expires = float("inf")  # when the generation must end (monotonic)
+
+    def _active(self) -> bool:
+        """The client is still there and the generation within its time (asked at each token)."""
+        return time.monotonic() < self._expires and not self.peer_gone()
 
     def log_message(self, format, *args):
         logger.debug("%s %s", self.address_string(), format % args)
@@ -93,6 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routes ----------------------------------------------------------------
     def do_GET(self):
+        self.request_read()
         if self._refused():
             return
         if self.path.rstrip("/") == "/v1/models":
@@ -112,6 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._not_found()
         try:
             body = self._read_json()
+            self.request_read()
+            self._expires = time.monotonic() + self.server.limits.request_s
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise InvalidRequestError("stream must be true or false", param="stream")
@@ -142,13 +164,13 @@ class _Handler(BaseHTTPRequestHandler):
             kwargs = body.get("chat_template_kwargs")
             if kwargs is not None and not isinstance(kwargs, dict):
                 raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
-            return router.chat(body["messages"], options=options, chat_template_kwargs=kwargs)
+            return router.chat(body["messages"], options=options, chat_template_kwargs=kwargs, is_active=self._active)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise InvalidRequestError("prompt is required and must be a string", param="prompt")
-        return router.generate(prompt, options=options)
+        return router.generate(prompt, options=options, is_active=self._active)
 
     # --- answers -----------------------------------------------------------------
     def _complete(self, reply: "_Reply", first, pieces) -> None:
@@ -157,8 +179,16 @@ class _Handler(BaseHTTPRequestHandler):
             for piece in _chain(first, pieces):
                 text.append(piece.text)
                 last = piece
+            if last is not None and last.finish_reason is None:  # the client left or the time ran out
+                raise self._cut_short()
+        except _ClientGone:
+            logger.info("HTTP client went away; generation stopped")
+            self.close_connection = True
+            return
         except ExpertmeshError as e:
             return self._error(e)
+        finally:
+            pieces.close()  # frees the batch slot at once, however this ends
         self._json(HTTPStatus.OK, reply.whole("".join(text), last))
 
     def _stream(self, reply: "_Reply", first, pieces, include_usage: bool) -> None:
@@ -174,16 +204,26 @@ class _Handler(BaseHTTPRequestHandler):
                 last = piece
                 if piece.text or piece.finish_reason:
                     self._event(reply.chunk(piece.text, piece.finish_reason))
+            if last is not None and last.finish_reason is None:
+                raise self._cut_short()
             if include_usage and last is not None:
                 self._event({**reply.chunk("", None), "choices": [], "usage": _usage(last)})
             self.wfile.write(b"data: [DONE]\n\n")
+        except _ClientGone:
+            logger.info("HTTP client went away; generation stopped")
         except ExpertmeshError as e:
             logger.warning("streamed generation failed: %s", e)
             self._event(_error_body(e)[1])
-        except (BrokenPipeError, ConnectionResetError):
-            logger.info("HTTP client went away; generation stopped")
+        except OSError as e:  # reset, broken pipe, or a write that timed out: a client not reading
+            logger.info("HTTP client went away (%s); generation stopped", e)
         finally:
             pieces.close()
+
+    def _cut_short(self) -> ExpertmeshError:
+        """Why the pieces ended before a finish reason."""
+        if time.monotonic() >= self._expires:
+            return _TimedOut(f"the generation ran past the router's limit of {self.server.limits.request_s:g}s")
+        return _ClientGone()
 
     def _event(self, obj: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -212,8 +252,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidRequestError("a JSON body with a Content-Length header is required")
         if int(length) > MAX_BODY_BYTES:
             raise RequestTooLargeError(f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES} are accepted")
+        data, left = [], int(length)
+        while left and (chunk := self.rfile.read(min(left, _BODY_CHUNK))):
+            data.append(chunk)
+            left -= len(chunk)
+        if left:
+            raise InvalidRequestError(f"the body ended {left} bytes short of its Content-Length")
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(b"".join(data))
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidRequestError(f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -274,8 +320,18 @@ def _error_json(message: str, type_: str, param: str | None, code: str | None) -
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class _TimedOut(ExpertmeshError):
+    """The generation ran past ``Limits.request_s``."""
+
+
+class _ClientGone(ExpertmeshError):
+    """The client closed its connection mid-generation."""
+
+
 def _error_body(err: ExpertmeshError) -> tuple[int, dict]:
     """The HTTP status and OpenAI error JSON for one of our errors."""
+    if isinstance(err, _TimedOut):
+        return HTTPStatus.GATEWAY_TIMEOUT, _error_json(str(err), "server_error", None, "timeout")
     if isinstance(err, RequestTooLargeError):
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, _error_json(str(err), "invalid_request_error", err.param, err.code)
     if isinstance(err, InvalidRequestError):

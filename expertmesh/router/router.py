@@ -11,6 +11,7 @@ from typing import Iterator
 from .. import costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
+from ..discovery import Bounds
 from ..errors import ExpertmeshError, UnavailableError
 from ..metrics import MetricsServer, router_families
 from ..models import get_adapter
@@ -81,7 +82,7 @@ class Router:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.checkpoint = Checkpoint(config.model)
-        get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
+        adapter = get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
         self.placement: planner.Placement | None = None
         self.plan: costmodel.Plan | None = None
         self.routing: RoutingStats | None = None
@@ -106,9 +107,10 @@ class Router:
         try:
             if config.http_port is not None:
                 self.http = OpenAIServer(self, config.host, config.http_port)
-            # browsing starts now, so nodes are found while the dense model loads
+            # browsing starts now, so nodes are found while the dense model loads; their records name ids of this model
+            bounds = Bounds(adapter.args.num_hidden_layers, adapter.num_experts, self.checkpoint.config_hash)
             self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash,
-                                         self.identity)
+                                         self.identity, bounds)
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
             self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft,
