@@ -206,3 +206,18 @@ def test_chat_without_a_chat_template_uses_mlx_lm_servers_plain_prompt(tmp_path,
         with urllib.request.urlopen(req, timeout=120) as r:
             reply = json.loads(r.read())
     assert reply["choices"][0]["message"]["content"] == "".join(expected)
+
+
+def test_over_http_a_router_at_capacity_answers_429(tiny):
+    with running_nodes(tiny, 1) as nodes, \
+            running_router(tiny, [n.address for n in nodes], max_batch=1, max_waiting=0, http_port=0) as router:
+        with Client(f"127.0.0.1:{router.port}") as c:
+            running = c.generate(PROMPTS[0], max_tokens=400)
+            next(running)
+            body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{router.http.port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=60)
+            running.close()
+    assert err.value.code == 429 and "at capacity" in json.loads(err.value.read())["error"]["message"]

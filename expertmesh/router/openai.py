@@ -28,7 +28,7 @@ import uuid
 from http import HTTPStatus
 
 from .. import __version__
-from ..errors import ExpertmeshError, InvalidRequestError, RequestTooLargeError, UnavailableError
+from ..errors import ExpertmeshError, InvalidRequestError, OverloadedError, RequestTooLargeError, UnavailableError
 from ..options import GenerationOptions
 from ..security import bearer
 from .boundedhttp import BoundedHandler, BoundedHTTPServer, Limits
@@ -338,4 +338,6 @@ def _error_body(err: ExpertmeshError) -> tuple[int, dict]:
         return HTTPStatus.BAD_REQUEST, _error_json(str(err), "invalid_request_error", err.param, err.code)
     if isinstance(err, UnavailableError):
         return HTTPStatus.SERVICE_UNAVAILABLE, _error_json(str(err), "server_error", None, "unavailable")
+    if isinstance(err, OverloadedError):  # what OpenAI answers a client over its rate: it may retry
+        return HTTPStatus.TOO_MANY_REQUESTS, _error_json(str(err), "rate_limit_error", None, "overloaded")
     return HTTPStatus.INTERNAL_SERVER_ERROR, _error_json(str(err), "server_error", None, None)
