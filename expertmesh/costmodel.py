@@ -108,6 +108,9 @@ def _staged(nodes: list[NodeCost], adapter: Adapter, tensors: dict, replicas: in
     sizes = [adapter.layer_bytes(tensors, l) for l in range(L)]
     speed = np.array([1.0 / n.layer_s[1] for n in nodes])
     bounds = np.rint(np.cumsum(speed) / speed.sum() * L).astype(int)
+    if L >= len(nodes):  # every node a layer at least: a node left idle helps nobody, and timings are noisy
+        for i in range(len(nodes)):
+            bounds[i] = min(max(bounds[i], bounds[i - 1] + 1 if i else 1), L - (len(nodes) - 1 - i))
     stages, left, pos = {}, [], 0
     for n, bound in zip(nodes, bounds):
         start, used = pos, 0
