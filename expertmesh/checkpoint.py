@@ -79,20 +79,21 @@ class Identity:
     config: str
     weights: str
 
-    def difference(self, config: str, weights: str) -> str:
-        """What differs from another checkpoint's identity, in words ("" when nothing does)."""
+    def difference(self, config: str, weights: str, mine: str) -> str:
+        """How another checkpoint's identity differs from this one, ``mine`` naming
+        whose this is ("the router's"), in words; "" when it does not."""
         if config != self.config:
-            return f"config {config}, not {self.config}"
+            return f"config {config} ({mine}: {self.config})"
         if weights == self.weights:
             return ""
         if not weights:
             return f"config {config} but no weights identity (an older expertmesh?)"
-        theirs, ours = weights.partition(".")[::2], self.weights.partition(".")[::2]
-        if theirs[0] != ours[0]:
-            return (f"the same config {config} but other tensors (names, dtypes or shapes: layout {theirs[0]}, "
-                    f"not {ours[0]})")
-        return (f"the same config {config} and tensor shapes but other weights (values {theirs[1]}, not {ours[1]}): "
-                f"another fine-tune of the same architecture?")
+        (layout, values), (our_layout, our_values) = weights.partition(".")[::2], self.weights.partition(".")[::2]
+        if layout != our_layout:
+            return (f"other tensors under the same config {config}: their names, dtypes or shapes differ "
+                    f"(layout {layout}; {mine}: {our_layout})")
+        return (f"other weights under the same config {config} and tensor shapes (values {values}; {mine}: "
+                f"{our_values}): a fine-tune of the same architecture?")
 
 
 def config_hash(config: dict) -> str:

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import wire
+from ..checkpoint import Identity
 from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement, describe
 from ..security import Security
@@ -76,11 +77,10 @@ class NodeLink:
             self.name = self.info.name
         return self.info
 
-    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float,
+    def assign(self, identity: Identity, experts: dict[int, list[int]], timeout: float,
                progress: AssignProgressCallback | None = None) -> None:
-        request = pb.AssignRequest(
-            config_hash=config_hash,
-            experts=layer_experts(experts))
+        request = pb.AssignRequest(config_hash=identity.config, weights_hash=identity.weights,
+                                   experts=layer_experts(experts))
         try:
             for update in self.stub.Assign(request, timeout=timeout):
                 logger.debug("%r: loaded %d/%d bytes", self, update.loaded_bytes, update.total_bytes)
@@ -90,9 +90,9 @@ class NodeLink:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()  # what it holds and the memory that takes, for `cluster`
 
-    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
+    def assign_stages(self, identity: Identity, spans: list[tuple[int, int]], timeout: float) -> None:
         """Have the node hold these spans of whole layers (pipeline stages)."""
-        request = pb.AssignStagesRequest(config_hash=config_hash,
+        request = pb.AssignStagesRequest(config_hash=identity.config, weights_hash=identity.weights,
                                          stages=[pb.LayerSpan(start=a, end=b) for a, b in spans])
         try:
             for _ in self.stub.AssignStages(request, timeout=timeout):

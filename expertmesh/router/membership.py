@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..checkpoint import Identity
 from ..discovery import Announcement, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, PlacementError, UnavailableError
 from ..placement import Placement, describe, take_over
@@ -56,9 +57,9 @@ class Member:
 class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
-    def __init__(self, config: RouterConfig, model_id: str, config_hash: str):
+    def __init__(self, config: RouterConfig, model_id: str, identity: Identity):
         self.config = config
-        self.model_id, self.config_hash = model_id, config_hash
+        self.model_id, self.identity, self.config_hash = model_id, identity, identity.config
         self.members: list[Member] = []
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
         self._spares: set[str] = set()           # compatible instances outside the plan, logged once
@@ -93,6 +94,8 @@ class Membership:
         if r.config_hash != self.config_hash:
             return (f"serves model {r.model_id} (config {r.config_hash}), the router has "
                     f"{self.model_id} (config {self.config_hash})")
+        if r.weights_hash and r.weights_hash != self.identity.weights:
+            return f"serves model {r.model_id} with {self.identity.difference(r.config_hash, r.weights_hash, 'the router')}"
         return ""
 
     def compatible(self) -> list[Announcement]:
@@ -155,6 +158,11 @@ class Membership:
             raise ConfigMismatchError(
                 f"{link!r} serves model {info.model_id} (config {info.config_hash}) but the router has "
                 f"{self.model_id} (config {self.config_hash}): start both with the same checkpoint")
+        if info.weights_hash != self.identity.weights:
+            raise ConfigMismatchError(
+                f"{link!r} serves model {info.model_id} with "
+                f"{self.identity.difference(info.config_hash, info.weights_hash, 'the router')}: "
+                f"start both with the same checkpoint")
 
     def _wait_for_nodes(self) -> None:
         """Until ``expect`` compatible nodes are seen, or (without ``expect``)
@@ -237,7 +245,7 @@ class Membership:
 
     def _assign(self, link: NodeLink, experts: dict[int, list[int]],
                 progress: AssignProgressCallback | None = None) -> None:
-        link.assign(self.config_hash, experts, self.config.assign_timeout, progress)
+        link.assign(self.identity, experts, self.config.assign_timeout, progress)
         link.get_info()
         link.open_stream()
 
@@ -263,7 +271,7 @@ class Membership:
                 m = live[i]
                 wanted = {l: sorted({*m.experts.get(l, []), *experts.get(l, [])}) for l in {*m.experts, *experts}}
                 try:
-                    m.link.assign(self.config_hash, wanted, self.config.assign_timeout)
+                    m.link.assign(self.identity, wanted, self.config.assign_timeout)
                 except ExpertmeshError as e:
                     raise UnavailableError(f"no live node holds {describe(missing)}: {m.name} failed to load them ({e})") from None
                 m.experts = wanted

@@ -77,7 +77,7 @@ class Router:
         self.checkpoint = Checkpoint(config.model)
         get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
         # browsing starts now, so nodes are found while the dense model loads
-        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash)
+        self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.identity)
         try:
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
@@ -163,7 +163,7 @@ class Router:
 
     def _assign_stages(self, name: str, spans: list[tuple[int, int]]) -> None:
         member = next(m for m in self.membership.members if m.name == name)
-        member.link.assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+        member.link.assign_stages(self.checkpoint.identity, spans, self.config.assign_timeout)
         member.stage_bytes = self.adapter.span_bytes(self.checkpoint.tensors, spans)
         self.plan.stages[name] = spans
 
