@@ -36,7 +36,6 @@ _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ETAG = re.compile(r"^[0-9A-Za-z]{8,128}$")
 _FETCHERS = 4         # parallel range requests
-_HEAD = 100_000       # the first bytes of a shard fetched for its header (most headers fit)
 _TIMEOUT = 60.0       # seconds a range request may stall
 
 
@@ -91,6 +90,7 @@ class HubFiles(LocalFiles):
     def __init__(self, repo_id: str, revision: str | None = None):
         from huggingface_hub import snapshot_download
 
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per request
         self.repo_id, self.name = repo_id, repo_id.split("/")[-1]
         try:
             snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=small_patterns()))
@@ -131,10 +131,10 @@ class HubFiles(LocalFiles):
                              f"here: run once online (or hf download {self.repo_id})") from None
 
     def _shard(self, name: str) -> tuple[str, int]:
-        if name not in self.shards or name.startswith("/") or ".." in Path(name).parts or "\\" in name:
-            if (self.root / name).resolve().is_relative_to(self.boundary):
-                raise ModelError(f"weight file {name!r} listed in the index is not in {self.repo_id}")
+        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
             raise ModelError(f"{name!r} lies outside the model's cache folder {self.boundary}")
+        if name not in self.shards:
+            raise ModelError(f"weight file {name!r} listed in the index is not in {self.repo_id}")
         etag, size = self.shards[name]
         if not _ETAG.match(etag):
             raise ModelError(f"{self.repo_id}: the hub gave {name} an etag {etag!r} that is not a content hash")
@@ -162,8 +162,6 @@ class HubFiles(LocalFiles):
         etag, size = self._shard(name)
         if start + count > size:
             raise ModelError(f"{self.repo_id}/{name} has {size} bytes, not the {start + count} its header needs")
-        if start == 0 and count <= 8:  # a header: fetch its usual size at once
-            self.pieces.get(etag, 0, min(_HEAD, size), self._fetcher(name))
         return self.pieces.get(etag, start, count, self._fetcher(name))
 
     def read_many(self, ranges: list[Range]) -> list[bytes]:
@@ -176,6 +174,11 @@ class HubFiles(LocalFiles):
             return self.pieces.peek(etag, start, count) or self._fetch(name, start, start + count)
 
         return list(self._pool.map(one, ranges))
+
+    def to_fetch(self, ranges: list[Range]) -> int:
+        """Bytes of ``ranges`` neither cache holds."""
+        return sum(b - a for name, start, count in ranges if not self._whole(name)
+                   for a, b in self.pieces.missing(self._shard(name)[0], start, count))
 
     def prefetch(self, ranges: list[Range]) -> None:
         from .progress import Progress
