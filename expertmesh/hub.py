@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
 from .checkpoint import INDEX, LocalFiles, Range
@@ -78,9 +78,22 @@ def open_files(model) -> LocalFiles:
     return HubFiles(*repo)
 
 
-def _one_line(e: Exception) -> str:
+def _why(e: BaseException) -> str:
+    """One short line for a huggingface_hub or httpx failure."""
+    from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    if isinstance(e, RepositoryNotFoundError):
+        return "the hub has no such repo (a private or gated one needs HF_TOKEN)"
+    if isinstance(e, RevisionNotFoundError):
+        return "the repo has no such revision"
+    if isinstance(e, LocalEntryNotFoundError) and e.__cause__ is not None:
+        return f"{_why(e.__cause__)}, and the Hugging Face cache holds no copy"
+    response = getattr(e, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        return f"the hub answered {response.status_code} {response.reason_phrase} for {response.request.url}"
     text = " ".join(str(e).split())
-    return text if len(text) < 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text if len(text) < 200 else text[:197] + '...'}"
 
 
 class HubFiles(LocalFiles):
@@ -95,8 +108,7 @@ class HubFiles(LocalFiles):
         try:
             snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=small_patterns()))
         except Exception as e:  # huggingface_hub's errors, httpx's, OSError: all one line
-            raise ModelError(f"cannot fetch {repo_id}{'@' + revision if revision else ''} "
-                             f"({type(e).__name__}): {_one_line(e)}") from None
+            raise ModelError(f"cannot fetch {repo_id}{'@' + revision if revision else ''}: {_why(e)}") from None
         self.commit = snapshot.name
         if not _COMMIT.match(self.commit):
             raise ModelError(f"{repo_id}: the hub named revision {self.commit!r}, not a commit hash")
@@ -121,8 +133,7 @@ class HubFiles(LocalFiles):
                 return shards
             except Exception as e:
                 if not memo.is_file():
-                    raise ModelError(f"cannot list the files of {self.repo_id} ({type(e).__name__}): "
-                                     f"{_one_line(e)}") from None
+                    raise ModelError(f"cannot list the files of {self.repo_id}: {_why(e)}") from None
                 logger.warning("cannot reach the hub for %s (%s); using what was listed before", self.repo_id, e)
         try:
             return {k: (str(v[0]), int(v[1])) for k, v in json.loads(memo.read_text()).items()}
@@ -197,9 +208,15 @@ class HubFiles(LocalFiles):
                 self.pieces.get(self._shard(name)[0], a, b - a, self._fetcher(name))
                 return b - a
 
-            for n in self._pool.map(one, todo):
-                done += n
-                progress.update(self.repo_id, done, total)
+            jobs = [self._pool.submit(one, job) for job in todo]
+            try:
+                for job in as_completed(jobs):
+                    done += job.result()
+                    progress.update(self.repo_id, done, total)
+            finally:  # on a failure: nothing more starts, and nothing still runs when we return
+                for job in jobs:
+                    job.cancel()
+                wait(jobs)
 
     def _fetcher(self, name: str):
         return lambda start, end, sink: self._fetch(name, start, end, sink)
@@ -233,8 +250,7 @@ class HubFiles(LocalFiles):
         except ModelError as e:
             raise ModelError(f"fetching bytes {start}-{end} of {self.repo_id}/{name}: {e}") from None
         except Exception as e:  # httpx's errors, huggingface_hub's HTTP errors, OSError
-            raise ModelError(f"fetching bytes {start}-{end} of {self.repo_id}/{name} failed "
-                             f"({type(e).__name__}): {_one_line(e)}") from None
+            raise ModelError(f"fetching bytes {start}-{end} of {self.repo_id}/{name} failed: {_why(e)}") from None
         if got != end - start:
             raise ModelError(f"fetching bytes {start}-{end} of {self.repo_id}/{name}: the hub sent {got} bytes, "
                              f"not {end - start}")

@@ -49,7 +49,8 @@ class FakeHub:
         self.repos = {rid: Repo(p) for rid, p in repos.items()}
         self.served: collections.Counter = collections.Counter()     # client -> body bytes
         self.by_file: collections.Counter = collections.Counter()    # (client, file) -> body bytes
-        self.faults: dict[str, str] = {}   # file name (or "api") -> "404" | "500" | "cut"
+        # file name (or "api") -> "404" | "500" | "cut" (every answer) | "cut-data" (bodies over 4 KB)
+        self.faults: dict[str, str] = {}
         self.lock = threading.Lock()
         hub = self
 
@@ -116,8 +117,9 @@ class FakeHub:
             start, end = int(r[1]), min(int(r[2]) + 1 if r[2] else len(data), len(data))
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data, status = data[start:end], 206
-        if body and name in self.faults:
-            return self._fail(h, self.faults[name], repo, data, headers, client, name)
+        fault = self.faults.get(name)
+        if body and fault and (fault != "cut-data" or len(data) > 4096):
+            return self._fail(h, fault.removesuffix("-data"), repo, data, headers, client, name)
         self._send(h, status, data, headers, body, client, name)
 
     def _fail(self, h, fault: str, repo, data: bytes, headers=None, client="", name="") -> None:

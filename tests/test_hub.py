@@ -197,3 +197,96 @@ def test_offline_a_fetched_repo_serves_from_the_caches(hub, checkpoints, tmp_pat
     out = run(hub, tmp_path, "off", "plan", "--model", REPO, "--node", "a:1", HF_HUB_OFFLINE="1")
     assert out.returncode == 0, out.stderr
     assert sum(hub.served.values()) == before
+
+
+def test_a_connection_cut_mid_piece_fails_that_assign_in_one_line_and_the_next_one_works(hub, checkpoints, tmp_path):
+    path = checkpoints["mlx-4bit"]
+    layers = get_adapter(Checkpoint(path).config).moe_layers
+    p = node(hub, tmp_path, "cut")
+    try:
+        with grpc.insecure_channel(p.address(timeout=120)) as ch:
+            stub = pb_grpc.ExpertServiceStub(ch)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+            request = pb.AssignRequest(config_hash=info.config_hash, weights_hash=info.weights_hash,
+                                       experts=[pb.LayerExperts(layer=l, experts=[0, 1, 2, 3]) for l in layers])
+            for shard in hub.repos[REPO].files:
+                if shard.endswith(".safetensors"):
+                    hub.faults[shard] = "cut-data"
+            try:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Assign(request, timeout=60))
+            finally:
+                hub.faults.clear()
+            assert "\n" not in err.value.details() and "RemoteProtocolError" in err.value.details()
+            cache_is_sound(tmp_path / "cut", path)
+            list(stub.Assign(request, timeout=60))
+            assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).state == pb.READY
+    finally:
+        p.stop()
+    cache_is_sound(tmp_path / "cut", path)
+
+
+def evil_repo(hub, src: Path, tmp_path: Path, change) -> str:
+    """A copy of ``src`` served as a repo, its index names rewritten by ``change``."""
+    from fakehub import Repo
+
+    copy = tmp_path / "evil"
+    copy.mkdir()
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    index = copy / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    data["weight_map"] = {k: change(first) if v == first else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    hub.repos[f"org/{tmp_path.name}"] = Repo(copy)
+    return f"org/{tmp_path.name}"
+
+
+def download_all(hub, home: Path, repo: str = REPO) -> Path:
+    """What ``hf download`` leaves: the whole snapshot in the Hugging Face cache."""
+    code = "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, repo], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **hub.env(home, "hf-download")})
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("attack", ["dotdot index", "absolute index", "symlinked shard", "symlinked config",
+                                    "another repo's blob"])
+def test_a_repo_id_never_reads_outside_its_cache_folder(hub, checkpoints, tmp_path, attack):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    src = checkpoints["mlx-4bit"]
+    shard = sorted(src.glob("*.safetensors"))[0]
+    (outside / "stolen.safetensors").write_bytes(shard.read_bytes())
+    (outside / "config.json").write_bytes((src / "config.json").read_bytes())
+    repo, home = REPO, tmp_path / "victim"
+    if attack == "dotdot index":
+        repo = evil_repo(hub, src, tmp_path, lambda f: "../../../outside/stolen.safetensors")
+    elif attack == "absolute index":
+        repo = evil_repo(hub, src, tmp_path, lambda f: str(outside / "stolen.safetensors"))
+    else:
+        snapshot = download_all(hub, home)
+        download_all(hub, home, "org/hf")
+        victim = snapshot / (shard.name if attack == "symlinked shard" else "config.json")
+        victim.unlink()
+        if attack == "another repo's blob":
+            other = next((home / "hub" / "models--org--hf" / "blobs").iterdir())
+            os.symlink(other, victim)
+        else:
+            os.symlink(outside / ("stolen.safetensors" if attack == "symlinked shard" else "config.json"), victim)
+    for offline in ("0", "1") if attack not in ("dotdot index", "absolute index") else ("0",):
+        out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "plan", "--model", repo, "--node", "a:1"],
+                             capture_output=True, text=True, timeout=180,
+                             env={**os.environ, **hub.env(home, "victim"), "HF_HUB_OFFLINE": offline})
+        assert "lies outside the model's cache folder" in one_line_error(out, "plan")
+
+
+def test_a_snapshot_directory_is_a_model_directory(hub, checkpoints, tmp_path):
+    snapshot = download_all(hub, tmp_path / "home")
+    assert all(f.is_symlink() for f in snapshot.iterdir())  # into ../../blobs/
+    out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "plan", "--model", str(snapshot), "--node", "a:1"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert Checkpoint(snapshot).identity == Checkpoint(checkpoints["mlx-4bit"]).identity
