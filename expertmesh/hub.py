@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,200})?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ETAG = re.compile(r"^[0-9A-Za-z]{8,128}$")
-_FETCHERS = 4         # parallel range requests
+_FETCHERS = 8         # parallel range requests
 _TIMEOUT = 60.0       # seconds a range request may stall
+_GAP = 256             # sampled blocks closer than this come in one request (a tensor's end, the next one's start)
 
 
 def small_patterns() -> list[str]:
@@ -176,15 +177,29 @@ class HubFiles(LocalFiles):
         return self.pieces.get(etag, start, count, self._fetcher(name))
 
     def read_many(self, ranges: list[Range]) -> list[bytes]:
-        """Blocks from the caches where they are, else fetched (in parallel) without caching them."""
-        def one(r: Range) -> bytes:
-            name, start, count = r
+        """Small blocks (the identity's samples) from the caches where they are, else fetched
+        without caching them: blocks less than ``_GAP`` apart in one request, requests in parallel."""
+        out: dict[int, bytes] = {}
+        spans: list[tuple[str, int, int, list[int]]] = []  # (file, start, end, indices of its blocks)
+        for i in sorted(range(len(ranges)), key=lambda i: ranges[i][:2]):
+            name, start, count = ranges[i]
             if self._whole(name):
-                return super(HubFiles, self).read(*r)
-            etag, _ = self._shard(name)
-            return self.pieces.peek(etag, start, count) or self._fetch(name, start, start + count)
+                out[i] = super().read(name, start, count)
+            elif (cached := self.pieces.peek(self._shard(name)[0], start, count)) is not None:
+                out[i] = cached
+            elif spans and spans[-1][0] == name and start - spans[-1][2] <= _GAP:
+                spans[-1] = (name, spans[-1][1], max(spans[-1][2], start + count), spans[-1][3] + [i])
+            else:
+                spans.append((name, start, start + count, [i]))
 
-        return list(self._pool.map(one, ranges))
+        def one(span):
+            name, start, end, blocks = span
+            data = self._fetch(name, start, end)
+            return {i: data[ranges[i][1] - start:ranges[i][1] - start + ranges[i][2]] for i in blocks}
+
+        for got in self._pool.map(one, spans):
+            out.update(got)
+        return [out[i] for i in range(len(ranges))]
 
     def to_fetch(self, ranges: list[Range]) -> int:
         """Bytes of ``ranges`` neither cache holds."""
