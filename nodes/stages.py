@@ -196,8 +196,9 @@ class StageStore:
         experts = list(range(self.adapter.num_experts))
         moe = [l for l in range(start, end) if self.adapter.is_moe_layer(l)]
         ck.prefetch([(n, None) for n in dense] + [r for l in moe for r in self.store.reads(l, experts)])
-        weights = {n: ck.read(n) for n in dense}
-        for layer in range(start, end):
+        weights = {}
+        for layer in range(start, end):  # layer by layer, as mlx-lm's names sort
+            weights.update((n, ck.read(n)) for n in dense if n.startswith(f"{prefix}{layer}."))
             if self.adapter.is_moe_layer(layer):
                 for proj in PROJECTIONS:
                     for part, value in self.store._read_proj(layer, proj, experts).items():
