@@ -1,7 +1,7 @@
 """What a node says about itself in its ``_expertmesh._tcp`` TXT record.
 
     name=mini-a  proto=1  version=0.1.0  model=Qwen3-30B-A3B-4bit  config=3f2a…
-    mem=12000000000  state=ready  held=0-47:0-42
+    mem=12000000000  state=ready  held=0-47:0-42  weights=9c01….5e7a…
 
 ``held`` groups layers that hold the same experts, ``LAYERS:EXPERTS`` in
 compact ranges joined by ``;``. A TXT string holds at most 255 bytes, so a
@@ -55,6 +55,7 @@ class NodeRecord:
     state: str = "idle"       # one of STATES
     held: dict[int, list[int]] = field(default_factory=dict)  # layer -> expert ids
     version: str = ""         # expertmesh version
+    weights_hash: str = ""    # the checkpoint's weights identity (Checkpoint.identity)
 
     def to_txt(self) -> dict[str, str]:
         groups: dict[str, list[int]] = {}
@@ -66,7 +67,7 @@ class NodeRecord:
             held = ""
         txt = {"name": self.name, "proto": str(self.protocol), "version": self.version,
                "model": self.model_id, "config": self.config_hash,
-               "mem": str(self.memory_budget), "state": self.state}
+               "mem": str(self.memory_budget), "state": self.state, "weights": self.weights_hash}
         for i in range(0, max(len(held), 1), _CHUNK):
             txt[f"held{i // _CHUNK or ''}"] = held[i:i + _CHUNK]
         return txt
@@ -93,8 +94,11 @@ class NodeRecord:
         if len(held_text) > MAX_HELD_CHARS:
             raise ValueError(f"held is {len(held_text)} characters; at most {MAX_HELD_CHARS}")
         held = _held(held_text, bounds.of(t["config"]))
+        weights = t.get("weights", "")
+        if len(weights) > 64:
+            raise ValueError("weights identity longer than 64 characters")
         return cls(t["name"], int(t["proto"]), t["model"], t["config"], int(t["mem"]),
-                   t["state"], held, t.get("version", ""))
+                   t["state"], held, t.get("version", ""), weights)
 
 
 def _held(text: str, bounds: Bounds) -> dict[int, list[int]]:

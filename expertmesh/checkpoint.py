@@ -2,7 +2,9 @@
 
 Nodes use this to read only their experts' bytes (slices of stacked tensors
 along the expert axis, or whole per-expert tensors); ``expertmesh plan`` uses
-it to size a model from headers alone.
+it to size a model from headers alone. A checkpoint is a directory, or a
+Hugging Face repo id (``ORG/NAME[@REVISION]``, see ``hub``) whose weights
+are fetched by the byte range as they are read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -36,12 +39,17 @@ _DTYPES = {
     "I8": (np.dtype("i1"), mx.int8),
 }
 _MAX_HEADER = 100 << 20
+INDEX = "model.safetensors.index.json"
+# the identity samples this many bytes at the start, middle and end of every tensor
+SAMPLE = 64
+
+Range = tuple[str, int, int]  # (file, start, count)
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    file: Path
+    file: str     # the safetensors file, relative to the checkpoint
     dtype: str
     shape: tuple
     offset: int  # absolute byte offset of the data in `file`
@@ -54,35 +62,121 @@ class TensorInfo:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
 
+    def rows(self, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """``(start, count)`` of rows ``[lo, hi)`` of the first axis (all rows for None) in the file."""
+        if rows is None:
+            return self.offset, self.nbytes
+        row_bytes = self.nbytes // self.shape[0]
+        return self.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a node and its router must agree on: ``config`` hashes config.json,
+    ``weights`` is ``LAYOUT.VALUES``: every tensor's name, dtype and shape, and
+    a few sampled blocks of every tensor's bytes."""
+
+    config: str
+    weights: str
+
+    def difference(self, config: str, weights: str, mine: str) -> str:
+        """How another checkpoint's identity differs from this one, ``mine`` naming
+        whose this is ("the router's"), in words; "" when it does not."""
+        if config != self.config:
+            return f"config {config} ({mine}: {self.config})"
+        if weights == self.weights:
+            return ""
+        if not weights:
+            return f"config {config} but no weights identity (an older expertmesh?)"
+        (layout, values), (our_layout, our_values) = weights.partition(".")[::2], self.weights.partition(".")[::2]
+        if layout != our_layout:
+            return (f"other tensors under the same config {config}: their names, dtypes or shapes differ "
+                    f"(layout {layout}; {mine}: {our_layout})")
+        return (f"other weights under the same config {config} and tensor shapes (values {values}; {mine}: "
+                f"{our_values}): a fine-tune of the same architecture?")
+
 
 def config_hash(config: dict) -> str:
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class Checkpoint:
-    """A model directory: ``config.json`` plus (sharded) safetensors.
+class LocalFiles:
+    """The files of directory ``root``, never read outside ``boundary``
+    (``root`` itself, or a Hugging Face repo's cache folder for a snapshot)."""
 
-    Only files inside the directory are read: a name in the index, or a
-    symlink, that leads outside it is refused.
+    def __init__(self, root: Path, boundary: Path | None = None, where: str = "the model directory"):
+        self.root, self.boundary, self.where = root, boundary or root, where
+
+    def inside(self, name: str) -> Path:
+        """``name`` resolved within the boundary.
+
+        Raises:
+            ModelError: it (or a symlink on the way) leads outside.
+        """
+        file = (self.root / name).resolve()
+        if not file.is_relative_to(self.boundary):
+            raise ModelError(f"{name!r} lies outside {self.where} {self.boundary}")
+        return file
+
+    def exists(self, name: str) -> bool:
+        return self.inside(name).is_file()
+
+    def text(self, name: str) -> str:
+        return self.inside(name).read_text()
+
+    def safetensors(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("*.safetensors"))
+
+    def read(self, name: str, start: int, count: int) -> bytes:
+        file = self.inside(name)
+        # resolved inside the boundary; no symlink put there since is followed
+        with open(os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
+            f.seek(start)
+            data = f.read(count)
+        if len(data) != count:
+            raise ModelError(f"{file} is truncated (wanted bytes {start}-{start + count})")
+        return data
+
+    def read_many(self, ranges: list[Range]) -> list[bytes]:
+        return [self.read(*r) for r in ranges]
+
+    def to_fetch(self, ranges: list[Range]) -> int:
+        return 0  # every byte is on disk
+
+    def prefetch(self, ranges: list[Range]) -> None:
+        """Nothing to fetch: every byte is on disk."""
+
+    def memo(self, key: str, compute):
+        return compute()
+
+    def dense_dir(self, checkpoint: "Checkpoint", is_expert) -> Path:
+        return self.root
+
+
+class Checkpoint:
+    """A model directory or repo id: ``config.json`` plus (sharded) safetensors.
+
+    Only files inside the directory (or the repo's cache folder) are read: a
+    name in the index, or a symlink, that leads outside it is refused.
 
     Raises:
         ModelError: the directory, its config or its weights are missing or
-            malformed.
+            malformed; a repo id cannot be resolved or fetched.
     """
 
-    def __init__(self, path):
-        self.path = Path(path).expanduser().resolve()
-        if not self.path.is_dir():
-            raise ModelError(f"model directory {path} does not exist")
-        config_file = self._inside("config.json")
-        if not config_file.is_file():
-            raise ModelError(f"{path} has no config.json: not a model checkpoint")
+    def __init__(self, model: str | Path):
+        from .hub import open_files
+
+        self.files = open_files(model)
+        self.path = self.files.root
+        if not self.files.exists("config.json"):
+            raise ModelError(f"{model} has no config.json: not a model checkpoint")
         try:
-            self.config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{config_file} is not valid JSON: {e}") from None
-        self.model_id = self.path.name
+            self.config = json.loads(self.files.text("config.json"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{self.path / 'config.json'} is not valid JSON: {e}") from None
+        self.model_id = getattr(self.files, "name", self.path.name)
         self.config_hash = config_hash(self.config)
 
     @functools.cached_property
@@ -90,85 +184,93 @@ class Checkpoint:
         """Every tensor's header entry (read on first use)."""
         tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
-            tensors.update(_read_header(file))
+            tensors.update(_read_header(self.files, file))
         if not tensors:
             raise ModelError(f"{self.path} has no safetensors weights")
         return tensors
 
-    def _inside(self, name: str) -> Path:
-        """``name`` resolved within the directory.
+    @functools.cached_property
+    def identity(self) -> Identity:
+        """The config's hash and the weights' (headers plus sampled bytes; cheap: no tensor is read whole)."""
+        return Identity(self.config_hash, self.files.memo("weights", self._weights_hash))
 
-        Raises:
-            ModelError: it (or a symlink on the way) leads outside.
-        """
-        file = (self.path / name).resolve()
-        if not file.is_relative_to(self.path):
-            raise ModelError(f"{name!r} lies outside the model directory {self.path}")
-        return file
+    def _weights_hash(self) -> str:
+        layout, values = hashlib.sha256(), hashlib.sha256()
+        infos = [self.tensors[n] for n in sorted(self.tensors)]
+        ranges = [r for t in infos for r in _samples(t)]
+        for t in infos:
+            layout.update(json.dumps([t.name, t.dtype, list(t.shape)]).encode())
+        for block in self.files.read_many(ranges):
+            values.update(len(block).to_bytes(8, "little") + block)
+        return f"{layout.hexdigest()[:12]}.{values.hexdigest()[:12]}"
 
-    def _weight_files(self) -> list[Path]:
-        index = self._inside("model.safetensors.index.json")
-        if index.is_file():
+    def _weight_files(self) -> list[str]:
+        if self.files.exists(INDEX):
             try:
-                weight_map = json.loads(index.read_text()).get("weight_map", {})
+                weight_map = json.loads(self.files.text(INDEX)).get("weight_map", {})
                 names = sorted(set(weight_map.values()))
             except (ValueError, AttributeError, TypeError):
-                raise ModelError(f"{index} is not a safetensors index (a weight_map of names to files)") from None
+                raise ModelError(f"{self.path / INDEX} is not a safetensors index (a weight_map of names to files)") from None
             if not all(isinstance(n, str) for n in names):
-                raise ModelError(f"{index}: the weight_map must name files")
+                raise ModelError(f"{self.path / INDEX}: the weight_map must name files")
         else:
-            names = sorted(p.name for p in self.path.glob("*.safetensors"))
-        files = []
+            names = self.files.safetensors()
         for name in names:
-            file = self._inside(name)
-            if not file.is_file():
-                raise ModelError(f"weight file {file} listed in the index is missing")
-            files.append(file)
-        return files
+            if not self.files.exists(name):
+                raise ModelError(f"weight file {self.path / name} listed in the index is missing")
+        return names
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
-        """Read one tensor, or rows ``[lo, hi)`` of its first axis, from disk.
+    def ranges(self, reads: Iterable[tuple[str, tuple[int, int] | None]]) -> list[Range]:
+        """The byte ranges of ``(tensor, rows)`` reads (``rows`` as for ``read``)."""
+        return [(self.tensors[n].file, *self.tensors[n].rows(rows)) for n, rows in reads]
 
-        Only the requested bytes are read.
+    def prefetch(self, reads: Iterable[tuple[str, tuple[int, int] | None]]) -> None:
+        """Fetch what these reads need and the caches lack, at once and with progress (no-op on disk)."""
+        self.files.prefetch(self.ranges(reads))
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
+        """Read one tensor, or rows ``[lo, hi)`` of its first axis.
+
+        Only the requested bytes are read (or fetched).
         """
         info = self.tensors[name]
         shape = list(info.shape)
-        start, count = info.offset, info.nbytes
+        start, count = info.rows(rows)
         if rows is not None:
-            lo, hi = rows
-            row_bytes = info.nbytes // shape[0]
-            start += lo * row_bytes
-            count = (hi - lo) * row_bytes
-            shape[0] = hi - lo
+            shape[0] = rows[1] - rows[0]
         carrier, dtype = _DTYPES[info.dtype]
-        buf = bytearray(count)
-        # the file was resolved inside the directory; no symlink put there since is followed
-        with open(os.open(info.file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != count:
-                raise ModelError(f"{info.file} is truncated (tensor {name})")
+        buf = self.files.read(info.file, start, count)
         array = mx.array(np.frombuffer(buf, dtype=carrier).reshape(shape))
         return array.view(dtype) if dtype == mx.bfloat16 else array
 
+    def dense_dir(self, is_expert) -> Path:
+        """A directory mlx-lm's ``load_model`` can read the dense weights from
+        (the checkpoint itself, or a file of just those tensors built from a repo's byte ranges)."""
+        return self.files.dense_dir(self, is_expert)
 
-def _read_header(file: Path) -> dict[str, TensorInfo]:
+
+def _samples(t: TensorInfo) -> list[Range]:
+    if t.nbytes <= 3 * SAMPLE:
+        return [(t.file, t.offset, t.nbytes)]
+    middle = t.offset + (t.nbytes // 2 // SAMPLE) * SAMPLE
+    return [(t.file, t.offset, SAMPLE), (t.file, middle, SAMPLE), (t.file, t.offset + t.nbytes - SAMPLE, SAMPLE)]
+
+
+def _read_header(files, file: str) -> dict[str, TensorInfo]:
     """Every tensor's entry, checked for sense (the data itself may be absent: ``plan`` reads headers alone)."""
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ModelError(f"{file} is not a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
-            raise ModelError(f"{file} has an implausible header size {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelError(f"{file} has a corrupt safetensors header") from None
+    where = files.root / file
+    (n,) = struct.unpack("<Q", files.read(file, 0, 8))
+    if n > _MAX_HEADER:
+        raise ModelError(f"{where} has an implausible header size {n}")
+    try:
+        header = json.loads(files.read(file, 8, n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{where} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{file} has a corrupt safetensors header")
+        raise ModelError(f"{where} has a corrupt safetensors header")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -176,12 +278,12 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{file}: tensor {name} has a malformed header entry") from None
+            raise ModelError(f"{where}: tensor {name} has a malformed header entry") from None
         if dtype not in _DTYPES:
-            raise ModelError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+            raise ModelError(f"{where}: tensor {name} has unsupported dtype {dtype}")
         info = TensorInfo(name, file, dtype, shape, 8 + n + begin) if _ints(shape, begin, end) else None
         if info is None or end - begin != info.nbytes:
-            raise ModelError(f"{file}: tensor {name} has shape {list(shape)} and offsets {[begin, end]} "
+            raise ModelError(f"{where}: tensor {name} has shape {list(shape)} and offsets {[begin, end]} "
                              f"that do not agree")
         out[name] = info
     return out

@@ -40,14 +40,15 @@ class Process:
         args: the ``expertmesh`` command line.
         log: where its output goes.
         prefix: what to run it under, e.g. ``["ip", "netns", "exec", NS]``.
+        env: variables to set for it (e.g. ``HF_HOME``).
     """
 
-    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = ()):
+    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = (), env: dict | None = None):
         self.log = log
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "expertmesh.cli", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._pump, daemon=True).start()
 

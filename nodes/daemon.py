@@ -62,7 +62,7 @@ class Node:
         self.name = config.name or socket.gethostname().split(".")[0]
         checkpoint = Checkpoint(config.model)
         self.store = ExpertStore(checkpoint, get_adapter(checkpoint.config))
-        checkpoint.tensors  # fail now, not at the first Assign, on missing weights
+        checkpoint.identity  # fail now, not at the first Assign, on missing weights (it reads every header)
         interfaces = resolve_interfaces(config.interfaces) if config.discovery else []
         if config.host is None:
             hosts = [i.ip for i in interfaces] or ["127.0.0.1"]
@@ -107,7 +107,7 @@ class Node:
         """What this node tells the network about itself."""
         ck, s = self.store.checkpoint, self.servicer
         return NodeRecord(self.name, PROTOCOL_VERSION, ck.model_id, ck.config_hash, s.memory_budget,
-                          pb.NodeState.Name(s.state).lower(), self.store.held(), __version__)
+                          pb.NodeState.Name(s.state).lower(), self.store.held(), __version__, ck.identity.weights)
 
     def _republish(self) -> None:
         try:

@@ -69,7 +69,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         kv_bytes, kv_sequences = self.stages.usage()
         return pb.NodeInfo(
             name=self.name, version=__version__, protocol_version=PROTOCOL_VERSION,
-            model_id=ck.model_id, config_hash=ck.config_hash,
+            model_id=ck.model_id, config_hash=ck.config_hash, weights_hash=ck.identity.weights,
             memory_budget_bytes=self.memory_budget, memory_used_bytes=self.store.nbytes + self.stages.nbytes,
             state=self.state, held=layer_experts(self.store.held()), data_port=self.data_port,
             token_required=self.token_required,
@@ -133,11 +133,14 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self._drop_router_state()
         return pb.ReleaseReply()
 
-    def _check_checkpoint(self, config_hash: str, context) -> None:
+    def _check_checkpoint(self, request, context) -> None:
         ck = self.store.checkpoint
-        if config_hash != ck.config_hash:
+        if request.config_hash != ck.config_hash:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), not config {config_hash}")
+                          f"node {self.name} serves {ck.model_id} (config {ck.config_hash}), not config {request.config_hash}")
+        if request.weights_hash and request.weights_hash != ck.identity.weights:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} serves {ck.model_id}; the router "
+                          f"has {ck.identity.difference(request.config_hash, request.weights_hash, 'this node')}")
 
     def _check_budget(self, need: int, what: str, context) -> None:
         if need > self.memory_budget:
@@ -150,7 +153,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             context.abort(grpc.StatusCode.ABORTED, f"node {self.name} is already loading an assignment")
 
     def Assign(self, request, context):
-        self._check_checkpoint(request.config_hash, context)
+        self._check_checkpoint(request, context)
         epoch = self._claim(request.router, context)
         wanted = {le.layer: list(le.experts) for le in request.experts}
         if len(wanted) != len(request.experts):
@@ -234,7 +237,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     # --- pipeline stages (nodes/stages.py) ------------------------------------
     def AssignStages(self, request, context):
-        self._check_checkpoint(request.config_hash, context)
+        self._check_checkpoint(request, context)
         epoch = self._claim(request.router, context)
         spans = [(s.start, s.end) for s in request.stages]
         try:

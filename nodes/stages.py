@@ -192,13 +192,15 @@ class StageStore:
         """Build layers ``[start, end)`` with mlx-lm's classes from their bytes only."""
         model = self.adapter.model_class(self.adapter.args)  # parameters stay lazy: never materialised
         ck, prefix = self.checkpoint, "model.layers."
+        dense = [n for n in ck.tensors if any(n.startswith(f"{prefix}{l}.") for l in range(start, end))
+                 and not self.adapter.is_expert_weight(n)]
+        experts = list(range(self.adapter.num_experts))
+        moe = [l for l in range(start, end) if self.adapter.is_moe_layer(l)]
+        ck.prefetch([(n, None) for n in dense] + [r for l in moe for r in self.store.reads(l, experts)])
         weights = {}
-        for layer in range(start, end):
-            for name in ck.tensors:
-                if name.startswith(f"{prefix}{layer}.") and not self.adapter.is_expert_weight(name):
-                    weights[name] = ck.read(name)
+        for layer in range(start, end):  # layer by layer, as mlx-lm's names sort
+            weights.update((n, ck.read(n)) for n in dense if n.startswith(f"{prefix}{layer}."))
             if self.adapter.is_moe_layer(layer):
-                experts = list(range(self.adapter.num_experts))
                 for proj in PROJECTIONS:
                     for part, value in self.store._read_proj(layer, proj, experts).items():
                         weights[f"{self.adapter.stacked_path(layer, proj)}.{part}"] = value

@@ -124,6 +124,7 @@ class ExpertStore:
         loaded = 0
         if progress:
             progress(0, total, 0)
+        self.checkpoint.prefetch(r for l in todo for r in self.reads(l, wanted[l]))  # a repo's missing bytes, at once
         fresh = {}
         for n, layer in enumerate(todo, 1):
             fresh[layer] = self._load_layer(layer, wanted[layer])
@@ -135,23 +136,32 @@ class ExpertStore:
         logger.info("holding %d experts in %d layers (%.1f MB)",
                     sum(len(e) for e in wanted.values()), len(wanted), self.nbytes / 1e6)
 
-    def _read_proj(self, layer: int, proj: str, experts: list[int]) -> dict[str, mx.array]:
+    def reads(self, layer: int, experts: list[int]) -> list[tuple[str, tuple[int, int] | None]]:
+        """The ``(tensor, rows)`` reads that load these experts of ``layer`` (for ``Checkpoint.prefetch``)."""
+        return [r for proj in PROJECTIONS for rs in self._proj_reads(layer, proj, experts).values() for r in rs]
+
+    def _proj_reads(self, layer: int, proj: str, experts: list[int]) -> dict[str, list]:
+        """part -> its reads: row runs of a stacked tensor, or one per-expert tensor each."""
         ck, a = self.checkpoint, self.adapter
         base = a.stacked_path(layer, proj)
-        out = {}
         if f"{base}.weight" in ck:
-            for part in PARTS:
-                name = f"{base}.{part}"
-                if name in ck:
-                    pieces = [ck.read(name, rows=r) for r in _runs(experts)]
-                    out[part] = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
-            return out
+            return {part: [(f"{base}.{part}", r) for r in _runs(experts)] for part in PARTS if f"{base}.{part}" in ck}
+        out = {}
         for part in PARTS:
             names = [f"{a.hf_path(layer, e, proj)}.{part}" for e in experts]
             if names[0] in ck:
-                out[part] = mx.stack([ck.read(n) for n in names])
+                out[part] = [(n, None) for n in names]
         if "weight" not in out:
             raise ModelError(f"checkpoint has no tensors for {base} (nor per-expert {a.hf_path(layer, experts[0], proj)})")
+        return out
+
+    def _read_proj(self, layer: int, proj: str, experts: list[int]) -> dict[str, mx.array]:
+        ck = self.checkpoint
+        stacked = f"{self.adapter.stacked_path(layer, proj)}.weight" in ck
+        out = {}
+        for part, reads in self._proj_reads(layer, proj, experts).items():
+            pieces = [ck.read(name, rows) for name, rows in reads]
+            out[part] = (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)) if stacked else mx.stack(pieces)
         return out
 
     def _quant_params(self, path: str, module: nn.Module, tensors: dict):

@@ -8,7 +8,8 @@ HELP = "serve some routed experts of a checkpoint"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="checkpoint directory, or Hugging Face repo ORG/NAME[@REVISION] (fetches only this node's share)")
     p.add_argument("--host", default=None,
                    help="address to listen on (default: the --interface addresses; 127.0.0.1 without discovery)")
     p.add_argument("--port", type=port, default=0, help="port (default 0: pick a free one)")

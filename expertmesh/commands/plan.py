@@ -21,7 +21,8 @@ batch 1 / 8), the same for every node."""
 
 def add_arguments(p) -> None:
     p.epilog = EPILOG
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (headers suffice)")
+    p.add_argument("--model", required=True, help="checkpoint directory (headers suffice), or Hugging Face repo "
+                   "ORG/NAME[@REVISION]: its headers are read by range requests, and it prints what each will fetch")
     p.add_argument("--node", action="append", default=[], metavar="NAME:GB",
                    help="a node and the memory it gives experts, in GB (repeat for each)")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
@@ -93,6 +94,8 @@ def run(args) -> None:
     staged = sum(adapter.span_bytes(tensors, s) for s in plan.stages.values())
     router = dense - staged + experts_on(plan, adapter, expert_bytes)
     print(f"{'router (dense)':<16} {'':>10} {'':>8} {'':>8} {size(router):>10}")
+    if getattr(checkpoint.files, "repo_id", None):
+        print(fetch_line(checkpoint, adapter, plan, nodes))
     for line in plan.describe(adapter.args.num_hidden_layers):
         print(line)
     if load is not None and not placement.owners:
@@ -103,6 +106,24 @@ def run(args) -> None:
               f"(contiguous ranges: {expected_balance(contiguous(nodes, adapter.num_experts, spread), load):.3f})")
     if placement.short:
         print(f"memory allows fewer than {args.replicas} copies of {describe(placement.short)}")
+
+
+def fetch_line(checkpoint, adapter, plan, nodes) -> str:
+    """What each node, and the router, would download of a repo: the bytes of
+    its share that neither the Hugging Face cache nor expertmesh's holds."""
+    from ..nodes.store import ExpertStore
+    from ..placement import size
+
+    store, tensors, files = ExpertStore(checkpoint, adapter), checkpoint.tensors, checkpoint.files
+    each = []
+    for n in nodes:
+        reads = [r for layer, experts in plan.placement.experts_of(n.name).items() if experts
+                 for r in store.reads(layer, sorted(experts))]
+        reads += [(t, None) for t in tensors for a, b in plan.stages.get(n.name, [])
+                  if any(t.startswith(f"model.layers.{l}.") for l in range(a, b))]
+        each.append(f"{n.name} {size(files.to_fetch(checkpoint.ranges(reads)))}")
+    dense = files.to_fetch(checkpoint.ranges((t, None) for t in tensors if not adapter.is_expert_weight(t)))
+    return f"to fetch from {files.repo_id}: " + ", ".join(each + [f"router {size(dense)}"])
 
 
 def experts_on(plan, adapter, expert_bytes) -> int:

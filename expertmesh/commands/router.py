@@ -11,7 +11,8 @@ HELP = "run the dense model and drive the nodes"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="checkpoint directory, or Hugging Face repo ORG/NAME[@REVISION] (fetches only the dense weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=50050, help="port (default 50050; 0 picks a free one)")
     p.add_argument("--http-port", type=port, default=None, help="also serve an OpenAI-compatible API on this port")

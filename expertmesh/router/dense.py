@@ -27,11 +27,12 @@ def load_dense(checkpoint: Checkpoint) -> tuple[nn.Module, object, Adapter]:
         ModelError: unsupported model_type, or weights that do not fit it.
     """
     adapter = get_adapter(checkpoint.config)
+    path = checkpoint.dense_dir(adapter.is_expert_weight)  # a repo's dense tensors only, fetched by range
     try:
-        model, config = load_model(checkpoint.path, get_model_classes=adapter.dense_classes)
-        tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=config.get("eos_token_id"))
+        model, config = load_model(path, get_model_classes=adapter.dense_classes)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise ModelError(f"cannot load {checkpoint.path}: {e}") from None
+        raise ModelError(f"cannot load {path}: {e}") from None
     eval_private_arrays(model)
     compile_decode_steps(model)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))

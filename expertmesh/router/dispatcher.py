@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import wire
+from ..checkpoint import Identity
 from ..errors import ExpertmeshError, OwnershipError, UnavailableError, from_rpc_error, from_status
 from ..placement import Placement, describe
 from ..security import Security
@@ -47,9 +48,9 @@ class NodeLink:
 
     def __init__(self, address: str, timeout: float, on_broken: Callable[["NodeLink"], None] = lambda link: None,
                  security: Security = Security(), request_limit: float = REQUEST_LIMIT_S,
-                 identity: pb.RouterIdentity | None = None):
+                 router_identity: pb.RouterIdentity | None = None):
         self.address = address
-        self.identity = identity or pb.RouterIdentity()  # the router, to the node (shared by all its links)
+        self.router_identity = router_identity or pb.RouterIdentity()  # the router, to the node (shared by its links)
         self.epoch = 0  # of the node's hold for this router, from its last assignment
         self.security = security
         self.timeout = timeout
@@ -79,12 +80,10 @@ class NodeLink:
             self.name = self.info.name
         return self.info
 
-    def assign(self, config_hash: str, experts: dict[int, list[int]], timeout: float,
+    def assign(self, identity: Identity, experts: dict[int, list[int]], timeout: float,
                progress: AssignProgressCallback | None = None) -> None:
-        request = pb.AssignRequest(
-            config_hash=config_hash,
-            experts=layer_experts(experts),
-            router=self.identity)
+        request = pb.AssignRequest(config_hash=identity.config, weights_hash=identity.weights,
+                                   experts=layer_experts(experts), router=self.router_identity)
         try:
             for update in self.stub.Assign(request, timeout=timeout):
                 logger.debug("%r: loaded %d/%d bytes", self, update.loaded_bytes, update.total_bytes)
@@ -96,10 +95,11 @@ class NodeLink:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()  # what it holds and the memory that takes, for `cluster`
 
-    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
+    def assign_stages(self, identity: Identity, spans: list[tuple[int, int]], timeout: float) -> None:
         """Have the node hold these spans of whole layers (pipeline stages)."""
-        request = pb.AssignStagesRequest(config_hash=config_hash,
-                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans], router=self.identity)
+        request = pb.AssignStagesRequest(config_hash=identity.config, weights_hash=identity.weights,
+                                         stages=[pb.LayerSpan(start=a, end=b) for a, b in spans],
+                                         router=self.router_identity)
         try:
             for update in self.stub.AssignStages(request, timeout=timeout):
                 if update.done:
@@ -111,7 +111,7 @@ class NodeLink:
     def measure(self, layer: int, timeout: float) -> pb.Measurement:
         """Time one whole layer on the node (the cost model's probe)."""
         try:
-            m = self.stub.Measure(pb.MeasureRequest(layer=layer, router=self.identity), timeout=timeout)
+            m = self.stub.Measure(pb.MeasureRequest(layer=layer, router=self.router_identity), timeout=timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
         self.epoch = m.epoch
@@ -124,16 +124,16 @@ class NodeLink:
             holder = self.stub.GetInfo(pb.GetInfoRequest(), timeout=1.0).router
         except grpc.RpcError:
             return ""
-        if holder.id and holder.id != self.identity.id:
+        if holder.id and holder.id != self.router_identity.id:
             return f": it was taken over by router {holder.id[:8]} at {holder.address}"
         return ""
 
     def release(self) -> None:
         """Tell the node this router is done with it (best effort: it may be down)."""
-        if not self.identity.id:
+        if not self.router_identity.id:
             return
         try:
-            self.stub.Release(pb.ReleaseRequest(router_id=self.identity.id, epoch=self.epoch), timeout=2)
+            self.stub.Release(pb.ReleaseRequest(router_id=self.router_identity.id, epoch=self.epoch), timeout=2)
         except grpc.RpcError as e:
             logger.debug("%r: release failed: %s", self, e)
 
@@ -174,7 +174,7 @@ class NodeLink:
             if self.security.tls:
                 sock = self.security.client_ssl_context().wrap_socket(sock, server_hostname=host)
             if self.info.token_required or self.epoch:  # the token, and we hold the node since that epoch
-                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or "", router_id=self.identity.id,
+                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or "", router_id=self.router_identity.id,
                                                         epoch=self.epoch))
                 welcome = wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
                 if welcome is None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..checkpoint import Identity
 from ..discovery import Announcement, Bounds, Browser, resolve_interfaces
 from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, PlacementError, UnavailableError
 from ..placement import Placement, describe, take_over
@@ -58,11 +59,11 @@ class Member:
 class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
-    def __init__(self, config: RouterConfig, model_id: str, config_hash: str,
-                 identity: pb.RouterIdentity | None = None, bounds: Bounds = Bounds()):
+    def __init__(self, config: RouterConfig, model_id: str, identity: Identity,
+                 router_identity: pb.RouterIdentity | None = None, bounds: Bounds = Bounds()):
         self.config = config
-        self.identity = identity or pb.RouterIdentity(id="membership")  # who we are to the nodes
-        self.model_id, self.config_hash = model_id, config_hash
+        self.model_id, self.identity, self.config_hash = model_id, identity, identity.config
+        self.router_identity = router_identity or pb.RouterIdentity(id="membership")  # who we are to the nodes
         self.members: list[Member] = []
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
         self._spares: set[str] = set()           # compatible instances outside the plan, logged once
@@ -97,6 +98,8 @@ class Membership:
         if r.config_hash != self.config_hash:
             return (f"serves model {r.model_id} (config {r.config_hash}), the router has "
                     f"{self.model_id} (config {self.config_hash})")
+        if r.weights_hash and r.weights_hash != self.identity.weights:
+            return f"serves model {r.model_id} with {self.identity.difference(r.config_hash, r.weights_hash, 'the router')}"
         return ""
 
     def compatible(self) -> list[Announcement]:
@@ -155,7 +158,7 @@ class Membership:
 
     def _link(self, address: str) -> NodeLink:
         return NodeLink(address, self.config.rpc_timeout, on_broken=self._events.put, security=self.config.security,
-                        request_limit=self.config.request_limit, identity=self.identity)
+                        request_limit=self.config.request_limit, router_identity=self.router_identity)
 
     def release(self) -> None:
         """Tell every node this router is done with it, so another may take it without --takeover."""
@@ -170,8 +173,13 @@ class Membership:
             raise ConfigMismatchError(
                 f"{link!r} serves model {info.model_id} (config {info.config_hash}) but the router has "
                 f"{self.model_id} (config {self.config_hash}): start both with the same checkpoint")
+        if info.weights_hash != self.identity.weights:
+            raise ConfigMismatchError(
+                f"{link!r} serves model {info.model_id} with "
+                f"{self.identity.difference(info.config_hash, info.weights_hash, 'the router')}: "
+                f"start both with the same checkpoint")
         holder = info.router
-        if holder.id and holder.id != self.identity.id and not self.identity.takeover:
+        if holder.id and holder.id != self.router_identity.id and not self.router_identity.takeover:
             raise OwnershipError(f"{link!r} serves router {holder.id[:8]} at {holder.address}: stop that router, "
                                  "or start this one with --takeover to take the node from it")
 
@@ -256,7 +264,7 @@ class Membership:
 
     def _assign(self, link: NodeLink, experts: dict[int, list[int]],
                 progress: AssignProgressCallback | None = None) -> None:
-        link.assign(self.config_hash, experts, self.config.assign_timeout, progress)
+        link.assign(self.identity, experts, self.config.assign_timeout, progress)
         link.get_info()
         link.open_stream()
 
@@ -282,7 +290,7 @@ class Membership:
                 m = live[i]
                 wanted = {l: sorted({*m.experts.get(l, []), *experts.get(l, [])}) for l in {*m.experts, *experts}}
                 try:
-                    m.link.assign(self.config_hash, wanted, self.config.assign_timeout)
+                    m.link.assign(self.identity, wanted, self.config.assign_timeout)
                 except ExpertmeshError as e:
                     raise UnavailableError(f"no live node holds {describe(missing)}: {m.name} failed to load them ({e})") from None
                 m.experts = wanted

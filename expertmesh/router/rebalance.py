@@ -202,7 +202,7 @@ class Rebalancer:
 
         def assign(member, experts: dict[int, list[int]]) -> None:
             try:
-                member.link.assign(membership.config_hash, experts, membership.config.assign_timeout, progress)
+                member.link.assign(membership.identity, experts, membership.config.assign_timeout, progress)
                 member.link.get_info()
                 member.experts = experts
             except ExpertmeshError as e:

@@ -109,7 +109,7 @@ class Router:
                 self.http = OpenAIServer(self, config.host, config.http_port)
             # browsing starts now, so nodes are found while the dense model loads; their records name ids of this model
             bounds = Bounds(adapter.args.num_hidden_layers, adapter.num_experts, self.checkpoint.config_hash)
-            self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.config_hash,
+            self.membership = Membership(config, self.checkpoint.model_id, self.checkpoint.identity,
                                          self.identity, bounds)
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
@@ -191,7 +191,7 @@ class Router:
 
     def _assign_stages(self, name: str, spans: list[tuple[int, int]]) -> None:
         member = next(m for m in self.membership.members if m.name == name)
-        member.link.assign_stages(self.checkpoint.config_hash, spans, self.config.assign_timeout)
+        member.link.assign_stages(self.checkpoint.identity, spans, self.config.assign_timeout)
         member.stage_bytes = self.adapter.span_bytes(self.checkpoint.tensors, spans)
         self.plan.stages[name] = spans
 

@@ -74,7 +74,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required", "stages", "kv_cache_bytes", "kv_sequences", "router", "epoch")
+    __slots__ = ("name", "version", "protocol_version", "model_id", "config_hash", "memory_budget_bytes", "memory_used_bytes", "state", "held", "data_port", "token_required", "stages", "kv_cache_bytes", "kv_sequences", "router", "epoch", "weights_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class NodeInfo(_message.Message):
     KV_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -107,7 +108,8 @@ class NodeInfo(_message.Message):
     kv_sequences: int
     router: RouterIdentity
     epoch: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., kv_cache_bytes: _Optional[int] = ..., kv_sequences: _Optional[int] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    weights_hash: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., held: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., data_port: _Optional[int] = ..., token_required: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., kv_cache_bytes: _Optional[int] = ..., kv_sequences: _Optional[int] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ..., epoch: _Optional[int] = ..., weights_hash: _Optional[str] = ...) -> None: ...
 
 class LayerSpan(_message.Message):
     __slots__ = ("start", "end")
@@ -118,14 +120,16 @@ class LayerSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class AssignStagesRequest(_message.Message):
-    __slots__ = ("config_hash", "stages", "router")
+    __slots__ = ("config_hash", "stages", "router", "weights_hash")
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     config_hash: str
     stages: _containers.RepeatedCompositeFieldContainer[LayerSpan]
     router: RouterIdentity
-    def __init__(self, config_hash: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ...) -> None: ...
+    weights_hash: str
+    def __init__(self, config_hash: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ..., weights_hash: _Optional[str] = ...) -> None: ...
 
 class RouterIdentity(_message.Message):
     __slots__ = ("id", "address", "takeover")
@@ -172,14 +176,16 @@ class Measurement(_message.Message):
     def __init__(self, layer_seconds_batch1: _Optional[float] = ..., layer_seconds_batch8: _Optional[float] = ..., layer_bytes: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("config_hash", "experts", "router")
+    __slots__ = ("config_hash", "experts", "router", "weights_hash")
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     config_hash: str
     experts: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     router: RouterIdentity
-    def __init__(self, config_hash: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ...) -> None: ...
+    weights_hash: str
+    def __init__(self, config_hash: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., router: _Optional[_Union[RouterIdentity, _Mapping]] = ..., weights_hash: _Optional[str] = ...) -> None: ...
 
 class AssignProgress(_message.Message):
     __slots__ = ("loaded_bytes", "total_bytes", "layers_done", "layers_total", "done", "epoch")
