@@ -1,7 +1,7 @@
 """Train the built-in models: a small ``qwen3_moe`` and its draft, on CPython's standard library.
 
-``python -m expertmesh.builtin.train OUT_DIR`` writes ``OUT_DIR/model`` (the
-MoE) and ``OUT_DIR/draft`` (a one-layer dense ``qwen3`` with the same
+``python -m expertmesh.builtin.train OUT_DIR`` writes ``OUT_DIR/stdlib-moe``
+(the MoE) and ``OUT_DIR/stdlib-draft`` (a one-layer dense ``qwen3`` with the same
 tokenizer), each in the MLX layout with a ChatML chat template, a
 ``provenance.json`` (corpus, seed, steps, tokens seen, losses) and the
 model's ``vocabulary.txt`` (the corpus's word and identifier tokens).
@@ -34,6 +34,7 @@ from mlx_lm.models import qwen3, qwen3_moe
 from mlx_lm.utils import save_config, save_model
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from . import DRAFT_NAME, MODEL_NAME
 from ..tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, _write_json
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,8 @@ def train(model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, log_every: int
 
 
 VOCAB_SIZE = 4096
-MODEL_TRAINING = TrainConfig(steps=1000)
-DRAFT_TRAINING = TrainConfig(steps=800)
+MODEL_TRAINING = TrainConfig(steps=750)
+DRAFT_TRAINING = TrainConfig(steps=500)
 
 
 def vocabulary(texts: list[str]) -> list[str]:
@@ -274,7 +275,7 @@ def environment() -> dict:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/model and OUT_DIR/draft")
+    parser.add_argument("out_dir", type=Path, help=f"writes OUT_DIR/{MODEL_NAME} and OUT_DIR/{DRAFT_NAME}")
     parser.add_argument("--corpus-dir", type=Path, default=CORPUS_DIR)
     parser.add_argument("--steps", type=int, default=MODEL_TRAINING.steps, help="training steps of the MoE")
     parser.add_argument("--draft-steps", type=int, default=DRAFT_TRAINING.steps)
@@ -295,13 +296,13 @@ def main(argv: list[str] | None = None) -> None:
               "validation_files": [f for i, f in enumerate(CORPUS_FILES)
                                    if i % VALIDATION_EVERY == VALIDATION_EVERY // 2]}
     logger.info("corpus: %d training tokens, %d validation tokens", len(train_ids), len(val_ids))
-    for name, base, cfg in (("model", MODEL_CONFIG, MODEL_TRAINING), ("draft", DRAFT_CONFIG, DRAFT_TRAINING)):
-        cfg = TrainConfig(**{**asdict(cfg), "steps": args.steps if name == "model" else args.draft_steps,
+    for name, base, cfg in ((MODEL_NAME, MODEL_CONFIG, MODEL_TRAINING), (DRAFT_NAME, DRAFT_CONFIG, DRAFT_TRAINING)):
+        cfg = TrainConfig(**{**asdict(cfg), "steps": args.steps if name == MODEL_NAME else args.draft_steps,
                              "seed": args.seed})
         model, config, record = train_one(base, cfg, tok, train_ids, val_ids)
         record = {"corpus": corpus, "command": "python -m expertmesh.builtin.train OUT_DIR",
                   "environment": environment(), **record}
-        write_checkpoint(model, config, tok, args.out_dir / name, record, words if name == "model" else [])
+        write_checkpoint(model, config, tok, args.out_dir / name, record, words if name == MODEL_NAME else [])
     print(args.out_dir)
 
 
