@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="expertmesh.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="class Point:\n    def __repr__(self):\n        return ")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--in-namespace", default=None, help=argparse.SUPPRESS)
