@@ -13,6 +13,7 @@ from mlx_lm import load
 from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
+from expertmesh.cli import main
 from expertmesh.builtin import draft_dir, model_dir, train, vocabulary, write_variant
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -161,15 +162,27 @@ def shares(stats) -> list[float]:
     return [t / sum(layer.expert_tokens) for layer in stats.layers for t in layer.expert_tokens]
 
 
-def test_routing_on_real_prompts_is_skewed_and_rebalancing_evens_it_with_the_same_tokens(reference):
+def test_routing_on_real_prompts_is_skewed_and_rebalancing_evens_it_with_the_same_tokens(reference, tmp_path,
+                                                                                          capsys):
     model = model_dir()
     with running_nodes(model, 3) as nodes, running_router(model, [n.address for n in nodes]) as router:
-        with Client(f"127.0.0.1:{router.port}") as client:
+        address = f"127.0.0.1:{router.port}"
+        with Client(address) as client:
             expected = {p: [x.token for x in client.generate(p, max_tokens=24)] for p in PROMPTS}
             before = client.stats()
             # 16 experts, top-2: an even split gives each 1/16 of its layer's slots
             assert max(shares(before)) > 2 / 16 and min(shares(before)) < 0.5 / 16
             assert before.balance_ratio < SKEWED_BALANCE
+            # calibrate sees the same skew, and a plan from its file spreads it
+            (tmp_path / "prompts.txt").write_text("\n".join(p.replace("\n", " ") for p in PROMPTS) + "\n")
+            assert main(["calibrate", "--router", address, "--prompts", str(tmp_path / "prompts.txt"),
+                         "--out", str(tmp_path / "stats.json"), "--max-tokens", "24"]) == 0
+            assert float(capsys.readouterr().out.split("balance ratio ")[1].split()[0]) < SKEWED_BALANCE
+            assert main(["plan", "--model", str(model), "--node", "a:1", "--node", "b:1", "--node", "c:1",
+                         "--mode", "expert", "--stats", str(tmp_path / "stats.json")]) == 0
+            plan = re.search(r"balance ratio expected on the traffic in .*: ([\d.]+) \(contiguous ranges: ([\d.]+)\)",
+                             capsys.readouterr().out)
+            assert float(plan[1]) > float(plan[2]) + 0.1, plan[0]
             progress = list(client.rebalance())
             assert progress[-1].phase == pb.REBALANCE_DONE, progress[-1]
             assert progress[0].balance_planned > progress[0].balance_before + 0.1
