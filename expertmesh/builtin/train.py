@@ -10,7 +10,13 @@ The corpus is :data:`CORPUS_FILES`, in that order, from the Debian package
 ``libpython3.11-stdlib`` 3.11.2-6+deb12u6 (``/usr/lib/python3.11``; CPython
 3.11.2, Python Software Foundation License Version 2). Its SHA-256 is
 checked, so a rerun on the same corpus with the same seed writes the same
-bytes (MLX's CPU backend; the tokenizer is trained with ``tokenizers``).
+bytes (MLX's CPU backend; the tokenizer is trained with ``tokenizers``) given
+the same BLAS. The shipped models were trained on 2 shared cores in 21 minutes
+with OpenBLAS (Debian's ``libopenblas0-pthread``) in place of the reference BLAS
+that mlx's Linux wheel bundles, 12x slower at matrix products::
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
+        nice python -m expertmesh.builtin.train OUT_DIR
 """
 
 from __future__ import annotations
