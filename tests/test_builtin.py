@@ -137,11 +137,10 @@ def test_the_mesh_decodes_mlx_lm_s_greedy_tokens_in_every_mode(reference, mode):
             logits = router.worker.run(forward)
             assert mx.abs(logits - reference[0](ids)).max().item() < TOL
     for prompt, tokens in got.items():
+        # every token is mlx-lm's argmax to within TOL: where the mesh's first differs
+        # from mlx-lm's own greedy token, mlx-lm's top two were within TOL there
         assert len(tokens) == TOKENS
         assert not_greedy(reference, prompt, tokens) == [], (mode, prompt)
-        expected = greedy(reference, prompt)
-        same = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), TOKENS)
-        assert same == TOKENS or not_greedy(reference, prompt, expected[:same + 1]) == []
 
 
 def test_hf_and_quantized_variants_are_written_from_it(reference, tmp_path):
