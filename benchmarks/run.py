@@ -29,12 +29,13 @@ sys.path.insert(0, str(HERE))
 
 import hop  # noqa: E402
 
-from expertmesh import Client  # noqa: E402
+from expertmesh import Client, builtin  # noqa: E402
 from expertmesh.demo import Process  # noqa: E402
 from expertmesh.router import RouterConfig  # noqa: E402
 from expertmesh.tinymodel import write_tiny_model  # noqa: E402
 
 PROMPT = "Once upon a time"
+SPEC_PROMPT = "def __init__(self, "  # the built-in model's corpus is Python source
 
 # The mesh's figures (decode_tps_mesh, decode_ratio, ...) are taken in the
 # router's default mode, the one `expertmesh router` runs; every other mode's
@@ -208,29 +209,47 @@ def growth_gap(address: str, streams: int, stagger: int = 3) -> float:
     return max(gaps)
 
 
-def speculative_runs(model: Path, nodes: int, logs: Path, max_tokens: int, repeats: int) -> dict:
-    """Greedy decode in expert mode without a draft model, with the checkpoint
-    itself as the draft (run wholly on the router: every guess is accepted),
-    and with a random one-layer model sharing its tokenizer (guesses rarely)."""
-    small = write_tiny_model(logs / "draft-small", seed=7, config_overrides=dict(num_hidden_layers=1))
-    out = {}
-    for name, draft in (("", None), ("_draft_same", model), ("_draft_small", small)):
+def speculative_runs(nodes: int, logs: Path, max_tokens: int, repeats: int) -> dict:
+    """Greedy decode in expert mode on the built-in trained model (``expertmesh.builtin``):
+    without a draft model, with the checkpoint itself as the draft (run wholly on
+    the router: every guess is accepted), and with its trained one-layer draft."""
+    model = builtin.model_dir()
+    out, tokens = {}, {}
+    for name, draft in (("", None), ("_draft_same", model), ("_draft_trained", builtin.draft_dir())):
         mesh = Mesh(model, nodes, logs, draft=draft)
         try:
             decode, trips = [], []
             with Client(mesh.address) as c:
                 for _ in range(repeats + 1):  # the first warms up
                     c.stats(reset=True)
-                    *_, last = c.generate(PROMPT, max_tokens=max_tokens)
-                    decode.append(last.generation_tps)
-                    trips.append(c.stats().round_trips / last.generation_tokens)
+                    pieces = list(c.generate(SPEC_PROMPT, max_tokens=max_tokens))
+                    decode.append(pieces[-1].generation_tps)
+                    trips.append(c.stats().round_trips / pieces[-1].generation_tokens)
+                    tokens[name] = [p.token for p in pieces]
         finally:
             mesh.close()
         out[f"decode_tps{name or '_nodraft'}"] = statistics.median(decode[1:])
         out[f"round_trips_per_token{name}"] = statistics.median(trips[1:])
-    for name in ("same", "small"):
+    for name in ("same", "trained"):
         out[f"spec_speedup_{name}"] = out[f"decode_tps_draft_{name}"] / out["decode_tps_nodraft"]
+        out[f"spec_identical_{name}"] = tokens[f"_draft_{name}"] == tokens[""]
+    out["spec_acceptance_trained"] = acceptance(model, builtin.draft_dir(), max_tokens)
     return out
+
+
+def acceptance(model: Path, draft: Path, max_tokens: int, num_draft_tokens: int = 3) -> float:
+    """Accepted / proposed draft tokens of mlx-lm's ``speculative_generate_step``
+    (what the router runs), greedy on ``SPEC_PROMPT``, in this process."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import speculative_generate_step
+
+    target, tok = load(str(model))
+    small, _ = load(str(draft))
+    flags = [f for _, _, f in speculative_generate_step(mx.array(tok.encode(SPEC_PROMPT)), target, small,
+                                                       num_draft_tokens=num_draft_tokens, max_tokens=max_tokens)]
+    passes = flags.count(False)  # each pass through the model ends with one token of its own
+    return sum(flags) / (passes * num_draft_tokens)
 
 
 def pipeline_tps(model: Path, max_tokens: int, warm: int = 0, rounds: int = 1) -> float | None:
@@ -282,7 +301,7 @@ def main() -> int:
         del local
         if not args.no_spec:
             step("speculative decoding")
-            results.update(speculative_runs(model, args.nodes, root, tokens, repeats))
+            results.update(speculative_runs(args.nodes, root, tokens, repeats))
         step("mlx-lm's ring pipeline (mlx.launch)")
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None

@@ -1,6 +1,7 @@
-"""``make demo``: a local mesh on the built-in tiny model, found over mDNS.
+"""``make demo``: a local mesh on the built-in model, found over mDNS.
 
-Builds the tiny model if missing, starts two node processes and a router,
+On the model that ships with the package (a small qwen3_moe trained on
+CPython's standard library: ``expertmesh.builtin``), starts two node processes and a router,
 generates text through the Python client, prints the cluster, and stops
 everything — also on Ctrl-C or an error.
 
@@ -97,10 +98,10 @@ def run(prompt: str, max_tokens: int, nodes: int, namespace: str | None) -> None
     Raises:
         KeyboardInterrupt: on Ctrl-C or SIGTERM, once every process is stopped.
     """
-    from .tinymodel import ensure_demo_model
+    from .builtin import model_dir
 
-    model = ensure_demo_model()
-    print(f"model: {model} (tiny random-weight qwen3_moe)")
+    model = model_dir()
+    print(f"model: {model} (a small qwen3_moe trained on CPython's standard library)")
     procs: list[Process] = []
     interrupted = threading.Event()
 
@@ -163,8 +164,7 @@ def _generate(address: str, prompt: str, max_tokens: int) -> None:
         for piece in client.generate(prompt, max_tokens=max_tokens):
             print(piece.text, end="", flush=True)
             last = piece
-        print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s "
-              "(random weights: the text is gibberish, the plumbing is real)\n")
+        print(f"\n---\n{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s\n")
         for node in client.cluster().nodes:
             work = [f"whole layer {a}" if b == a + 1 else f"whole layers {a}-{b - 1}" for a, b in node.stages]
             held = [e for e in node.experts.values() if e]
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="expertmesh.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="class Point:\n    def __repr__(self):\n        return ")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--in-namespace", default=None, help=argparse.SUPPRESS)

@@ -28,6 +28,9 @@ def test_wheel_installs_nothing_but_the_expertmesh_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "expertmesh/nodes/daemon.py" in names
     assert "expertmesh/discovery/__init__.py" in names
+    for model in ("stdlib-moe", "stdlib-draft"):  # the built-in models ship as package data
+        assert {f"expertmesh/builtin/{model}/{f}" for f in ("config.json", "model.safetensors", "tokenizer.json",
+                                                           "tokenizer_config.json")} <= set(names)
 
 
 def test_public_api_is_exactly_all():
