@@ -7,9 +7,9 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
 
 from .. import compiled
+from ..mlxlm import get_classes
 
 # stacked projection names, in mlx-lm's SwitchGLU
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -88,7 +88,7 @@ class Adapter:
 
     def __init__(self, config: dict):
         self.config = config
-        self.model_class, self.args_class = _get_classes(config)
+        self.model_class, self.args_class = get_classes(config)
         self.args = self.args_class.from_dict(config)
         self._expert_re = re.compile(
             rf"^model\.layers\.(\d+)\.{self.block_attr}\."

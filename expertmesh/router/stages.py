@@ -32,10 +32,11 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, KVCache, _BaseCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
+from ..mlxlm import BaseCache, swap_class
 from ..v1 import expertmesh_pb2 as pb
 from .dispatcher import _REQUEST_IDS, NodeLink
 from .stats import RoutingStats
@@ -130,7 +131,7 @@ class StageBatchCache(BatchKVCache):
         return [n - k for k in real]
 
 
-class _Inside(_BaseCache):
+class _Inside(BaseCache):
     """Cache slot of a layer inside a span after its first: nothing kept here."""
 
     @classmethod
@@ -233,7 +234,7 @@ class StageRuntime:
                 return base.__call__(self, inputs, *args, **kwargs)
 
         Tapped.__name__ = Tapped.__qualname__ = base.__name__
-        model.__class__ = Tapped
+        swap_class(model, Tapped)
 
     def _make_caches(self, stage_cache: Callable[[Stage], KVCache]) -> list:
         model = self._model
