@@ -73,6 +73,9 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = Path(path).expanduser().resolve()
+        if self.path.is_file():
+            raise ModelError(f"{path} is a file: give the checkpoint's directory ({Path(path).parent}), "
+                             "the one holding config.json")
         if not self.path.is_dir():
             raise ModelError(f"model directory {path} does not exist")
         config_file = self._inside("config.json")

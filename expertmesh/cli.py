@@ -9,7 +9,7 @@ import pkgutil
 import signal
 import sys
 
-from . import commands
+from . import __version__, commands
 from .errors import ExpertmeshError
 
 
@@ -21,6 +21,7 @@ def _commands() -> dict:
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Distributed Mixture-of-Experts inference for MLX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"expertmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in _commands().items():
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))

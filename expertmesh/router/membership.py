@@ -57,6 +57,8 @@ class Membership:
     """The router's live view of its nodes (see the module docstring)."""
 
     def __init__(self, config: RouterConfig, model_id: str, config_hash: str):
+        if not config.peers and not config.discovery:  # before the router spends time loading its model
+            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node, or turn discovery on")
         self.config = config
         self.model_id, self.config_hash = model_id, config_hash
         self.members: list[Member] = []
@@ -106,8 +108,6 @@ class Membership:
             ConfigMismatchError: a node serves another checkpoint or protocol.
         """
         cfg = self.config
-        if not cfg.peers and self.browser is None:
-            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node, or turn discovery on")
         if self.browser is not None:
             self._wait_for_nodes()
         failures = []
