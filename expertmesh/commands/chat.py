@@ -44,6 +44,12 @@ def run(args) -> None:
                 history = list(opening)
                 print("[conversation cleared]")
                 continue
+            if command.startswith("/") and not command.startswith("//"):
+                print(f"[unknown command {command.split()[0]}: {_COMMANDS}; start a message with // to send "
+                      "one that begins with /]")
+                continue
+            if command.startswith("//"):
+                line = line.replace("/", "", 1)
             history.append({"role": "user", "content": line})
             reply = _reply(client, history, options, template_kwargs)
             if reply is None:

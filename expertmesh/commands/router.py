@@ -95,7 +95,7 @@ def run(args) -> None:
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
-            wanted = f"{args.expect} nodes" if args.expect else "nodes"
+            wanted = _count(args.expect, "node") if args.expect else "nodes"
             print(f"expertmesh router looking for {wanted} over mDNS on {interfaces}", flush=True)
         with Progress("loading", bars=args.progress) as loading:
             router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
@@ -104,7 +104,7 @@ def run(args) -> None:
             print(line, flush=True)
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
-              f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "
+              f"({_count(len(router.links), 'node')}: {', '.join(l.name for l in router.links)}; "
               f"model {router.checkpoint.model_id})", flush=True)
         if router.http is not None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
@@ -113,3 +113,8 @@ def run(args) -> None:
         router.wait()
     finally:
         router.stop()
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 node``, ``2 nodes``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

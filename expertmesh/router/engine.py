@@ -106,7 +106,13 @@ class Engine:
                 param=param, code="context_length_exceeded")
         if self.vocab_size and options.top_k >= self.vocab_size:
             raise InvalidRequestError(f"top_k must be below the vocabulary size {self.vocab_size}", param="top_k")
-        max_tokens = min(options.max_tokens or self.default_max_tokens, self.context_length - len(tokens))
+        room = self.context_length - len(tokens)
+        if (options.max_tokens or 0) > room:  # asked for: say so; the router's default is cut to fit instead
+            raise InvalidRequestError(
+                f"max_tokens is {options.max_tokens}, but the prompt's {len(tokens)} tokens leave room for {room} "
+                f"in the model's context of {self.context_length}: ask for at most {room}",
+                param="max_tokens", code="context_length_exceeded")
+        max_tokens = min(options.max_tokens or self.default_max_tokens, room)
         self.stats.started(kind)
         return self._stream(tokens, max_tokens, options, is_active)
 

@@ -197,7 +197,7 @@ class Membership:
     def _shortfall(self, found: int) -> str:
         cfg = self.config
         where = ", ".join(f"{i.name} ({i.ip})" for i in self.browser.mdns.interfaces)
-        want = f"{cfg.expect} nodes" if cfg.expect else "a node"
+        want = f"{cfg.expect} node{'s' * (cfg.expect != 1)}" if cfg.expect else "a node"
         seen = [f"{inst} at {address}" if inst else address for address, inst in self._candidates().items()]
         text = (f"waited {cfg.discovery_timeout:g}s for {want} serving {self.model_id} (config {self.config_hash}) "
                 f"over mDNS on {where}; found {found}" + (f": {', '.join(seen)}" if seen else ""))

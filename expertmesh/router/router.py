@@ -127,7 +127,7 @@ class Router:
             self._bring_up_stages(links)
         self.membership.watch(self.dispatcher)
         self.rebalancer = Rebalancer(self)
-        logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
+        logger.info("mesh ready: %s", ", ".join(l.name for l in links))
 
     # --- pipeline stages (costmodel.py, router/stages.py) ------------------------
     def _plan(self, links: list[NodeLink]) -> costmodel.Plan:
@@ -141,7 +141,7 @@ class Router:
         plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors,
                                 self.config.replicas, load)
         for line in plan.describe(self.adapter.args.num_hidden_layers):
-            logger.info("%s", line)
+            logger.debug("%s", line)  # the CLI prints the plan
         spread = bool(plan.placement.owners)
         if spread and load is not None:
             logger.info("experts placed by %s: balance ratio %.3f expected on its traffic",
