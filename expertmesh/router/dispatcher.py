@@ -90,13 +90,16 @@ class NodeLink:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()  # what it holds and the memory that takes, for `cluster`
 
-    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float) -> None:
-        """Have the node hold these spans of whole layers (pipeline stages)."""
+    def assign_stages(self, config_hash: str, spans: list[tuple[int, int]], timeout: float,
+                      progress: Callable[[pb.AssignProgress], None] | None = None) -> None:
+        """Have the node hold these spans of whole layers (pipeline stages);
+        ``progress`` hears each layer it reads."""
         request = pb.AssignStagesRequest(config_hash=config_hash,
                                          stages=[pb.LayerSpan(start=a, end=b) for a, b in spans])
         try:
-            for _ in self.stub.AssignStages(request, timeout=timeout):
-                pass
+            for update in self.stub.AssignStages(request, timeout=timeout):
+                if progress is not None:
+                    progress(update)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()

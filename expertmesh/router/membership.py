@@ -222,7 +222,7 @@ class Membership:
 
         def assign(member: Member) -> None:
             try:
-                self._assign(member.link, member.experts, progress)
+                self._assign(member.link, member.experts, progress if member.experts else None)  # else stages
             except ExpertmeshError as e:
                 errors.append(e)
         threads = []

@@ -1,0 +1,103 @@
+"""What a pipeline stage's gates route, counted where they run: on the node.
+
+In expert mode the router runs every gate and counts what it sends; a span
+of whole layers runs its gates here, so each MoE block of a span is wrapped
+in a ``CountedBlock`` that keeps the expert ids its gate chose, and every
+stage reply carries their token-slot counts (``StageRouting``) back to the
+router's statistics. The ids come out of the same compiled decode step as
+the block's output, so counting adds no MLX dispatch, only one ``bincount``
+per layer and request once the span has been evaluated.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import compiled
+from ..models import Adapter
+from ..v1 import expertmesh_pb2 as pb
+
+
+class _Box:
+    """Plain Python state on a module (an array or list attribute would join its parameters)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+class _Tap(nn.Module):
+    """Stands where a block's ``switch_mlp`` was: the same call, keeping the expert ids."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+        self.indices = _Box()
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        self.indices.value = indices
+        return self.experts(x, indices)
+
+
+class CountedBlock(nn.Module):
+    """A MoE block, compiled for decode steps, that notes the experts chosen per call."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        block.switch_mlp = _Tap(block.switch_mlp)
+        self.block = block
+        self.chosen = _Box([])  # [B, T, k] expert ids of each call since ``SpanRouting.begin``
+        self._step = compiled.for_decode(self._run)
+
+    def _run(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        y = self.block(x)
+        return y, self.block.switch_mlp.indices.value
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y, indices = (self._step if x.shape[1] == 1 else self._run)(x)
+        self.chosen.value.append(indices)
+        return y
+
+
+class SpanRouting:
+    """The counted MoE blocks of one span: ``begin`` a request, evaluate
+    ``pending()`` with its output, then ``take()`` the counts."""
+
+    def __init__(self, layers: list[nn.Module], start: int, adapter: Adapter):
+        """Wrap the blocks of ``layers`` (decoder layers ``start``, ``start + 1``, ...)
+        in place: MoE ones counted, the others compiled for decode steps only."""
+        self.num_experts = adapter.num_experts
+        self.blocks: dict[int, CountedBlock] = {}
+        attr = adapter.block_attr
+        for i, layer in enumerate(layers):
+            block = getattr(layer, attr)
+            if adapter.is_moe_layer(start + i) and hasattr(block, "switch_mlp"):
+                self.blocks[start + i] = CountedBlock(block)
+                setattr(layer, attr, self.blocks[start + i])
+            else:
+                setattr(layer, attr, compiled.DecodeStep(block, 1))
+
+    def begin(self) -> None:
+        for block in self.blocks.values():
+            block.chosen.value = []
+
+    def pending(self) -> list[mx.array]:
+        """The expert ids of this request, to evaluate with the span's output."""
+        return [a for block in self.blocks.values() for a in block.chosen.value]
+
+    def take(self) -> pb.StageRouting:
+        """Token-slots per (layer, expert) since ``begin``, as the reply carries them."""
+        E, slots, counts = self.num_experts, [], []
+        for layer, block in self.blocks.items():
+            if not block.chosen.value:
+                continue
+            ids = np.concatenate([np.asarray(a).reshape(-1) for a in block.chosen.value])
+            per = np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E)
+            used = np.flatnonzero(per)
+            slots.extend((layer * E + used).tolist())
+            counts.extend(per[used].tolist())
+            block.chosen.value = []
+        return pb.StageRouting(slots=slots, counts=counts)
