@@ -1,6 +1,7 @@
 """expertmesh router: run the dense model and drive the nodes."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import ExpertmeshError
@@ -110,9 +111,31 @@ def run(args) -> None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
         if router.metrics is not None:
             print(f"Prometheus metrics at {router.metrics.url}", flush=True)
-        router.wait()
+        try:
+            router.wait()
+        except KeyboardInterrupt:
+            _finish(router)
+            raise
     finally:
         router.stop()
+
+
+def _finish(router) -> None:
+    """First Ctrl-C (or SIGTERM): refuse new requests, let the running ones
+    finish; a second one ends them with UNAVAILABLE."""
+    from ..router.router import STOPPED
+
+    running = router.drain()
+    if not running:
+        return
+    print(f"expertmesh router: shutting down; finishing {_count(running, 'request')} first, refusing new ones "
+          "(Ctrl-C again ends them now)", file=sys.stderr, flush=True)
+    try:
+        while not router.engine.wait_drained(timeout=0.5):
+            pass
+    except KeyboardInterrupt:
+        ended = router.engine.abort(STOPPED)
+        print(f"expertmesh router: ended {_count(ended, 'unfinished request')}", file=sys.stderr, flush=True)
 
 
 def _count(n: int, noun: str) -> str:

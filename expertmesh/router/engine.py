@@ -4,12 +4,13 @@ batched across requests by the Scheduler on the router's MLX thread."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Iterator
 
 import mlx.nn as nn
 
-from ..errors import InvalidRequestError, RequestTooLargeError
+from ..errors import InvalidRequestError, RequestTooLargeError, UnavailableError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import Piece, Request, Scheduler
@@ -35,9 +36,32 @@ class Engine:
         self.worker = MLXWorker("mlx-router")
         self.scheduler = Scheduler(model, tokenizer, self.worker, draft=draft)
         self.stats = RequestStats()
+        self.closing = ""  # why new requests are refused: the router is shutting down
+        self._open: dict[int, Request] = {}  # id -> request whose stream is open
+        self._open_changed = threading.Condition()
 
     def close(self) -> None:
         self.worker.close()
+
+    # --- shutting down ------------------------------------------------------------
+    def drain(self, reason: str) -> int:
+        """Refuse new requests with ``UnavailableError(reason)`` from now on;
+        returns how many are still being generated."""
+        with self._open_changed:
+            self.closing = reason
+            return len(self._open)
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Wait until no request is being generated; False on timeout."""
+        with self._open_changed:
+            return self._open_changed.wait_for(lambda: not self._open, timeout)
+
+    def abort(self, reason: str) -> int:
+        """End every request being generated with ``UnavailableError(reason)``; returns how many."""
+        with self._open_changed:
+            for request in self._open.values():
+                request.pieces.put(UnavailableError(reason))
+            return len(self._open)
 
     def encode(self, prompt: str) -> list[int]:
         tok = self.tokenizer
@@ -97,6 +121,8 @@ class Engine:
 
     def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active,
                kind: str) -> Iterator[Piece]:
+        if self.closing:
+            raise UnavailableError(self.closing)
         options.validate()
         if not tokens:
             raise InvalidRequestError(f"the {param} is empty", param=param)
@@ -119,6 +145,8 @@ class Engine:
     def _stream(self, tokens, max_tokens, options, is_active) -> Iterator[Piece]:
         request = Request(tokens, max_tokens, options)
         start = time.perf_counter()
+        with self._open_changed:
+            self._open[id(request)] = request
         self.scheduler.submit(request)
         try:
             while (item := request.pieces.get()) is not None:
@@ -132,6 +160,9 @@ class Engine:
                     break
         finally:
             request.cancelled.set()
+            with self._open_changed:
+                del self._open[id(request)]
+                self._open_changed.notify_all()
 
 
 def _message(m, i: int) -> dict:

@@ -32,6 +32,9 @@ from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the router is shutting down: try again once it is back"
+STOPPED = "the router was stopped before this request finished: try again once it is back"
+
 
 @dataclass
 class RouterConfig:
@@ -227,8 +230,17 @@ class Router:
         set_serving(self._health, True)
         return self
 
-    def stop(self, grace: float = 1.0) -> None:
+    def drain(self) -> int:
+        """Stop taking requests (they get UNAVAILABLE "the router is shutting
+        down"); returns how many are still being generated
+        (``engine.wait_drained`` waits for them, ``engine.abort`` ends them)."""
         set_serving(self._health, False)
+        return self.engine.drain(SHUTTING_DOWN)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving; requests still running end with UNAVAILABLE (drain first to let them finish)."""
+        self.drain()
+        self.engine.abort(STOPPED)
         if self.http is not None:
             self.http.stop()
         if self.metrics is not None:
