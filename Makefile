@@ -6,13 +6,18 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test proto bench certs clean
 
+# Not an editable install: an editable one is hidden by the clone's own folder
+# when Python runs from the folder holding the clone (`import expertmesh` finds
+# the clone's folder first). `install` copies the current sources each time;
+# tests, `make demo` and `python -m expertmesh...` from here use the sources.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
+	$(PY) -m pip install -q --no-deps --force-reinstall .
 
 demo: install
 	$(PY) -m expertmesh.demo
