@@ -19,21 +19,21 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 
-demo: install
+demo: $(STAMP)
 	$(PY) -m expertmesh.demo
 
-test: install
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-proto: install
+proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/expertmesh/v1/expertmesh.proto
 
 # a test CA and node/router/client certificates for --tls-*; more hosts: make certs HOSTS="mini-a.local 10.0.0.2"
-certs: install
+certs: $(STAMP)
 	$(PY) -m expertmesh.certs certs $(foreach h,$(HOSTS),--host $(h))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-bench: install
+bench: $(STAMP)
 	$(PY) benchmarks/run.py
