@@ -5,8 +5,9 @@ of whole layers runs its gates here, so each MoE block of a span is wrapped
 in a ``CountedBlock`` that keeps the expert ids its gate chose, and every
 stage reply carries their token-slot counts (``StageRouting``) back to the
 router's statistics. The ids come out of the same compiled decode step as
-the block's output, so counting adds no MLX dispatch, only one ``bincount``
-per layer and request once the span has been evaluated.
+the block's output, already offset by layer (``layer * num_experts +
+expert``), and are joined into one array evaluated with the span's output:
+per request that is one concatenation and one ``bincount``.
 """
 
 from __future__ import annotations
@@ -43,18 +44,20 @@ class _Tap(nn.Module):
 
 
 class CountedBlock(nn.Module):
-    """A MoE block, compiled for decode steps, that notes the experts chosen per call."""
+    """A MoE block, compiled for decode steps, that notes the experts chosen
+    per call (as ``offset + expert``, flat)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, offset: int):
         super().__init__()
         block.switch_mlp = _Tap(block.switch_mlp)
         self.block = block
-        self.chosen = _Box([])  # [B, T, k] expert ids of each call since ``SpanRouting.begin``
+        self.offset = _Box(offset)
+        self.chosen = _Box([])  # the ids of each call since ``SpanRouting.begin``
         self._step = compiled.for_decode(self._run)
 
     def _run(self, x: mx.array) -> tuple[mx.array, mx.array]:
         y = self.block(x)
-        return y, self.block.switch_mlp.indices.value
+        return y, self.block.switch_mlp.indices.value.reshape(-1).astype(mx.int32) + self.offset.value
 
     def __call__(self, x: mx.array) -> mx.array:
         y, indices = (self._step if x.shape[1] == 1 else self._run)(x)
@@ -71,33 +74,32 @@ class SpanRouting:
         in place: MoE ones counted, the others compiled for decode steps only."""
         self.num_experts = adapter.num_experts
         self.blocks: dict[int, CountedBlock] = {}
+        self._ids: mx.array | None = None
         attr = adapter.block_attr
         for i, layer in enumerate(layers):
             block = getattr(layer, attr)
             if adapter.is_moe_layer(start + i) and hasattr(block, "switch_mlp"):
-                self.blocks[start + i] = CountedBlock(block)
+                self.blocks[start + i] = CountedBlock(block, (start + i) * self.num_experts)
                 setattr(layer, attr, self.blocks[start + i])
             else:
                 setattr(layer, attr, compiled.DecodeStep(block, 1))
 
     def begin(self) -> None:
+        self._ids = None
         for block in self.blocks.values():
             block.chosen.value = []
 
     def pending(self) -> list[mx.array]:
-        """The expert ids of this request, to evaluate with the span's output."""
-        return [a for block in self.blocks.values() for a in block.chosen.value]
+        """The expert ids of this request, joined, to evaluate with the span's output."""
+        chosen = [a for block in self.blocks.values() for a in block.chosen.value]
+        self._ids = mx.concatenate(chosen) if chosen else None
+        return [] if self._ids is None else [self._ids]
 
     def take(self) -> pb.StageRouting:
-        """Token-slots per (layer, expert) since ``begin``, as the reply carries them."""
-        E, slots, counts = self.num_experts, [], []
-        for layer, block in self.blocks.items():
-            if not block.chosen.value:
-                continue
-            ids = np.concatenate([np.asarray(a).reshape(-1) for a in block.chosen.value])
-            per = np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E)
-            used = np.flatnonzero(per)
-            slots.extend((layer * E + used).tolist())
-            counts.extend(per[used].tolist())
-            block.chosen.value = []
-        return pb.StageRouting(slots=slots, counts=counts)
+        """Token-slots per ``layer * num_experts + expert`` since ``begin``, as the reply carries them."""
+        if self._ids is None:
+            return pb.StageRouting()
+        per = np.bincount(np.asarray(self._ids))
+        used = np.flatnonzero(per)
+        self._ids = None
+        return pb.StageRouting(slots=used.tolist(), counts=per[used].tolist())

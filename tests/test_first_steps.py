@@ -72,6 +72,9 @@ def test_the_readme_first_mesh_runs_as_written(tmp_path):
         router_log = servers[-1][1].read_text()
         assert re.search(r"^expertmesh router listening on \S+ \(2 nodes: a, b; model tiny-moe\)$", router_log, re.M)
         assert router_log.count("predicted decode") == 1  # the plan, printed once (not logged too)
+        loaded = re.findall(r"loading ([ab]) layers [\d, -]+: done \((\d+\.\d) MB\)", router_log)  # no terminal
+        assert sorted(n for n, _ in loaded) == ["a", "b"] and all(float(mb) > 0 for _, mb in loaded)
+        assert "loading a: " not in router_log  # no empty expert assignment shown
         generated = results["generate"]
         assert generated.stdout.strip() and "[16 tokens, " in generated.stderr
         assert re.search(r"^a\b.*ready", results["cluster"].stdout, re.M)

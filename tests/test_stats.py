@@ -137,3 +137,22 @@ def test_pipeline_stages_report_what_their_gates_routed(tiny):
             with channel(node.address) as ch:
                 stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=10)
             assert stats.forward_requests > 0 and stats.forward_tokens >= processed and stats.bytes_sent > 0
+
+
+def test_stage_routing_outside_the_span_is_not_counted():
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    stats = RoutingStats([0, 1, 2, 3], num_experts=4, nodes=["a", "b"], top_k=2)
+    good = pb.StageRouting(slots=[2 * 4 + 1, 3 * 4 + 0], counts=[2, 2])  # layer 2 expert 1, layer 3 expert 0
+    stats.record_stage("b", 2, 4, 1, good, 100, 90, 0.003)
+    assert stats.expert_tokens[2].tolist() == [0, 2, 0, 0] and stats.node_tokens[:, 1].tolist() == [0, 0, 2, 2]
+    assert stats.layer_tokens.tolist() == [0, 0, 1, 1] and stats.requests.tolist() == [0, 1]
+    for bad in (pb.StageRouting(slots=[0], counts=[1]),            # layer 0 is not in the span
+                pb.StageRouting(slots=[9], counts=[1, 2]),         # counts do not match
+                pb.StageRouting(slots=[9], counts=[10 ** 6])):     # more slots than the tokens sent
+        stats.record_stage("b", 2, 4, 1, bad, 100, 90, 0.003)
+    assert stats.expert_tokens.sum() == 4 and stats.round_trips == 4 and stats.requests[1] == 4
+    m = pb.RouterStats()
+    stats.fill(m)
+    assert m.tokens_processed == 4 and m.balance_ratio == pytest.approx(0.5)  # one node has all of it
+    assert stats.totals()[1].sum() == 0  # stage layers are no work for the rebalancer
