@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 
-def add_sampling_arguments(p, max_tokens: int = 256) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply (default {max_tokens})")
+def add_sampling_arguments(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per reply; more than the context leaves is refused (default: the router's, "
+                        "256, cut to what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

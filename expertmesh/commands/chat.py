@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--system-prompt", default=None, help="a system message that opens the conversation")
     p.add_argument("--chat-template-config", default=None, metavar="JSON",
                    help='passed to the chat template, e.g. \'{"enable_thinking": false}\'')
-    add_sampling_arguments(p, max_tokens=512)
+    add_sampling_arguments(p)
 
 
 def run(args) -> None:
