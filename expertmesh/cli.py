@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -35,6 +36,23 @@ def _stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. Run as the program (``argv`` None),
+    the process ends here, skipping the interpreter's teardown, where threads
+    that used mlx can abort it ("terminate called without an active
+    exception", see worker.py) after the command ended well."""
+    code = _run(argv)
+    if argv is not None:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
