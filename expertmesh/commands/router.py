@@ -128,14 +128,20 @@ def _finish(router) -> None:
     running = router.drain()
     if not running:
         return
-    print(f"expertmesh router: shutting down; finishing {_count(running, 'request')} first, refusing new ones "
-          "(Ctrl-C again ends them now)", file=sys.stderr, flush=True)
+    _say(f"shutting down; finishing {_count(running, 'request')} first, refusing new ones (Ctrl-C again ends "
+         "them now)")
     try:
         while not router.engine.wait_drained(timeout=0.5):
             pass
     except KeyboardInterrupt:
         ended = router.engine.abort(STOPPED)
-        print(f"expertmesh router: ended {_count(ended, 'unfinished request')}", file=sys.stderr, flush=True)
+        _say(f"ended {_count(ended, 'unfinished request')}")
+
+
+def _say(text: str) -> None:
+    """One line on stderr, in one write: log lines of other threads do not split it."""
+    sys.stderr.write(f"expertmesh router: {text}\n")
+    sys.stderr.flush()
 
 
 def _count(n: int, noun: str) -> str:
