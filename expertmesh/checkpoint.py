@@ -168,6 +168,9 @@ class Checkpoint:
     def __init__(self, model: str | Path):
         from .hub import open_files
 
+        if Path(model).expanduser().is_file():
+            raise ModelError(f"{model} is a file: give the checkpoint's directory ({Path(model).parent}), "
+                             "the one holding config.json")
         self.files = open_files(model)
         self.path = self.files.root
         if not self.files.exists("config.json"):

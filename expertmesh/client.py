@@ -7,10 +7,10 @@ from typing import Iterator
 
 import grpc
 
-from .errors import InvalidRequestError, from_rpc_error
+from .errors import InvalidRequestError, UnavailableError, from_rpc_error
 from .options import GenerationOptions
 from .security import Security, default_token
-from .serving import channel
+from .serving import channel, split_address
 from .v1 import expertmesh_pb2 as pb
 from .v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -68,6 +68,11 @@ class Client:
 
     def __init__(self, address: str, timeout: float = 600.0, token: str | None = None,
                  tls_cert=None, tls_key=None, tls_ca=None):
+        try:
+            split_address(address)
+        except InvalidRequestError:  # gRPC would dial port 443
+            raise InvalidRequestError(f"router address {address!r} is not HOST:PORT, e.g. 127.0.0.1:50050",
+                                      param="address") from None
         self.address = address
         self.timeout = timeout
         security = Security(default_token() if token is None else token or None, tls_cert, tls_key, tls_ca)
@@ -133,13 +138,20 @@ class Client:
         return self._stream(self._stub.Chat, request)
 
     def _stream(self, method, request) -> Iterator[Piece]:
-        call = method(request, timeout=self.timeout)
+        call, got = method(request, timeout=self.timeout), 0
         try:
             for r in call:
+                got += 1
                 yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,
                             r.generation_tokens, r.generation_tps)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, f"router {self.address}") from None
+            err = from_rpc_error(e, f"router {self.address}")
+            broke = str(err).startswith("cannot reach")  # not an UNAVAILABLE the router answered itself
+            if broke and (got or "Cancelling all calls" in str(err)):  # it was stopped, or the connection lost
+                raise UnavailableError(f"router {self.address} went away after {got} tokens of the reply (it was "
+                                       f"stopped or the connection broke: {e.details()}); try again once it is "
+                                       "back") from None
+            raise err from None
         finally:
             call.cancel()
 

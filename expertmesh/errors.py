@@ -130,11 +130,23 @@ def from_status(code: grpc.StatusCode | int | None, details: str, target: str,
     cls = _BY_CODE.get(code, ExpertmeshError)
     if raised is not None:
         return _CLASSES.get(raised, cls)(details)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return cls(_WRONG_SERVER.get(target.split(" ")[0], "{target} does not serve this call ({details})")
+                   .format(target=target, details=details))
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {target}: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"{target} did not answer in time"
     return cls(details)
+
+
+# an UNIMPLEMENTED method: the address is some other server, e.g. a node where a router was meant
+_WRONG_SERVER = {
+    "router": "{target} is not an expertmesh router ({details}): is it a node? Give the address that "
+              "`expertmesh router` prints (listening on HOST:PORT)",
+    "node": "{target} is not an expertmesh node ({details}): is it a router? --peer takes the addresses that "
+            "`expertmesh node` prints (listening on HOST:PORT)",
+}
 
 
 def status_code(err: ExpertmeshError) -> grpc.StatusCode:

@@ -335,7 +335,8 @@ def ensure_demo_model(path: Optional[Union[str, Path]] = None) -> Path:
 
 
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(description="Write a tiny random MoE checkpoint.")
+    parser = argparse.ArgumentParser(prog="python -m expertmesh.tinymodel",
+                                     description="Write a tiny random MoE checkpoint.")
     parser.add_argument("out_dir", type=Path, help="Checkpoint directory.")
     parser.add_argument("--model-type", default="qwen3_moe", choices=[*DEFAULT_CONFIGS])
     parser.add_argument("--layout", default="mlx", choices=["mlx", "hf"])

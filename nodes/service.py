@@ -169,21 +169,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._lock_loading(context)
         try:
             self.state = pb.LOADING
-            updates: queue.SimpleQueue = queue.SimpleQueue()  # streamed while the worker loads
             layers_total = len(wanted)
-
-            def progress(loaded, total, done):
-                updates.put(pb.AssignProgress(loaded_bytes=loaded, total_bytes=total,
-                                              layers_done=done, layers_total=layers_total))
-
-            loading = self.worker.submit(self.store.assign, wanted, progress)
-            loading.add_done_callback(lambda _: updates.put(None))
-            try:
-                while (update := updates.get()) is not None:
-                    yield update
-            finally:  # also when the caller goes away: the store is ours until it is done
-                futures.wait([loading])
-            loading.result()
+            yield from self._loading(lambda progress: self.store.assign(wanted, progress), layers_total)
             self.state = pb.READY
             yield pb.AssignProgress(loaded_bytes=self.store.nbytes, total_bytes=self.store.nbytes,
                                     layers_done=layers_total, layers_total=layers_total, done=True, epoch=epoch)
@@ -192,6 +179,23 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             context.abort(status_code(e), str(e))
         finally:
             self._assign_lock.release()
+
+    def _loading(self, load: Callable, layers_total: int):
+        """Run ``load(progress)`` on the worker, yielding its ``AssignProgress`` as it goes."""
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+
+        def progress(loaded, total, done):
+            updates.put(pb.AssignProgress(loaded_bytes=loaded, total_bytes=total,
+                                          layers_done=done, layers_total=layers_total))
+
+        loading = self.worker.submit(load, progress)
+        loading.add_done_callback(lambda _: updates.put(None))
+        try:
+            while (update := updates.get()) is not None:
+                yield update
+        finally:  # also when the caller goes away: the store is ours until it is done
+            futures.wait([loading])
+        loading.result()
 
     def Forward(self, request_iterator, context):
         for req in request_iterator:
@@ -224,11 +228,15 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         out = self.store.forward_wire(req.layer, hidden, req.hidden.dtype, ids, weights)
         mx.eval(out)
         resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
+        return self._counted(req, resp, req.hidden.shape[0], start)
+
+    def _counted(self, req: pb.ForwardRequest, resp: pb.ForwardResponse, tokens: int, start: float):
+        """``resp``, with its compute time, counted in the node's stats."""
         resp.compute_seconds = time.perf_counter() - start
         with self._stats_lock:
             s = self.stats
             s.forward_requests += 1
-            s.forward_tokens += req.hidden.shape[0]
+            s.forward_tokens += tokens
             s.bytes_received += req.ByteSize()
             s.bytes_sent += resp.ByteSize()
             s.compute_seconds += resp.compute_seconds
@@ -247,13 +255,14 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self._check_budget(self.stages.span_bytes(spans) + self.store.nbytes, "stages and experts need", context)
         self._lock_loading(context)
         try:
-            self.worker.run(self.stages.assign, spans)
+            layers = sum(b - a for a, b in spans)
+            yield from self._loading(lambda progress: self.stages.assign(spans, progress), layers)
         except ExpertmeshError as e:
             context.abort(status_code(e), str(e))
         finally:
             self._assign_lock.release()
         yield pb.AssignProgress(loaded_bytes=self.stages.nbytes, total_bytes=self.stages.nbytes,
-                                layers_done=len(spans), layers_total=len(spans), done=True, epoch=epoch)
+                                layers_done=layers, layers_total=layers, done=True, epoch=epoch)
 
     def Measure(self, request, context):
         if not 0 <= request.context <= MAX_MEASURE_CONTEXT:
@@ -277,9 +286,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         if req.HasField("hidden"):
             if req.hidden.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
                 raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-            out = self.stages.forward(req.layer, wire.decode(req.hidden, "hidden"),
-                                      list(stage.sequences), list(stage.right_padding), stage.trim)
+            out, routing = self.stages.forward(req.layer, wire.decode(req.hidden, "hidden"),
+                                               list(stage.sequences), list(stage.right_padding), stage.trim)
             resp.output.CopyFrom(wire.encode(out))
+            resp.routing.CopyFrom(routing)
+            return self._counted(req, resp, out.shape[0] * out.shape[1], start)
         resp.compute_seconds = time.perf_counter() - start
         return resp
 

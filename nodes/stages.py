@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,6 +32,8 @@ from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, RequestTooLargeError
 from ..models import Adapter
 from ..models.base import PROJECTIONS, eval_private_arrays
+from ..v1 import expertmesh_pb2 as pb
+from .routing import SpanRouting
 from .store import ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -50,8 +53,9 @@ class _Layers(nn.Module):
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
 
-    def __init__(self, start: int, module: _Layers):
+    def __init__(self, start: int, module: _Layers, routing: SpanRouting):
         self.layers = module.layers
+        self.routing = routing  # what its gates chose, per request
         self.start, self.end = start, start + len(module.layers)
         self.nbytes = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
         self._batches: dict[tuple[int, ...], list] = {}  # row composition -> one (Batch)KVCache per layer
@@ -87,11 +91,12 @@ class _Span:
             self._used[s] = time.monotonic()
 
     def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int], trim: int = 0) -> mx.array:
+        self.routing.begin()
         if not sequences:  # a one-off forward, no KV kept
             mask = create_attention_mask(x, None)
             for layer in self.layers:
                 x = layer(x, mask, None)
-            mx.eval(x)
+            mx.eval(x, self.routing.pending())
             return x
         caches = self.caches(sequences)
         if trim:  # never on a batch: validated
@@ -108,7 +113,7 @@ class _Span:
         if right_padding:
             for c in caches:
                 c.finalize()
-        mx.eval(x, [c.state for c in caches])
+        mx.eval(x, [c.state for c in caches], self.routing.pending())
         self._used[sequences] = time.monotonic()
         return x
 
@@ -178,18 +183,30 @@ class StageStore:
     def span_bytes(self, spans: list[tuple[int, int]]) -> int:
         return self.adapter.span_bytes(self.checkpoint.tensors, spans)
 
-    def assign(self, spans: list[tuple[int, int]]) -> None:
-        """Hold exactly ``spans`` afterwards (unchanged spans keep their KV)."""
+    def assign(self, spans: list[tuple[int, int]], progress: Callable[[int, int, int], None] | None = None) -> None:
+        """Hold exactly ``spans`` afterwards (unchanged spans keep their KV);
+        ``progress(bytes, total bytes, layers)`` hears each layer read."""
         self.validate(spans)
-        fresh = {a: self.spans[a] if (a in self.spans and self.spans[a].end == b) else self.load(a, b)
-                 for a, b in spans}
+        kept = {a for a, b in spans if a in self.spans and self.spans[a].end == b}
+        todo = [(a, b) for a, b in spans if a not in kept]
+        total, done = self.span_bytes(todo), [0, 0]
+
+        def layer_read(layer: int) -> None:
+            done[0] += self.adapter.layer_bytes(self.checkpoint.tensors, layer)
+            done[1] += 1
+            if progress:
+                progress(done[0], total, done[1])
+        if progress:
+            progress(0, total, 0)
+        fresh = {a: self.spans[a] if a in kept else self.load(a, b, layer_read) for a, b in spans}
         with self._lock:
             self.spans = fresh
             self._lock.notify_all()
         logger.info("holding %d stage spans (%.1f MB)", len(fresh), self.nbytes / 1e6)
 
-    def load(self, start: int, end: int) -> _Span:
-        """Build layers ``[start, end)`` with mlx-lm's classes from their bytes only."""
+    def load(self, start: int, end: int, layer_read: Callable[[int], None] = lambda layer: None) -> _Span:
+        """Build layers ``[start, end)`` with mlx-lm's classes from their bytes
+        only (``layer_read(layer)`` after each layer's bytes are read)."""
         model = self.adapter.model_class(self.adapter.args)  # parameters stay lazy: never materialised
         ck, prefix = self.checkpoint, "model.layers."
         dense = [n for n in ck.tensors if any(n.startswith(f"{prefix}{l}.") for l in range(start, end))
@@ -204,6 +221,7 @@ class StageStore:
                 for proj in PROJECTIONS:
                     for part, value in self.store._read_proj(layer, proj, experts).items():
                         weights[f"{self.adapter.stacked_path(layer, proj)}.{part}"] = value
+            layer_read(layer)
         if hasattr(model, "sanitize"):  # family fix-ups; experts are stacked already
             weights = model.sanitize(weights)
         module = _Layers(list(model.layers[start:end]))
@@ -226,11 +244,9 @@ class StageStore:
         module.eval()
         mx.eval(module.parameters())
         eval_private_arrays(module)
-        attr = self.adapter.block_attr
         compiled.compile_decode_steps(module)  # norms and RoPEs
-        for layer in module.layers:  # and the MoE (or MLP) block
-            setattr(layer, attr, compiled.DecodeStep(getattr(layer, attr), 1))
-        return _Span(start, module)
+        routing = SpanRouting(module.layers, start, self.adapter)  # and the MoE (or MLP) blocks, counted
+        return _Span(start, module, routing)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
         """Seconds of one decode step of ``layer`` at batch 1 and 8 (medians
@@ -256,9 +272,10 @@ class StageStore:
 
     # --- serving -------------------------------------------------------------
     def forward(self, start: int, hidden: mx.array, sequences: list[int], right_padding: list[int],
-                trim: int = 0) -> mx.array:
+                trim: int = 0) -> tuple[mx.array, pb.StageRouting]:
         """Run the span starting at ``start`` on ``hidden`` [B, T, H] (evaluated),
-        first dropping ``trim`` tokens off the end of the one sequence's KV.
+        first dropping ``trim`` tokens off the end of the one sequence's KV;
+        also what its gates routed.
 
         Raises:
             InvalidRequestError: no such span, or rows that do not fit ``hidden``.
@@ -283,7 +300,7 @@ class StageStore:
         with self._lock:
             out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [], trim)
             self._lock.notify_all()
-            return out
+            return out, span.routing.take()
 
     def release(self, sequences) -> None:
         """Free these sequences' KV caches (unknown ids are ignored)."""

@@ -61,7 +61,7 @@ def test_chat_streams_replies_shows_speed_and_keeps_the_history(chat, live_route
 def test_ctrl_c_stops_a_reply_and_quit_leaves_cleanly(live_router):
     with Client(f"127.0.0.1:{live_router.port}") as client:
         start = "".join(p.text for p in client.chat([{"role": "user", "content": "Hello"}], max_tokens=2))
-    child = spawn_chat(live_router, max_tokens=500)  # the tiny model does not stop by itself
+    child = spawn_chat(live_router, max_tokens=400)  # the tiny model does not stop by itself
     try:
         child.expect_exact(">>> ")
         child.sendline("Hello")

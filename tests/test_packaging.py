@@ -39,3 +39,31 @@ def test_public_api_is_exactly_all():
     assert public - modules == set(expertmesh.__all__) - {"__version__"}
     for name in expertmesh.__all__:
         assert hasattr(expertmesh, name)
+
+
+def test_the_sdk_imports_from_the_folder_holding_the_clone(tmp_path):
+    """`make install` installs a copy (an editable install is hidden by the
+    clone's folder there); from that folder a script imports the installed SDK."""
+    import site
+    import textwrap
+
+    install = [l for l in (REPO / "Makefile").read_text().splitlines() if "pip install" in l]
+    assert install and not [l for l in install if " -e " in l]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel"), str(REPO)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    (packages,) = (tmp_path / "venv").glob("lib/python*/site-packages")
+    (wheel,) = (tmp_path / "wheel").glob("expertmesh-*.whl")
+    zipfile.ZipFile(wheel).extractall(packages)  # what pip install does for a pure-Python wheel
+    (packages / "deps.pth").write_text("\n".join(site.getsitepackages()))  # mlx, grpc, ... from this environment
+    parent = tmp_path / "home"
+    parent.mkdir()
+    (parent / "expertmesh").symlink_to(REPO, target_is_directory=True)  # the clone, under its own name
+    (parent / "sdk.py").write_text(textwrap.dedent("""
+        from expertmesh import Client
+        import expertmesh.nodes
+        print(Client.__module__, expertmesh.nodes.__name__)
+    """))
+    out = subprocess.run([str(tmp_path / "venv/bin/python"), "sdk.py"], cwd=parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["expertmesh.client", "expertmesh.nodes"]

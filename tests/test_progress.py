@@ -75,3 +75,28 @@ def test_without_a_terminal_progress_is_two_log_lines_per_task(caplog):
             progress.update("n0", done, 3_000_000)
     assert out.getvalue() == ""
     assert [r.getMessage() for r in caplog.records] == ["loading n0: 3.0 MB", "loading n0: done (3.0 MB)"]
+
+
+def test_assign_stages_streams_progress_per_layer(tiny, monkeypatch):
+    with running_nodes(tiny, 1) as (node,), channel(node.address) as ch:
+        stub = pb_grpc.ExpertServiceStub(ch)
+        request = pb.AssignStagesRequest(config_hash=node.store.checkpoint.config_hash,
+                                         stages=[pb.LayerSpan(start=0, end=2), pb.LayerSpan(start=2, end=4)])
+        hold, read_proj = threading.Event(), node.store._read_proj
+
+        def slow_read(layer, proj, experts):  # layer 2 waits until the test has seen layer 1's progress
+            if layer == 2:
+                hold.wait(60)
+            return read_proj(layer, proj, experts)
+
+        monkeypatch.setattr(node.store, "_read_proj", slow_read)
+        updates = stub.AssignStages(request, timeout=60)
+        try:  # a node that replied only once loaded would time out here
+            first, one, two = next(updates), next(updates), next(updates)
+        finally:
+            hold.set()
+        rest = list(updates)
+        assert (first.loaded_bytes, first.layers_done, first.layers_total) == (0, 0, 4)
+        assert [u.layers_done for u in [one, two] + rest] == [1, 2, 3, 4, 4] and rest[-1].done
+        assert 0 < one.loaded_bytes < two.loaded_bytes < rest[0].loaded_bytes < rest[1].loaded_bytes
+        assert rest[1].loaded_bytes == first.total_bytes > 0 and rest[-1].total_bytes > 0

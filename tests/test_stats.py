@@ -93,3 +93,66 @@ def test_reset_zeroes_the_counters(tiny, capsys):
             after = client.stats()
         assert after.tokens_generated == 0 and after.tokens_processed == 0
         assert after.balance_ratio == 0 and sum(n.requests for n in after.nodes) == 0
+
+
+def test_pipeline_stages_report_what_their_gates_routed(tiny):
+    """In the default mode (auto: whole layers on the nodes) the nodes run the
+    gates; `stats`, Prometheus and a node's GetStats still show the traffic."""
+    import urllib.request
+
+    from expertmesh.serving import channel
+    from expertmesh.v1 import expertmesh_pb2 as pb
+    from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+    from conftest import cli
+
+    with running_nodes(tiny, 2) as nodes, \
+            running_router(tiny, [n.address for n in nodes], mode="auto", metrics_port=0) as router:
+        assert router.plan.mode == "pipeline" and not router.placement.owners
+        address = f"127.0.0.1:{router.port}"
+        with Client(address) as client:
+            prompt_tokens = list(client.generate("Hello there", max_tokens=TOKENS))[-1].prompt_tokens
+        out = cli("stats", "--router", address, "--json")
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)
+        layers, k = len(router.adapter.moe_layers), s["top_k"]
+        processed = int(s["tokens_processed"])
+        assert k == 2 and prompt_tokens + TOKENS - 1 <= processed <= prompt_tokens + TOKENS
+        expert_total = sum(int(t) for l in s["layers"] for t in l["expert_tokens"])
+        assert expert_total == processed * k * layers
+        assert sum(int(n["tokens"]) for n in s["nodes"]) == expert_total
+        spans = {name: sum(b - a for a, b in spans) for name, spans in router.plan.stages.items()}
+        for n in s["nodes"]:  # each node's load is its layers' token-slots; one request per forward pass
+            assert int(n["tokens"]) == spans[n["name"]] * processed * k
+            assert int(n["requests"]) == int(n["rtt_seconds"]["count"]) == int(s["round_trips"]) // 2 > 0
+            assert int(n["bytes_sent"]) > 0 and int(n["bytes_received"]) > 0
+        mean = expert_total / 2
+        assert s["balance_ratio"] == pytest.approx(mean / max(int(n["tokens"]) for n in s["nodes"]))
+        table = cli("stats", "--router", address).stdout
+        assert f"{processed} tokens processed" in table and "RTT p50" in table and "<=0ms" not in table
+        with urllib.request.urlopen(router.metrics.url, timeout=10) as r:
+            metrics = r.read().decode()
+        assert f"expertmesh_router_tokens_processed_total {processed}.0" in metrics
+        for node in nodes:  # as grpcurl ... ExpertService/GetStats shows it
+            with channel(node.address) as ch:
+                stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=10)
+            assert stats.forward_requests > 0 and stats.forward_tokens >= processed and stats.bytes_sent > 0
+
+
+def test_stage_routing_outside_the_span_is_not_counted():
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    stats = RoutingStats([0, 1, 2, 3], num_experts=4, nodes=["a", "b"], top_k=2)
+    good = pb.StageRouting(slots=[2 * 4 + 1, 3 * 4 + 0], counts=[2, 2])  # layer 2 expert 1, layer 3 expert 0
+    stats.record_stage("b", 2, 4, 1, good, 100, 90, 0.003)
+    assert stats.expert_tokens[2].tolist() == [0, 2, 0, 0] and stats.node_tokens[:, 1].tolist() == [0, 0, 2, 2]
+    assert stats.layer_tokens.tolist() == [0, 0, 1, 1] and stats.requests.tolist() == [0, 1]
+    for bad in (pb.StageRouting(slots=[0], counts=[1]),            # layer 0 is not in the span
+                pb.StageRouting(slots=[9], counts=[1, 2]),         # counts do not match
+                pb.StageRouting(slots=[9], counts=[10 ** 6])):     # more slots than the tokens sent
+        stats.record_stage("b", 2, 4, 1, bad, 100, 90, 0.003)
+    assert stats.expert_tokens.sum() == 4 and stats.round_trips == 4 and stats.requests[1] == 4
+    m = pb.RouterStats()
+    stats.fill(m)
+    assert m.tokens_processed == 4 and m.balance_ratio == pytest.approx(0.5)  # one node has all of it
+    assert stats.totals()[1].sum() == 0  # stage layers are no work for the rebalancer

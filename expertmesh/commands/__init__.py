@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 
-def add_sampling_arguments(p, max_tokens: int = 256) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per reply (default {max_tokens})")
+def add_sampling_arguments(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per reply; more than the context leaves is refused (default: the router's, "
+                        "256, cut to what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -91,9 +93,19 @@ def security_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the mesh's certificates")
 
 
+def router_address(text: str) -> str:
+    """An argparse type: the router's ``HOST:PORT`` (gRPC would dial port 443 without one)."""
+    host, sep, number = text.rpartition(":")
+    if not sep or not host or host.endswith(":") or not number.isdigit() or not 0 < int(number) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: give HOST:PORT, e.g. {text.rstrip(':')}:50050 "
+                                         "(the address `expertmesh router` prints)")
+    return text
+
+
 def router_arguments(p: argparse.ArgumentParser) -> None:
     """``--router`` and the security flags: what a client command needs to reach a router."""
-    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT")
+    p.add_argument("--router", default="127.0.0.1:50050", metavar="HOST:PORT", type=router_address,
+                   help="the router's address (default 127.0.0.1:50050)")
     security_arguments(p)
 
 

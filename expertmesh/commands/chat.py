@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--system-prompt", default=None, help="a system message that opens the conversation")
     p.add_argument("--chat-template-config", default=None, metavar="JSON",
                    help='passed to the chat template, e.g. \'{"enable_thinking": false}\'')
-    add_sampling_arguments(p, max_tokens=512)
+    add_sampling_arguments(p)
 
 
 def run(args) -> None:
@@ -44,6 +44,12 @@ def run(args) -> None:
                 history = list(opening)
                 print("[conversation cleared]")
                 continue
+            if command.startswith("/") and not command.startswith("//"):
+                print(f"[unknown command {command.split()[0]}: {_COMMANDS}; start a message with // to send "
+                      "one that begins with /]")
+                continue
+            if command.startswith("//"):
+                line = line.replace("/", "", 1)
             history.append({"role": "user", "content": line})
             reply = _reply(client, history, options, template_kwargs)
             if reply is None:

@@ -1,6 +1,7 @@
 """expertmesh router: run the dense model and drive the nodes."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import ExpertmeshError
@@ -99,7 +100,7 @@ def run(args) -> None:
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
-            wanted = f"{args.expect} nodes" if args.expect else "nodes"
+            wanted = _count(args.expect, "node") if args.expect else "nodes"
             print(f"expertmesh router looking for {wanted} over mDNS on {interfaces}", flush=True)
         with Progress("loading", bars=args.progress) as loading:
             router.connect(lambda node, p: loading.update(node, p.total_bytes if p.done else p.loaded_bytes,
@@ -108,12 +109,45 @@ def run(args) -> None:
             print(line, flush=True)
         router.start()
         print(f"expertmesh router listening on {args.host}:{router.port} "
-              f"({len(router.links)} nodes: {', '.join(l.name for l in router.links)}; "
+              f"({_count(len(router.links), 'node')}: {', '.join(l.name for l in router.links)}; "
               f"model {router.checkpoint.model_id})", flush=True)
         if router.http is not None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
         if router.metrics is not None:
             print(f"Prometheus metrics at {router.metrics.url}", flush=True)
-        router.wait()
+        try:
+            router.wait()
+        except KeyboardInterrupt:
+            _finish(router)
+            raise
     finally:
         router.stop()
+
+
+def _finish(router) -> None:
+    """First Ctrl-C (or SIGTERM): refuse new requests, let the running ones
+    finish; a second one ends them with UNAVAILABLE."""
+    from ..router.router import STOPPED
+
+    running = router.drain()
+    if not running:
+        return
+    _say(f"shutting down; finishing {_count(running, 'request')} first, refusing new ones (Ctrl-C again ends "
+         "them now)")
+    try:
+        while not router.engine.wait_drained(timeout=0.5):
+            pass
+    except KeyboardInterrupt:
+        ended = router.engine.abort(STOPPED)
+        _say(f"ended {_count(ended, 'unfinished request')}")
+
+
+def _say(text: str) -> None:
+    """One line on stderr, in one write: log lines of other threads do not split it."""
+    sys.stderr.write(f"expertmesh router: {text}\n")
+    sys.stderr.flush()
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 node``, ``2 nodes``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

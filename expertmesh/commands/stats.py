@@ -39,7 +39,6 @@ def run(args) -> None:
 
 
 def _print_table(s, top: int) -> None:
-    from ..metrics import quantile
     from ..router.stats import hot_experts
 
     requests = ", ".join(f"{n} {kind}" for kind, n in sorted(s.requests.items())) or "no requests"
@@ -52,13 +51,11 @@ def _print_table(s, top: int) -> None:
           f"{'RTT p50':>9} {'RTT p99':>9}")
     for n in s.nodes:
         print(f"{n.name:<16} {n.tokens:>10} {n.tokens / total:>6.1%} {n.requests:>9} {_bytes(n.bytes_sent):>10} "
-              f"{_bytes(n.bytes_received):>10} {_seconds(quantile(n.rtt_seconds, 0.5)):>9} "
-              f"{_seconds(quantile(n.rtt_seconds, 0.99)):>9}")
-    print(f"balance ratio {s.balance_ratio:.3f} (mean/max node load per layer; 1 is even)")
+              f"{_bytes(n.bytes_received):>10} {_quantile(n.rtt_seconds, 0.5):>9} {_quantile(n.rtt_seconds, 0.99):>9}")
+    print(f"balance ratio {s.balance_ratio:.3f} (mean/max node load; 1 is even)")
     print(f"bytes per token {_bytes(s.bytes_per_token)} (sent + received)")
     if s.ttft_seconds.count:
-        print(f"time to first token p50 {_seconds(quantile(s.ttft_seconds, 0.5))}, "
-              f"p99 {_seconds(quantile(s.ttft_seconds, 0.99))}")
+        print(f"time to first token p50 {_quantile(s.ttft_seconds, 0.5)}, p99 {_quantile(s.ttft_seconds, 0.99)}")
     hot = hot_experts(s, top)
     if hot:
         print("hot experts (layer:expert, share of the layer): "
@@ -70,6 +67,13 @@ def _bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def _quantile(histogram, q: float) -> str:
+    """The bucket of a histogram of seconds holding its ``q`` quantile: "<=2.5ms" ("-" when empty)."""
+    from ..metrics import quantile
+
+    return _seconds(quantile(histogram, q)) if histogram.count else "-"
 
 
 def _seconds(bound: float) -> str:

@@ -283,7 +283,7 @@ class Scheduler:
         text, finish_reason = a.stops.feed(r.token, a.detokenizer.last_segment, r.finish_reason)
         elapsed = time.perf_counter() - a.tic
         a.request.pieces.put(Piece(text, r.token, finish_reason, len(a.request.tokens), a.count,
-                                   a.count / elapsed if elapsed > 0 else 0.0))
+                                   a.count / elapsed if a.count > 1 and elapsed > 0 else 0.0))  # none yet
         if finish_reason is None:
             return False
         del active[r.uid]

@@ -27,12 +27,18 @@ def load_dense(checkpoint: Checkpoint) -> tuple[nn.Module, object, Adapter]:
         ModelError: unsupported model_type, or weights that do not fit it.
     """
     adapter = get_adapter(checkpoint.config)
-    path = checkpoint.dense_dir(adapter.is_expert_weight)  # a repo's dense tensors only, fetched by range
     try:
-        model, config = load_model(path, get_model_classes=adapter.dense_classes)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=checkpoint.config.get("eos_token_id"))
+        if not tokenizer.encode("Hello world"):  # transformers falls back to an empty vocabulary without files
+            raise ModelError(f"{checkpoint.path} has no usable tokenizer (tokenizer.json, or tokenizer.model, or "
+                             "vocab.json and merges.txt, with tokenizer_config.json): copy the checkpoint's "
+                             "tokenizer files into it")
+        path = checkpoint.dense_dir(adapter.is_expert_weight)  # a repo's dense tensors only, fetched by range
+        model, _ = load_model(path, get_model_classes=adapter.dense_classes)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise ModelError(f"cannot load {path}: {e}") from None
+        raise ModelError(f"cannot load {checkpoint.path}: {e}") from None
+    # the engine refuses prompts longer than the context itself; transformers' warning about them is noise
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     eval_private_arrays(model)
     compile_decode_steps(model)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))

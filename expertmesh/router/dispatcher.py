@@ -95,8 +95,10 @@ class NodeLink:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()  # what it holds and the memory that takes, for `cluster`
 
-    def assign_stages(self, identity: Identity, spans: list[tuple[int, int]], timeout: float) -> None:
-        """Have the node hold these spans of whole layers (pipeline stages)."""
+    def assign_stages(self, identity: Identity, spans: list[tuple[int, int]], timeout: float,
+                      progress: Callable[[pb.AssignProgress], None] | None = None) -> None:
+        """Have the node hold these spans of whole layers (pipeline stages);
+        ``progress`` hears each layer it reads."""
         request = pb.AssignStagesRequest(config_hash=identity.config, weights_hash=identity.weights,
                                          stages=[pb.LayerSpan(start=a, end=b) for a, b in spans],
                                          router=self.router_identity)
@@ -104,6 +106,8 @@ class NodeLink:
             for update in self.stub.AssignStages(request, timeout=timeout):
                 if update.done:
                     self.epoch = update.epoch
+                if progress is not None:
+                    progress(update)
         except grpc.RpcError as e:
             raise from_rpc_error(e, repr(self)) from None
         self.get_info()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from typing import Callable, Iterator
 
 import mlx.nn as nn
 
-from ..errors import InvalidRequestError, RequestTooLargeError
+from ..errors import InvalidRequestError, RequestTooLargeError, UnavailableError
 from ..options import GenerationOptions
 from ..worker import MLXWorker
 from .batching import MAX_BATCH, MAX_WAITING, Piece, Request, Scheduler
@@ -44,9 +45,32 @@ class Engine:
         self.scheduler = Scheduler(model, tokenizer, self.worker, max_batch=max_batch, draft=draft,
                                    max_waiting=max_waiting)
         self.stats = RequestStats()
+        self.closing = ""  # why new requests are refused: the router is shutting down
+        self._open: dict[int, Request] = {}  # id -> request whose stream is open
+        self._open_changed = threading.Condition()
 
     def close(self) -> None:
         self.worker.close()
+
+    # --- shutting down ------------------------------------------------------------
+    def drain(self, reason: str) -> int:
+        """Refuse new requests with ``UnavailableError(reason)`` from now on;
+        returns how many are still being generated."""
+        with self._open_changed:
+            self.closing = reason
+            return len(self._open)
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Wait until no request is being generated; False on timeout."""
+        with self._open_changed:
+            return self._open_changed.wait_for(lambda: not self._open, timeout)
+
+    def abort(self, reason: str) -> int:
+        """End every request being generated with ``UnavailableError(reason)``; returns how many."""
+        with self._open_changed:
+            for request in self._open.values():
+                request.pieces.put(UnavailableError(reason))
+            return len(self._open)
 
     def encode(self, prompt: str) -> list[int]:
         tok = self.tokenizer
@@ -132,6 +156,8 @@ class Engine:
 
     def _start(self, tokens: list[int], options: GenerationOptions, param: str, is_active,
                kind: str) -> Iterator[Piece]:
+        if self.closing:
+            raise UnavailableError(self.closing)
         options.validate()
         if not tokens:
             raise InvalidRequestError(f"the {param} is empty", param=param)
@@ -141,13 +167,21 @@ class Engine:
                 param=param, code="context_length_exceeded")
         if self.vocab_size and options.top_k >= self.vocab_size:
             raise InvalidRequestError(f"top_k must be below the vocabulary size {self.vocab_size}", param="top_k")
-        max_tokens = min(options.max_tokens or self.default_max_tokens, self.context_length - len(tokens))
+        room = self.context_length - len(tokens)
+        if (options.max_tokens or 0) > room:  # asked for: say so; the router's default is cut to fit instead
+            raise InvalidRequestError(
+                f"max_tokens is {options.max_tokens}, but the prompt's {len(tokens)} tokens leave room for {room} "
+                f"in the model's context of {self.context_length}: ask for at most {room}",
+                param="max_tokens", code="context_length_exceeded")
+        max_tokens = min(options.max_tokens or self.default_max_tokens, room)
         self.stats.started(kind)
         return self._stream(tokens, max_tokens, options, is_active)
 
     def _stream(self, tokens, max_tokens, options, is_active) -> Iterator[Piece]:
         request = Request(tokens, max_tokens, options)
         start = time.perf_counter()
+        with self._open_changed:
+            self._open[id(request)] = request
         self.scheduler.submit(request)
         try:
             while (item := _next_piece(request, is_active)) is not None:
@@ -161,6 +195,9 @@ class Engine:
                     break
         finally:
             request.cancelled.set()
+            with self._open_changed:
+                del self._open[id(request)]
+                self._open_changed.notify_all()
 
 
 def _next_piece(request: Request, is_active: Callable[[], bool]):

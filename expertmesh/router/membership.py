@@ -61,6 +61,8 @@ class Membership:
 
     def __init__(self, config: RouterConfig, model_id: str, identity: Identity,
                  router_identity: pb.RouterIdentity | None = None, bounds: Bounds = Bounds()):
+        if not config.peers and not config.discovery:  # before the router spends time loading its model
+            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node, or turn discovery on")
         self.config = config
         self.model_id, self.identity, self.config_hash = model_id, identity, identity.config
         self.router_identity = router_identity or pb.RouterIdentity(id="membership")  # who we are to the nodes
@@ -113,8 +115,6 @@ class Membership:
             ConfigMismatchError: a node serves another checkpoint or protocol.
         """
         cfg = self.config
-        if not cfg.peers and self.browser is None:
-            raise UnavailableError("no nodes given: pass --peer HOST:PORT for each node, or turn discovery on")
         if self.browser is not None:
             self._wait_for_nodes()
         failures = []
@@ -224,7 +224,7 @@ class Membership:
     def _shortfall(self, found: int) -> str:
         cfg = self.config
         where = ", ".join(f"{i.name} ({i.ip})" for i in self.browser.mdns.interfaces)
-        want = f"{cfg.expect} nodes" if cfg.expect else "a node"
+        want = f"{cfg.expect} node{'s' * (cfg.expect != 1)}" if cfg.expect else "a node"
         seen = [f"{inst} at {address}" if inst else address for address, inst in self._candidates().items()]
         text = (f"waited {cfg.discovery_timeout:g}s for {want} serving {self.model_id} (config {self.config_hash}) "
                 f"over mDNS on {where}; found {found}" + (f": {', '.join(seen)}" if seen else ""))
@@ -249,7 +249,7 @@ class Membership:
 
         def assign(member: Member) -> None:
             try:
-                self._assign(member.link, member.experts, progress)
+                self._assign(member.link, member.experts, progress if member.experts else None)  # else stages
             except ExpertmeshError as e:
                 errors.append(e)
         threads = []

@@ -72,7 +72,7 @@ class OpenAIServer:
 
     def start(self) -> "OpenAIServer":
         self._thread.start()
-        logger.info("OpenAI-compatible API on %s", self.url)
+        logger.debug("OpenAI-compatible API on %s", self.url)  # the CLI prints it
         return self
 
     def stop(self) -> None:

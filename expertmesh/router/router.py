@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,9 @@ from .stages import StageRuntime
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "the router is shutting down: try again once it is back"
+STOPPED = "the router was stopped before this request finished: try again once it is back"
 
 
 @dataclass
@@ -146,16 +150,17 @@ class Router:
         tensors = self.checkpoint.tensors
         expert_bytes = {l: self.adapter.expert_bytes(tensors, l) for l in self.placement.owners}
         self.membership.bring_up(self.placement, expert_bytes, progress)
-        self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes)
+        self.routing = RoutingStats(self.adapter.moe_layers, self.adapter.num_experts, self.placement.nodes,
+                                    self.adapter.top_k)
         self.dispatcher = Dispatcher(links, self.placement, self.config.forward_timeout, self.membership.recover,
                                      self.routing)
         self.adapter.attach(self.model, self.dispatcher)
         if self.plan.stages:
-            self._bring_up_stages(links)
+            self._bring_up_stages(links, progress)
         self.membership.watch(self.dispatcher)
         self.identity.takeover = False  # taken once: recovery and rebalancing never take a node back
         self.rebalancer = Rebalancer(self)
-        logger.info("mesh of %d nodes ready: %s", len(links), ", ".join(l.name for l in links))
+        logger.info("mesh ready: %s", ", ".join(l.name for l in links))
 
     # --- pipeline stages (costmodel.py, router/stages.py) ------------------------
     def _plan(self, links: list[NodeLink]) -> costmodel.Plan:
@@ -169,7 +174,7 @@ class Router:
         plan = costmodel.choose(self.config.mode, nodes, self.adapter, self.checkpoint.tensors,
                                 self.config.replicas, load)
         for line in plan.describe(self.adapter.args.num_hidden_layers):
-            logger.info("%s", line)
+            logger.debug("%s", line)  # the CLI prints the plan
         spread = bool(plan.placement.owners)
         if spread and load is not None:
             logger.info("experts placed by %s: balance ratio %.3f expected on its traffic",
@@ -179,19 +184,25 @@ class Router:
                            "do not apply (use --mode expert to spread and copy experts)")
         return plan
 
-    def _bring_up_stages(self, links: list[NodeLink]) -> None:
-        """Load every node's spans, then swap them into the model for stand-ins."""
+    def _bring_up_stages(self, links: list[NodeLink], progress: AssignProgressCallback | None = None) -> None:
+        """Load every node's spans (in parallel, ``progress`` hearing each
+        node's loading as "NAME layers A-B"), then swap them into the model for stand-ins."""
         by_name = {l.name: l for l in links}
-        for name, spans in self.plan.stages.items():
-            self._assign_stages(name, spans)
+        with ThreadPoolExecutor(max(len(self.plan.stages), 1)) as pool:
+            for done in [pool.submit(self._assign_stages, name, spans, progress)
+                         for name, spans in self.plan.stages.items()]:
+                done.result()
         runtime = StageRuntime([(a, b, by_name[n]) for n, s in self.plan.stages.items() for a, b in s],
                                self.config.forward_timeout, self._relocate_stage, self.routing)
         self.worker.run(runtime.install, self.model)
         self.engine.scheduler.on_step = runtime.sweep
 
-    def _assign_stages(self, name: str, spans: list[tuple[int, int]]) -> None:
+    def _assign_stages(self, name: str, spans: list[tuple[int, int]],
+                       progress: AssignProgressCallback | None = None) -> None:
         member = next(m for m in self.membership.members if m.name == name)
-        member.link.assign_stages(self.checkpoint.identity, spans, self.config.assign_timeout)
+        task = f"{name} layers {', '.join(f'{a}-{b - 1}' if b - a > 1 else str(a) for a, b in spans)}"
+        member.link.assign_stages(self.checkpoint.identity, spans, self.config.assign_timeout,
+                                  progress and (lambda update: progress(task, update)))
         member.stage_bytes = self.adapter.span_bytes(self.checkpoint.tensors, spans)
         self.plan.stages[name] = spans
 
@@ -245,8 +256,17 @@ class Router:
         set_serving(self._health, True)
         return self
 
-    def stop(self, grace: float = 1.0) -> None:
+    def drain(self) -> int:
+        """Stop taking requests (they get UNAVAILABLE "the router is shutting
+        down"); returns how many are still being generated
+        (``engine.wait_drained`` waits for them, ``engine.abort`` ends them)."""
         set_serving(self._health, False)
+        return self.engine.drain(SHUTTING_DOWN)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving; requests still running end with UNAVAILABLE (drain first to let them finish)."""
+        self.drain()
+        self.engine.abort(STOPPED)
         if self.http is not None:
             self.http.stop()
         if self.metrics is not None:

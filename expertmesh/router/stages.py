@@ -26,6 +26,7 @@ import copy
 import itertools
 import logging
 import secrets
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -265,14 +266,17 @@ class StageRuntime:
             link = stage.link
             forward.request_id = next(_REQUEST_IDS)
             try:
+                sent, t0 = forward.ByteSize(), time.perf_counter()
                 reply = self._call(link, forward)
+                rtt = time.perf_counter() - t0
                 break
             except UnavailableError:
                 if not link.down or self.relocate is None:  # the node itself refused: no failover helps
                     raise
             self._move(stage, link)
         if self.stats is not None:
-            self.stats.record_stage()
+            self.stats.record_stage(link.name, stage.start, stage.end, B * T, reply.routing,
+                                    sent, reply.ByteSize(), rtt)
         if not self._rebuilding:
             self._record(stage, request, T)
         return wire.decode(reply.output, "output")

@@ -2,13 +2,16 @@
 
 ``RoutingStats.record_layer`` runs once per MoE layer with the arrays the
 dispatcher already has in numpy: two ``bincount``s and a few additions per
-request, never a Python loop over tokens. ``RequestStats`` counts requests,
+request, never a Python loop over tokens. Pipeline stage spans run their
+gates on their nodes, which count what they route and send it back with
+each reply: ``record_stage`` adds that in, with the span's round trip. ``RequestStats`` counts requests,
 generated tokens and time to first token. Both can be reset; ``snapshot``
 turns them into one ``RouterStats`` message.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -18,18 +21,22 @@ from ..metrics import Histogram
 from ..placement import balance_ratio
 from ..v1 import expertmesh_pb2 as pb
 
+logger = logging.getLogger(__name__)
+
 
 class RoutingStats:
     """Per MoE layer: token-slots per expert and per node; per node: requests,
     bytes each way and round-trip latency."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, nodes: list[str]):
+    def __init__(self, moe_layers: list[int], num_experts: int, nodes: list[str], top_k: int = 0):
         self.moe_layers = list(moe_layers)
         self.num_experts = num_experts
         self.nodes = list(nodes)
         self._row = {l: i for i, l in enumerate(self.moe_layers)}
+        self._node = {n: i for i, n in enumerate(self.nodes)}
         self._lock = threading.Lock()
-        self.top_k = 0
+        self.top_k = top_k
+        self.staged = np.zeros(len(self.moe_layers), bool)  # layers a pipeline stage runs: not balanceable
         self.reset()
 
     def reset(self) -> None:
@@ -45,9 +52,13 @@ class RoutingStats:
             self.round_trips = 0
 
     def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of the token-slot counts: [layers, experts], [layers, nodes], tokens [layers]."""
+        """Copies of the token-slot counts: [layers, experts], [layers, nodes]
+        (0 in stage layers, whose load no expert move changes), tokens [layers]."""
         with self._lock:
-            return self.expert_tokens.copy(), self.node_tokens.copy(), self.layer_tokens.copy()
+            return self.expert_tokens.copy(), self._spread_node_tokens(), self.layer_tokens.copy()
+
+    def _spread_node_tokens(self) -> np.ndarray:
+        return np.where(self.staged[:, None], 0, self.node_tokens)
 
     def record_layer(self, layer: int, ids: np.ndarray, slot_nodes: np.ndarray,
                      sent: list[tuple[int, int, int, float]]) -> None:
@@ -74,10 +85,38 @@ class RoutingStats:
                 self.bytes_received[n] += back
                 self.rtt[n].observe(rtt)
 
-    def record_stage(self) -> None:
-        """One pipeline stage span's round trip (its layers' tokens are not counted here)."""
+    def record_stage(self, node: str, start: int, end: int, tokens: int, routing: pb.StageRouting,
+                     sent: int, received: int, rtt: float) -> None:
+        """One round trip of the stage span of layers ``[start, end)`` to ``node``.
+
+        Args:
+            tokens: rows x positions of the hidden states sent.
+            routing: what the span's gates routed, as the node counted it (validated here).
+            sent, received, rtt: the request's and the reply's bytes, and the round trip in seconds.
+        """
+        rows = [self._row[l] for l in range(start, end) if l in self._row]
+        E = self.num_experts
+        slots, counts = np.asarray(routing.slots, np.int64), np.asarray(routing.counts, np.int64)
+        layer, expert = np.divmod(slots, max(E, 1))
+        moe = np.isin(layer, list(self._row)) if slots.size else np.ones(0, bool)
+        if (len(slots) != len(counts) or not moe.all() or (layer < start).any() or (layer >= end).any()
+                or (counts > tokens * E).any()):
+            logger.warning("node %s reported routing outside layers %d-%d (or over %d tokens): not counted",
+                           node, start, end - 1, tokens)
+            layer = expert = counts = np.zeros(0, np.int64)
+        row = np.array([self._row[l] for l in layer.tolist()], np.int64)
+        n = self._node.get(node)
         with self._lock:
             self.round_trips += 1
+            self.staged[rows] = True
+            self.layer_tokens[rows] += tokens
+            np.add.at(self.expert_tokens, (row, expert), counts)
+            if n is not None:
+                np.add.at(self.node_tokens[:, n], row, counts)
+                self.requests[n] += 1
+                self.bytes_sent[n] += sent
+                self.bytes_received[n] += received
+                self.rtt[n].observe(rtt)
 
     def fill(self, m: pb.RouterStats) -> None:
         """Copy the counts into ``m`` (with the balance ratio and bytes per token)."""
@@ -92,7 +131,9 @@ class RoutingStats:
                             rtt_seconds=self.rtt[n].to_message())
             m.tokens_processed = int(self.layer_tokens.max(initial=0))
             m.round_trips = self.round_trips
-            m.balance_ratio = balance_ratio(self.node_tokens)
+            spread = self._spread_node_tokens()
+            # the layers whose experts are spread; with none, how evenly the stages share the model
+            m.balance_ratio = balance_ratio(spread if spread.any() else self.node_tokens.sum(0, keepdims=True))
             traffic = int(self.bytes_sent.sum() + self.bytes_received.sum())
             m.bytes_per_token = traffic / m.tokens_processed if m.tokens_processed else 0.0
 

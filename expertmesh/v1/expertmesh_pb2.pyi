@@ -232,20 +232,30 @@ class StageRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ..., trim: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "output", "compute_seconds", "error_code", "error", "working")
+    __slots__ = ("request_id", "output", "compute_seconds", "error_code", "error", "working", "routing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     WORKING_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     output: Tensor
     compute_seconds: float
     error_code: int
     error: str
     working: bool
-    def __init__(self, request_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., working: _Optional[bool] = ...) -> None: ...
+    routing: StageRouting
+    def __init__(self, request_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., working: _Optional[bool] = ..., routing: _Optional[_Union[StageRouting, _Mapping]] = ...) -> None: ...
+
+class StageRouting(_message.Message):
+    __slots__ = ("slots", "counts")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, slots: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DataPlaneHello(_message.Message):
     __slots__ = ("token", "router_id", "epoch")
