@@ -1,7 +1,7 @@
 """``make bench``: the hot path and end-to-end throughput, as ratios measured
 side by side in one run. Writes benchmarks/results/latest.json and prints a table.
 
-    python benchmarks/run.py [--quick] [--nodes 2] [--layers N] [--scale] [--modes auto expert] [--no-spec]
+    python benchmarks/run.py [--quick] [--nodes 2] [--layers N] [--scale] [--modes auto expert] [--no-spec] [--no-balance]
 
 The mesh is measured in the router's default mode (``auto``: the cost model
 picks spans of whole layers or spread experts) and in ``expert`` mode (every
@@ -32,10 +32,17 @@ import hop  # noqa: E402
 from expertmesh import Client, builtin  # noqa: E402
 from expertmesh.demo import Process  # noqa: E402
 from expertmesh.router import RouterConfig  # noqa: E402
+from expertmesh.router.stats import hot_experts  # noqa: E402
 from expertmesh.tinymodel import write_tiny_model  # noqa: E402
+from expertmesh.v1 import expertmesh_pb2 as pb  # noqa: E402
 
 PROMPT = "Once upon a time"
 SPEC_PROMPT = "def __init__(self, "  # the built-in model's corpus is Python source
+# lines of Python for the balance stage (the first five are tests/test_builtin.py's)
+BALANCE_PROMPTS = ["class Point:\n    def __repr__(self):\n        return ", "    def __len__(self):\n        return ",
+                   "def __init__(self, ", "class Error(Exception):\n    \"\"\"", "if __name__ == '__main__':\n",
+                   "import os\nimport sys\n\ndef main(", "    for key, value in self.items():\n        ",
+                   "    try:\n        return self._cache[key]\n    except KeyError:\n        "]
 
 # The mesh's figures (decode_tps_mesh, decode_ratio, ...) are taken in the
 # router's default mode, the one `expertmesh router` runs; every other mode's
@@ -237,6 +244,32 @@ def speculative_runs(nodes: int, logs: Path, max_tokens: int, repeats: int) -> d
     return out
 
 
+def balance_runs(logs: Path, max_tokens: int, nodes: int = 3) -> dict:
+    """Expert mode on the built-in trained model over ``nodes`` node processes:
+    greedy from ``BALANCE_PROMPTS`` on contiguous expert ranges, the balance ratio
+    and hot experts the router saw (``Client.stats``, what ``expertmesh stats``
+    prints), ``Client.rebalance()`` (``expertmesh rebalance``), then the same
+    prompts again on counters reset after it."""
+    mesh = Mesh(builtin.model_dir(), nodes, logs)
+    try:
+        with Client(mesh.address) as c:
+            def run() -> dict[str, list[int]]:
+                return {p: [x.token for x in c.generate(p, max_tokens=max_tokens)] for p in BALANCE_PROMPTS}
+
+            before_tokens, before = run(), c.stats()
+            progress = list(c.rebalance())
+            c.stats(reset=True)
+            after_tokens, after = run(), c.stats()
+    finally:
+        mesh.close()
+    if progress[-1].phase != pb.REBALANCE_DONE:
+        raise RuntimeError(f"rebalance did not finish: {progress[-1]}")
+    return {"balance_before_trained": before.balance_ratio, "balance_after_trained": after.balance_ratio,
+            "hot_experts_trained": [f"{l}:{e} {share:.0%}" for l, e, share in hot_experts(before, 3)],
+            "rebalance_moves_trained": len(progress[0].moves),
+            "rebalance_tokens_identical": after_tokens == before_tokens}
+
+
 def acceptance(model: Path, draft: Path, max_tokens: int, num_draft_tokens: int = 3) -> float:
     """Accepted / proposed draft tokens of mlx-lm's ``speculative_generate_step``
     (what the router runs), greedy on ``SPEC_PROMPT``, in this process."""
@@ -277,6 +310,7 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="router modes to measure (default: both)")
     parser.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding runs")
+    parser.add_argument("--no-balance", action="store_true", help="skip the trained model's rebalance run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
     trials, repeats, tokens = (300, 1, 32) if args.quick else (2000, 5, 64)
@@ -302,6 +336,9 @@ def main() -> int:
         if not args.no_spec:
             step("speculative decoding")
             results.update(speculative_runs(args.nodes, root, tokens, repeats))
+        if not args.no_balance:
+            step("routing balance on the trained model: 3 nodes, rebalance, the same prompts again")
+            results.update(balance_runs(root, 24))
         step("mlx-lm's ring pipeline (mlx.launch)")
         runs = [t for t in (pipeline_tps(model, tokens) for _ in range(repeats)) if t]
         results["decode_tps_pipeline"] = statistics.median(runs) if runs else None
