@@ -177,7 +177,7 @@ class NodeLink:
         try:
             if self.security.tls:
                 sock = self.security.client_ssl_context().wrap_socket(sock, server_hostname=host)
-            if self.info.token_required or self.epoch:  # the token, and we hold the node since that epoch
+            if self.info.token_required or (self.epoch and self.router_identity.id):  # token; we hold it
                 wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or "", router_id=self.router_identity.id,
                                                         epoch=self.epoch))
                 welcome = wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
