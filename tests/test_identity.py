@@ -88,7 +88,7 @@ def test_a_node_refuses_an_assign_for_other_weights_and_keeps_serving(tiny, tune
 
 def test_an_mdns_record_of_other_weights_is_rejected_with_what_differs(tiny, tuned):
     ours, theirs = Checkpoint(tiny).identity, Checkpoint(tuned).identity
-    membership = Membership(RouterConfig(model=tiny, discovery=False), "mlx-f32", ours)
+    membership = Membership(RouterConfig(model=tiny, discovery=False, peers=["127.0.0.1:9"]), "mlx-f32", ours)
     record = NodeRecord("mini", PROTOCOL_VERSION, "mlx-f32", theirs.config, 10**9, weights_hash=theirs.weights)
     said = membership.rejection(Announcement("mini", ("10.0.0.2",), 4000, record))
     assert said.startswith("serves model mlx-f32 with other weights under the same config")
