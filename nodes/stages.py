@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
@@ -50,8 +49,9 @@ class _Layers(nn.Module):
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
 
-    def __init__(self, start: int, module: _Layers):
+    def __init__(self, start: int, module: _Layers, adapter: Adapter):
         self.layers = module.layers
+        self.mask = adapter.attention_mask  # as the family's own model builds it
         self.start, self.end = start, start + len(module.layers)
         self.nbytes = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
         self._batches: dict[tuple[int, ...], list] = {}  # row composition -> one (Batch)KVCache per layer
@@ -88,7 +88,7 @@ class _Span:
 
     def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int], trim: int = 0) -> mx.array:
         if not sequences:  # a one-off forward, no KV kept
-            mask = create_attention_mask(x, None)
+            mask = self.mask(x, None)
             for layer in self.layers:
                 x = layer(x, mask, None)
             mx.eval(x)
@@ -102,7 +102,7 @@ class _Span:
         if right_padding:  # never with one row: nothing pads a batch of one
             for c in caches:
                 c.prepare(right_padding=right_padding)
-        mask = create_attention_mask(x, caches[0])
+        mask = self.mask(x, caches[0])
         for layer, c in zip(self.layers, caches):
             x = layer(x, mask, c)
         if right_padding:
@@ -227,7 +227,7 @@ class StageStore:
         compiled.compile_decode_steps(module)  # norms and RoPEs
         for layer in module.layers:  # and the MoE (or MLP) block
             setattr(layer, attr, compiled.DecodeStep(getattr(layer, attr), 1))
-        return _Span(start, module)
+        return _Span(start, module, self.adapter)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
         """Seconds of one decode step of ``layer`` at batch 1 and 8 (medians
