@@ -24,6 +24,8 @@ from expertmesh import Client
 from expertmesh.demo import Process
 from expertmesh.tinymodel import CORPUS, DEFAULT_CONFIGS, write_tiny_model
 
+from test_models import variants
+
 FAMILIES = list(DEFAULT_CONFIGS)
 MODES = ("expert", "pipeline", "auto")
 PROMPT = "Once upon a time there was a little model"
@@ -37,11 +39,9 @@ MIN_MARGIN = 1e-4
 
 
 def layouts(i: int) -> dict[str, dict]:
-    """HF float32 and MLX 4- and 8-bit, with group sizes 64 and 32 crossed across families."""
-    q4, q8 = (64, 32) if i % 2 == 0 else (32, 64)
-    return {"hf-f32": dict(layout="hf"),
-            "mlx-4bit": dict(quantize={"bits": 4, "group_size": q4}),
-            "mlx-8bit": dict(quantize={"bits": 8, "group_size": q8})}
+    """HF float32 and MLX 4- and 8-bit (group sizes 64 and 32 crossed across
+    families, as in test_models.py)."""
+    return {k: kw for k, kw in variants(i).items() if k.startswith(("hf-", "mlx-4bit", "mlx-8bit"))}
 
 
 CASES = [(family, name, kw, 2 + (i + j) % 2)
@@ -49,12 +49,13 @@ CASES = [(family, name, kw, 2 + (i + j) % 2)
 
 
 def test_cases_cover_every_family_layout_and_mode_on_2_and_3_nodes():
-    for key in (0, 1):  # each family, and each layout, meets both mesh sizes (every mode runs on every mesh)
-        groups: dict[str, set] = {}
+    for key in (lambda c: c[0], lambda c: c[1][:8]):  # each family, and each layout, meets both mesh sizes
+        groups: dict[str, set] = {}  # (and every mode runs on every mesh)
         for case in CASES:
-            groups.setdefault(case[key], set()).add(case[3])
+            groups.setdefault(key(case), set()).add(case[3])
         assert all(sizes == {2, 3} for sizes in groups.values()), groups
-    assert {c[0] for c in CASES} == set(FAMILIES) and {c[1] for c in CASES} == {"hf-f32", "mlx-4bit", "mlx-8bit"}
+    assert {c[0] for c in CASES} == set(FAMILIES)
+    assert {c[1][:8] for c in CASES} == {"hf-f32", "mlx-4bit", "mlx-8bit"}
 
 
 @dataclass
