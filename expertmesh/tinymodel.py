@@ -129,24 +129,17 @@ def _printable_ids(path: Path) -> list:
 def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     """Random weights whose greedy text varies, and never meets a near-tie.
 
-    Plain random weights decode into a loop of two to five tokens: every
-    hidden state shares one direction, so a few tokens win from everywhere.
-    Here, on top of mlx-lm's initialisation:
-
-    - the norms are perturbed (and DeepSeek's zero gates and correction
-      biases drawn), so no two experts or scores tie;
-    - attention is sharpened (``ATTENTION_SHARPNESS``), so the next token
-      depends on which earlier tokens a head picks, not on the current one alone;
-    - the embeddings are scaled up (``EMBED_SCALE``) and the head leans each
-      token towards a successor on one random cycle over the printable
-      tokens (``SUCCESSOR_BIAS``): the text walks that cycle about half the
-      time, and the layers choose every other step, which breaks loops;
-    - the head is made blind to the direction all hidden states share;
-    - only printable, non-special tokens keep a head row, and the final norm
-      is scaled so the logits spread by about ``logit_std``.
-
-    A tied head (``tie_word_embeddings``) keeps plain random rows: changing
-    them would change the input embeddings.
+    Plain random weights decode into a loop of a few tokens (every hidden
+    state shares one direction). On top of mlx-lm's initialisation: perturbed
+    norms (and DeepSeek's gates and correction biases drawn), so nothing
+    ties; sharper attention (``ATTENTION_SHARPNESS``), so the next token
+    depends on the earlier ones a head picks; embeddings scaled up
+    (``EMBED_SCALE``) and a head that leans each token towards its successor
+    on one random cycle (``SUCCESSOR_BIAS``) and is blind to the shared
+    direction, so the text walks the cycle about half the time and the
+    layers choose the other steps; printable tokens only, and logits spread
+    by about ``logit_std``. A tied head keeps plain random rows (they are
+    the input embeddings too).
     """
     for _, m in model.named_modules():
         if isinstance(m, nn.RMSNorm):
@@ -158,7 +151,7 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
         if "e_score_correction_bias" in m:
             m.e_score_correction_bias = 0.1 * mx.random.normal(m.e_score_correction_bias.shape)
     for layer in model.model.layers:
-        _sharpen(layer.self_attn, ATTENTION_SHARPNESS)
+        tinyfamilies.sharpen(layer.self_attn, ATTENTION_SHARPNESS)
     tied = config.get("tie_word_embeddings", False)
     if not tied:
         model.model.embed_tokens.weight = model.model.embed_tokens.weight * EMBED_SCALE
@@ -173,18 +166,6 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     rms = mx.sqrt(mx.sum(head.weight**2) / (len(allowed) * head.weight.shape[1]))
     scale = logit_std / (rms * math.sqrt(head.weight.shape[1]))
     model.model.norm.weight = model.model.norm.weight * scale
-
-
-def _sharpen(attn: nn.Module, factor: float):
-    """Scale an attention's queries, so its scores, by ``factor``: after the
-    query norm where the family has one, else in the last query projection."""
-    if "q_norm" in attn:
-        attn.q_norm.weight = attn.q_norm.weight * factor
-        return
-    q = attn.q_b_proj if "q_b_proj" in attn else attn.q_proj  # DeepSeek's low-rank queries
-    q.weight = q.weight * factor
-    if "bias" in q:
-        q.bias = q.bias * factor
 
 
 def _vary(model: nn.Module, allowed: list) -> mx.array:
