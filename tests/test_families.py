@@ -101,6 +101,7 @@ def reference(path: Path) -> Reference:
 
 @dataclass
 class Mesh:
+    family: str
     path: Path
     reference: Reference
     nodes: list[str]
@@ -119,7 +120,7 @@ def mesh(request, tmp_path_factory):
     nodes = [Process(["node", "--model", str(path), "--port", "0", "--name", f"n{i}", "--memory-gb", "1",
                       "--no-discovery"], root / f"node{i}.log") for i in range(count)]
     try:
-        yield Mesh(path, ref, [p.address(timeout=120) for p in nodes], root, f"{family} {name} on {count} nodes")
+        yield Mesh(family, path, ref, [p.address(timeout=120) for p in nodes], root, f"{family} {name} on {count} nodes")
     finally:
         for p in nodes:
             p.stop()
@@ -141,13 +142,14 @@ def test_greedy_tokens_match_mlx_lm_through_node_and_router_processes(mesh, mode
             nodes = client.cluster().nodes
     finally:
         router.stop()
-    assert router.proc.returncode is not None
+    assert router.proc.returncode == 130, "the router stops cleanly (and lets its nodes go) on SIGTERM"
     assert got == ref.tokens, f"{mesh.name}, --mode {mode}"
     assert long == ref.long_tokens, f"{mesh.name}, --mode {mode}, {LONG_TOKENS}-token prompt"
     assert len(nodes) == len(mesh.nodes)
     if mode == "expert":
-        assert all(n.experts and not n.stages for n in nodes), "every node holds experts"
+        assert all(any(n.experts.values()) and not n.stages for n in nodes), "every node holds experts"
     elif mode == "pipeline":
         spans = sorted(tuple(s) for n in nodes for s in n.stages)
-        assert [a for a, _ in spans] == [0, *(b for _, b in spans[:-1])] and spans[-1][1] == 4, spans
-        assert not any(n.experts for n in nodes)
+        layers = DEFAULT_CONFIGS[mesh.family]["num_hidden_layers"]
+        assert [a for a, _ in spans] == [0, *(b for _, b in spans[:-1])] and spans[-1][1] == layers, spans
+        assert not any(any(n.experts.values()) for n in nodes)
