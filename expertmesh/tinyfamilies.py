@@ -1,4 +1,5 @@
-"""Per-family data for the tiny checkpoints: configs and Hugging Face names.
+"""Per-family data for the tiny checkpoints: configs, Hugging Face names, and
+where each family's attention takes its queries.
 
 Each config is small but exercises what makes its family different
 (shared experts, group-limited routing, dense first layers, correction
@@ -9,6 +10,7 @@ model's ``sanitize`` expects in a per-expert checkpoint.
 from typing import Any, Callable, Dict
 
 import mlx.core as mx
+import mlx.nn as nn
 
 SHARED = {
     "hidden_size": 64,
@@ -147,3 +149,16 @@ def _deepseek_v3_kv_b_proj(weights: Dict[str, mx.array], config: dict) -> Dict[s
 HF_OTHER_NAMES: Dict[str, Callable[[Dict[str, mx.array], dict], Dict[str, mx.array]]] = {
     "deepseek_v3": _deepseek_v3_kv_b_proj,
 }
+
+
+def sharpen(attn: nn.Module, factor: float) -> None:
+    """Scale an mlx-lm attention's queries, so its scores, by ``factor``:
+    after the query norm where the family has one (Qwen3, OLMoE), else in
+    the last query projection (DeepSeek's low-rank ``q_b_proj`` or ``q_proj``)."""
+    if "q_norm" in attn:
+        attn.q_norm.weight = attn.q_norm.weight * factor
+        return
+    q = attn.q_b_proj if "q_b_proj" in attn else attn.q_proj
+    q.weight = q.weight * factor
+    if "bias" in q:
+        q.bias = q.bias * factor

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_VOCAB_SIZE = 480
 LOGIT_STD = 200.0
+ATTENTION_SHARPNESS = 16.0  # factor on the attention scores of mlx-lm's initialisation
+EMBED_SCALE = 2.0  # factor on the embeddings: the current token shows in the last hidden state
+SUCCESSOR_BIAS = 1.3  # pull of each token's successor, in head-row norms (see _randomise)
 HOT_BOOST = 6.0  # gate logit added to hot experts: they win for nearly every token
 
 CHAT_TEMPLATE = (
@@ -124,7 +127,20 @@ def _printable_ids(path: Path) -> list:
 
 
 def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
-    """Perturb the norms and sharpen the logits so greedy decoding has no ties."""
+    """Random weights whose greedy text varies, and never meets a near-tie.
+
+    Plain random weights decode into a loop of a few tokens (every hidden
+    state shares one direction). On top of mlx-lm's initialisation: perturbed
+    norms (and DeepSeek's gates and correction biases drawn), so nothing
+    ties; sharper attention (``ATTENTION_SHARPNESS``), so the next token
+    depends on the earlier ones a head picks; embeddings scaled up
+    (``EMBED_SCALE``) and a head that leans each token towards its successor
+    on one random cycle (``SUCCESSOR_BIAS``) and is blind to the shared
+    direction, so the text walks the cycle about half the time and the
+    layers choose the other steps; printable tokens only, and logits spread
+    by about ``logit_std``. A tied head keeps plain random rows (they are
+    the input embeddings too).
+    """
     for _, m in model.named_modules():
         if isinstance(m, nn.RMSNorm):
             m.weight = 1.0 + 0.1 * mx.random.normal(m.weight.shape)
@@ -134,10 +150,14 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
         # DeepSeek-V3 selects with a correction bias, but weights without it
         if "e_score_correction_bias" in m:
             m.e_score_correction_bias = 0.1 * mx.random.normal(m.e_score_correction_bias.shape)
-    # Only printable, non-special tokens keep a nonzero head row. The top logit
-    # of a few hundred random logits is positive with overwhelming probability,
-    # so the zero rows never win the argmax.
+    for layer in model.model.layers:
+        tinyfamilies.sharpen(layer.self_attn, ATTENTION_SHARPNESS)
     tied = config.get("tie_word_embeddings", False)
+    if not tied:
+        model.model.embed_tokens.weight = model.model.embed_tokens.weight * EMBED_SCALE
+        model.lm_head.weight = _vary(model, allowed)
+    # The top logit of a few hundred random logits is positive with
+    # overwhelming probability, so the zero rows never win the argmax.
     head = model.model.embed_tokens if tied else model.lm_head
     keep = mx.zeros((head.weight.shape[0], 1))
     keep[mx.array(allowed)] = 1.0
@@ -146,6 +166,23 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
     rms = mx.sqrt(mx.sum(head.weight**2) / (len(allowed) * head.weight.shape[1]))
     scale = logit_std / (rms * math.sqrt(head.weight.shape[1]))
     model.model.norm.weight = model.model.norm.weight * scale
+
+
+def _vary(model: nn.Module, allowed: list) -> mx.array:
+    """The untied head, blind to the hidden states' shared direction and
+    leaning every printable token towards its successor on a random cycle."""
+    head = model.lm_head.weight
+    ids = mx.array(allowed)
+    sample = ids[mx.random.randint(0, len(allowed), (4, 128))]
+    mean = model.model(sample).reshape(-1, head.shape[1]).mean(axis=0)
+    u = mean / mx.linalg.norm(mean)
+    head = head - (head @ u)[:, None] * u
+    row = mx.linalg.norm(head[ids], axis=-1).mean()
+    cycle = ids[mx.random.permutation(len(allowed))]
+    embed = model.model.embed_tokens.weight[cycle]
+    lean = embed / mx.linalg.norm(embed, axis=-1, keepdims=True)
+    head[mx.roll(cycle, -1)] = head[mx.roll(cycle, -1)] + SUCCESSOR_BIAS * row * lean
+    return head
 
 
 def _skew(model: nn.Module, hot: list, boost: float = HOT_BOOST):

@@ -23,7 +23,6 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
@@ -53,9 +52,10 @@ class _Layers(nn.Module):
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
 
-    def __init__(self, start: int, module: _Layers, routing: SpanRouting):
+    def __init__(self, start: int, module: _Layers, routing: SpanRouting, adapter: Adapter):
         self.layers = module.layers
         self.routing = routing  # what its gates chose, per request
+        self.mask = adapter.attention_mask  # as the family's own model builds it
         self.start, self.end = start, start + len(module.layers)
         self.nbytes = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
         self._batches: dict[tuple[int, ...], list] = {}  # row composition -> one (Batch)KVCache per layer
@@ -93,7 +93,7 @@ class _Span:
     def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int], trim: int = 0) -> mx.array:
         self.routing.begin()
         if not sequences:  # a one-off forward, no KV kept
-            mask = create_attention_mask(x, None)
+            mask = self.mask(x, None)
             for layer in self.layers:
                 x = layer(x, mask, None)
             mx.eval(x, self.routing.pending())
@@ -107,7 +107,7 @@ class _Span:
         if right_padding:  # never with one row: nothing pads a batch of one
             for c in caches:
                 c.prepare(right_padding=right_padding)
-        mask = create_attention_mask(x, caches[0])
+        mask = self.mask(x, caches[0])
         for layer, c in zip(self.layers, caches):
             x = layer(x, mask, c)
         if right_padding:
@@ -246,7 +246,7 @@ class StageStore:
         eval_private_arrays(module)
         compiled.compile_decode_steps(module)  # norms and RoPEs
         routing = SpanRouting(module.layers, start, self.adapter)  # and the MoE (or MLP) blocks, counted
-        return _Span(start, module, routing)
+        return _Span(start, module, routing, self.adapter)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
         """Seconds of one decode step of ``layer`` at batch 1 and 8 (medians

@@ -7,6 +7,9 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from expertmesh import Client, GenerationOptions, InvalidRequestError
+from expertmesh.tinymodel import write_tiny_model
+
+from conftest import running_nodes, running_router
 
 CONVERSATION = [{"role": "system", "content": "You are a tiny model."},
                 {"role": "user", "content": "Tell me about the experts."}]
@@ -22,6 +25,17 @@ def reference(tiny):
 def client(live_router):
     with Client(f"127.0.0.1:{live_router.port}") as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def soft(tmp_path_factory):
+    """A client and mlx-lm on a checkpoint whose logits are a few nats apart,
+    as a real model's: every sampling setting then changes what is drawn (the
+    default tiny model's are hundreds apart, so top_p and min_p keep one token)."""
+    path = write_tiny_model(tmp_path_factory.mktemp("soft") / "model", seed=1, logit_std=10.0)
+    with running_nodes(path, 2) as nodes, running_router(path, [n.address for n in nodes]) as router:
+        with Client(f"127.0.0.1:{router.port}") as c:
+            yield c, load(str(path))
 
 
 def mlx_lm_pieces(reference, prompt, max_tokens, seed=None, **kw):
@@ -55,12 +69,12 @@ def test_stop_strings_cut_the_text_before_them(client):
         assert len(pieces) < 32
 
 
-def test_seeded_sampling_is_reproducible_and_matches_mlx_lm(client, reference):
-    # the tiny model's logits are tens of nats apart: only a high temperature makes seeds matter
-    options = GenerationOptions(max_tokens=24, temperature=10.0, top_p=0.99, top_k=50, min_p=0.001, seed=7)
+def test_seeded_sampling_is_reproducible_and_matches_mlx_lm(soft):
+    client, reference = soft
+    options = GenerationOptions(max_tokens=24, temperature=1.0, top_p=0.99, top_k=50, min_p=0.001, seed=7)
     first = [p.token for p in client.generate(PROMPT, options)]
     assert [p.token for p in client.generate(PROMPT, options)] == first
-    sampler = make_sampler(10.0, top_p=0.99, min_p=0.001, top_k=50)
+    sampler = make_sampler(1.0, top_p=0.99, min_p=0.001, top_k=50)
     assert [t for t, _ in mlx_lm_pieces(reference, PROMPT, 24, seed=7, sampler=sampler)] == first
     assert [p.token for p in client.generate(PROMPT, options.replace(seed=8))] != first
 
@@ -68,9 +82,11 @@ def test_seeded_sampling_is_reproducible_and_matches_mlx_lm(client, reference):
 def test_repetition_penalty_changes_output_as_mlx_lm_does(client, reference):
     prompt = templated(reference, CONVERSATION)
     plain = [p.token for p in client.chat(CONVERSATION, max_tokens=24)]
+    # the tiny model's text seldom repeats itself within 16 tokens: the penalty
+    # reaches back over the whole templated prompt, which the text would repeat
     penalized = [p.token for p in client.chat(CONVERSATION, max_tokens=24, repetition_penalty=1.5,
-                                              repetition_context_size=16)]
-    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=16)
+                                              repetition_context_size=64)]
+    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=64)
     assert [t for t, _ in mlx_lm_pieces(reference, prompt, 24, logits_processors=processors)] == penalized
     assert penalized != plain
 

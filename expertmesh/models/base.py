@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 
 from .. import compiled
 from ..mlxlm import get_classes
@@ -85,6 +86,7 @@ class Adapter:
     remote_class: type[RemoteBlock]
     hf_names = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
     hf_experts = "experts"
+    array_mask = False  # the family's attention needs an array mask, never the string "causal"
 
     def __init__(self, config: dict):
         self.config = config
@@ -114,6 +116,11 @@ class Adapter:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.args.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def attention_mask(self, h: mx.array, cache=None):
+        """The mask mlx-lm's model of this family gives its decoder layers for
+        hidden states ``h`` [B, T, H] and the first layer's cache."""
+        return create_attention_mask(h, cache, return_array=self.array_mask)
 
     # --- tensor names -------------------------------------------------------
     def stacked_path(self, layer: int, proj: str) -> str:
