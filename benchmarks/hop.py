@@ -75,7 +75,8 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
     from expertmesh.demo import Process
     from expertmesh.models import get_adapter
     from expertmesh.placement import NodeBudget, contiguous
-    from expertmesh.router.dispatcher import Dispatcher, NodeLink
+    from expertmesh.router.dispatcher import Dispatcher
+    from expertmesh.router.link import NodeLink
     from expertmesh.v1 import expertmesh_pb2 as pb
     from expertmesh.worker import MLXWorker
 

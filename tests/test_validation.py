@@ -260,7 +260,7 @@ def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
     deadline: test_failover)."""
     from expertmesh.nodes.dataplane import DataPlane
     from expertmesh.serving import HEARTBEAT_S
-    from expertmesh.router.dispatcher import NodeLink
+    from expertmesh.router.link import NodeLink
 
     def slow(req):
         if req.layer == 1:

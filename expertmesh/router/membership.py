@@ -26,7 +26,8 @@ from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, Place
 from ..placement import Placement, describe, take_over
 from ..serving import PROTOCOL_VERSION
 from ..v1 import expertmesh_pb2 as pb
-from .dispatcher import AssignProgressCallback, Dispatcher, NodeLink
+from .dispatcher import Dispatcher
+from .link import AssignProgressCallback, NodeLink
 
 if TYPE_CHECKING:
     from .router import RouterConfig
@@ -113,8 +114,8 @@ class Membership:
         Raises:
             UnavailableError: too few nodes turned up, or none could be reached.
             ConfigMismatchError: a node serves another checkpoint or protocol.
+            OwnershipError: a node given by --peer serves another router.
         """
-        cfg = self.config
         if self.browser is not None:
             self._wait_for_nodes()
         failures = []

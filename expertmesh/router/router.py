@@ -24,7 +24,8 @@ from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from .batching import MAX_BATCH, MAX_WAITING
 from .dense import load_dense
-from .dispatcher import REQUEST_LIMIT_S, AssignProgressCallback, Dispatcher, NodeLink
+from .dispatcher import Dispatcher
+from .link import REQUEST_LIMIT_S, AssignProgressCallback, NodeLink
 from .engine import Engine, Piece
 from .membership import Membership
 from .openai import OpenAIServer

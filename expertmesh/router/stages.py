@@ -39,7 +39,7 @@ from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..mlxlm import BaseCache, swap_class
 from ..v1 import expertmesh_pb2 as pb
-from .dispatcher import _REQUEST_IDS, NodeLink
+from .link import _REQUEST_IDS, NodeLink
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
