@@ -33,6 +33,9 @@ class RoutingStats:
         self.num_experts = num_experts
         self.nodes = list(nodes)
         self._row = {l: i for i, l in enumerate(self.moe_layers)}
+        # layer -> its row, -1 for a dense layer: stage replies look their layers up in one step
+        self._row_of = np.full(max(self.moe_layers, default=0) + 1, -1, np.int64)
+        self._row_of[self.moe_layers] = np.arange(len(self.moe_layers))
         self._node = {n: i for i, n in enumerate(self.nodes)}
         self._lock = threading.Lock()
         self.top_k = top_k
@@ -98,13 +101,14 @@ class RoutingStats:
         E = self.num_experts
         slots, counts = np.asarray(routing.slots, np.int64), np.asarray(routing.counts, np.int64)
         layer, expert = np.divmod(slots, max(E, 1))
-        moe = np.isin(layer, list(self._row)) if slots.size else np.ones(0, bool)
+        known = (layer >= 0) & (layer < len(self._row_of))
+        moe = known & (self._row_of[np.where(known, layer, 0)] >= 0)
         if (len(slots) != len(counts) or not moe.all() or (layer < start).any() or (layer >= end).any()
                 or (counts > tokens * E).any()):
             logger.warning("node %s reported routing outside layers %d-%d (or over %d tokens): not counted",
                            node, start, end - 1, tokens)
             layer = expert = counts = np.zeros(0, np.int64)
-        row = np.array([self._row[l] for l in layer.tolist()], np.int64)
+        row = self._row_of[layer]
         n = self._node.get(node)
         with self._lock:
             self.round_trips += 1
