@@ -51,6 +51,7 @@ class Process:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
+        self._address: str | None = None
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -79,8 +80,10 @@ class Process:
         raise ExpertmeshError(f"process exited: {tail[0]}")
 
     def address(self, timeout: float) -> str:
-        """The HOST:PORT from its ``listening on`` line."""
-        return self.wait_for(_LISTENING, timeout).group(1)
+        """The HOST:PORT from its ``listening on`` line (the same on later calls)."""
+        if self._address is None:
+            self._address = self.wait_for(_LISTENING, timeout).group(1)
+        return self._address
 
     def stop(self) -> None:
         if self.proc.poll() is None:
