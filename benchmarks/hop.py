@@ -76,6 +76,7 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
     from expertmesh.models import get_adapter
     from expertmesh.placement import NodeBudget, contiguous
     from expertmesh.router.dispatcher import Dispatcher
+    from expertmesh.router.snapshot import Snapshot
     from expertmesh.router.link import NodeLink
     from expertmesh.v1 import expertmesh_pb2 as pb
     from expertmesh.worker import MLXWorker
@@ -94,7 +95,8 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
         link.open_stream()
         if link._sock is None:
             raise RuntimeError("the hop node offers no data plane: the hop would be gRPC's")
-        dispatch = Dispatcher([link], placement, 10)
+        snapshot = Snapshot.of(placement, [link])
+        dispatch = Dispatcher(lambda: snapshot, 10)
 
         computes: list[float] = []  # the node's own compute time, from each reply
         receive = link.receive

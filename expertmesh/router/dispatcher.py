@@ -4,7 +4,6 @@ request per node that has work, and the sum of the answers."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -13,9 +12,10 @@ import numpy as np
 
 from .. import wire
 from ..errors import UnavailableError
-from ..placement import Placement, describe
+from ..placement import describe
 from ..v1 import expertmesh_pb2 as pb
-from .link import _REQUEST_IDS, NodeLink
+from .link import _REQUEST_IDS
+from .snapshot import Snapshot
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -23,47 +23,52 @@ logger = logging.getLogger(__name__)
 class Dispatcher:
     """Sends each MoE layer's routed tokens to live nodes holding their experts.
 
+    Each layer reads the current ``Snapshot`` (``current()``) once and routes
+    by it: a new one (a rebalance's switch) applies from the next layer on.
     Tokens of a replicated expert are spread evenly over its live copies:
     by token row, turning one copy further at each call of a layer (so one
     decoding sequence alternates too). When a node fails during a layer, only
     the (token, slot) pairs it had are sent again, to live copies; when no
     live node holds an expert, ``recover(missing)`` may load it onto live
-    nodes (re-plan) or raise. ``switch`` changes the placement between layers.
+    nodes (a command of the state's owner, returning the new snapshot) or raise.
+
+    Layers run on one thread (the router's MLX worker); ``wait_unused`` tells
+    the owner when no layer routes by an older snapshot any more.
     """
 
-    def __init__(self, links: list[NodeLink], placement: Placement, timeout: float,
-                 recover: Callable[[dict[int, list[int]]], None] | None = None,
+    def __init__(self, current: Callable[[], Snapshot], timeout: float,
+                 recover: Callable[[dict[int, list[int]]], Snapshot] | None = None,
                  stats: RoutingStats | None = None):
-        by_name = {link.name: link for link in links}
-        self.links = [by_name[n] for n in placement.nodes]
-        self.placement = placement
+        self.current = current
         self.timeout = timeout
         self.recover = recover
         self.stats = stats
         self.retries = 0  # layers partly sent again after a node failed during them
         self._turns: dict[int, int] = {}  # layer -> calls so far, to rotate over copies
-        self._layer_lock = threading.Lock()  # held for each layer: the placement changes between layers
+        self._reading: int | None = None  # epoch of the snapshot the running layer routes by
 
-    def switch(self, placement: Placement, timeout: float) -> None:
-        """Route by ``placement`` from the next layer on (same nodes, same order).
+    def wait_unused(self, epoch: int, timeout: float) -> bool:
+        """Wait until no layer routes by a snapshot older than ``epoch``; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while (reading := self._reading) is not None and reading < epoch:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
-        Raises:
-            UnavailableError: the running layer did not finish within ``timeout``.
-        """
-        if not self._layer_lock.acquire(timeout=timeout):
-            raise UnavailableError(f"the running layer did not finish within {timeout:g}s")
-        try:
-            self.placement = placement
-        finally:
-            self._layer_lock.release()
-
-    def replace(self, link: NodeLink) -> None:
-        """Send ``link.name``'s share to ``link`` from now on (a node that came back)."""
-        self.links[self.placement.nodes.index(link.name)] = link
+    def _read(self) -> Snapshot:
+        """The current snapshot, noted as in use before it is used (so a switch after this waits for the layer)."""
+        while True:
+            snap = self.current()
+            self._reading = snap.epoch
+            if self.current() is snap:
+                return snap
 
     def __call__(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        with self._layer_lock:
+        try:
             return self._layer(layer, x, inds, scores)
+        finally:
+            self._reading = None
 
     def _layer(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         shape, code = x.shape, wire.wire_dtype(x.dtype)
@@ -74,8 +79,8 @@ class Dispatcher:
         sent: list[tuple[int, int, int, float]] = []
         turn = self._turns[layer] = self._turns.get(layer, -1) + 1
         while True:  # each failed round takes a node out, until _choose finds none left
-            node = self._choose(layer, ids, todo, turn)
-            failed = self._exchange(layer, code, hidden, ids, weights, node, out, sent)
+            snap, node = self._choose(layer, ids, todo, turn)
+            failed = self._exchange(layer, code, hidden, ids, weights, snap.links, node, out, sent)
             if failed is None:  # mostly at once: every slot of the layer answered
                 served = node if served is None else np.where(todo, node, served)
                 break
@@ -86,33 +91,40 @@ class Dispatcher:
             self.stats.record_layer(layer, ids, served, sent)
         return wire.from_numpy(out.result(code), code).reshape(shape)
 
-    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None, turn: int) -> np.ndarray:
-        """[T, k] node index per (token, slot) in ``todo`` (None: all) to
-        compute, -1 elsewhere: the ((row + turn) mod copies)-th live holder of
-        the expert."""
-        holders = self.placement.owners[layer][ids]  # [T, k, R]
-        if holders.shape[-1] == 1 and not any(link.down for link in self.links):  # one live copy of each
+    def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None,
+                turn: int) -> tuple[Snapshot, np.ndarray]:
+        """The snapshot routed by, and [T, k] node index per (token, slot) in
+        ``todo`` (None: all) to compute, -1 elsewhere: the ((row + turn) mod
+        copies)-th live holder of the expert."""
+        snap = self._read()
+        holders = snap.placement.owners[layer][ids]  # [T, k, R]
+        links = snap.links
+        if holders.shape[-1] == 1 and not any(link.down for link in links):  # one live copy of each
             node = holders[..., 0]
             if node.min() >= 0:
-                return node if todo is None else np.where(todo, node, -1)
+                return snap, node if todo is None else np.where(todo, node, -1)
         todo = np.ones(ids.shape, bool) if todo is None else todo
-        live = np.array([not link.down for link in self.links])
+        live = np.array([not link.down for link in links])
         ok = (holders >= 0) & live[np.maximum(holders, 0)]
         if (todo & ~ok.any(-1)).any():
-            missing = self.placement.missing(live)
+            missing = snap.placement.missing(live)
             if self.recover is not None:
+                self._reading = None  # nothing in flight while the owner loads them
                 self.recover(missing)
-                holders = self.placement.owners[layer][ids]
+                snap = self._read()
+                holders, links = snap.placement.owners[layer][ids], snap.links
+                live = np.array([not link.down for link in links])
                 ok = (holders >= 0) & live[np.maximum(holders, 0)]
+                missing = snap.placement.missing(live)
             if (todo & ~ok.any(-1)).any():
                 raise UnavailableError(f"no live node holds {describe(missing)}")
         count = ok.sum(-1)
         pick = (np.arange(ids.shape[0])[:, None] + turn) % np.maximum(count, 1)
         column = np.argmax(ok & (np.cumsum(ok, -1) - 1 == pick[..., None]), -1)
         node = np.take_along_axis(holders, column[..., None], -1)[..., 0]
-        return np.where(todo, node, -1)
+        return snap, np.where(todo, node, -1)
 
-    def _exchange(self, layer, code, hidden, ids, weights, node, out, sent) -> np.ndarray | None:
+    def _exchange(self, layer, code, hidden, ids, weights, links, node, out, sent) -> np.ndarray | None:
         """One request per chosen node, answers added into ``out`` and their
         traffic to ``sent``; returns the (token, slot) pairs of nodes that
         failed (``None`` when none did)."""
@@ -121,7 +133,7 @@ class Dispatcher:
         calls = []
         chosen = sorted({n for n in node.ravel().tolist() if n >= 0})
         for n in chosen:
-            link = self.links[n]
+            link = links[n]
             if len(chosen) == 1 and node.min() >= 0:  # one node has every slot
                 mine, rows, req_ids, req_weights = None, None, ids, weights
             else:

@@ -2,35 +2,31 @@
 
 Nodes come from ``--peer`` and from mDNS. ``gather`` waits for them (for
 ``expect`` nodes, or until none new has appeared for ``settle`` seconds) and
-reaches each; ``bring_up`` assigns the plan. Then one thread, ``watch``,
-owns every change: a node whose Forward stream breaks, or that leaves mDNS
-and stops answering, is down; a down node that is announced again, or
-answers again at its address, is re-admitted and re-assigned its experts.
-When no live node holds some experts, ``recover`` (called by the dispatcher
-mid-layer) has live nodes with room load them.
+reaches each. Once the cluster's state (router/state.py) holds the plan,
+one thread, ``watch``, follows the nodes: a node whose Forward stream
+breaks, or that leaves mDNS and stops answering, is down; a down node that
+is announced again, or answers again at its address, is re-assigned its
+experts on a fresh link, and the state's owner then admits it (a command).
+This thread calls nodes; it changes no state but through the owner.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from ..checkpoint import Identity
 from ..discovery import Announcement, Bounds, Browser, resolve_interfaces
-from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, PlacementError, UnavailableError
-from ..placement import Placement, describe, take_over
+from ..errors import ConfigMismatchError, ExpertmeshError, OwnershipError, UnavailableError
 from ..serving import PROTOCOL_VERSION
 from ..v1 import expertmesh_pb2 as pb
-from .dispatcher import Dispatcher
-from .link import AssignProgressCallback, NodeLink
-
-if TYPE_CHECKING:
-    from .router import RouterConfig
+from .config import RouterConfig
+from .link import NodeLink
+from .snapshot import NodeState
+from .state import ClusterState
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +37,14 @@ _CLOSE = object()
 
 @dataclass
 class Member:
-    """A node of the plan."""
+    """A node of the plan, as discovery knows it (what it holds and its live
+    link are the cluster state's: ``Membership.node``)."""
 
     name: str                                  # its name in the plan: mDNS instance, else the node's own
-    link: NodeLink                             # replaced when the node comes back
+    link: NodeLink                             # the link it was gathered on
     instance: str | None = None                # mDNS instance, when discovered
-    experts: dict[int, list[int]] = field(default_factory=dict)
-    stage_bytes: int = 0                       # weights of the pipeline stage spans it runs
-    error: str = ""                            # why it is down, beyond a broken stream
     retry_at: float = 0.0
     backoff: float = 1.0
-
-    @property
-    def down(self) -> bool:
-        return bool(self.error) or self.link.down
 
 
 class Membership:
@@ -70,10 +60,7 @@ class Membership:
         self.members: list[Member] = []
         self.seen: dict[str, Announcement] = {}  # mDNS instance -> latest announcement
         self._spares: set[str] = set()           # compatible instances outside the plan, logged once
-        self.dispatcher: Dispatcher | None = None
-        self.placement: Placement | None = None
-        self.expert_bytes: dict[int, int] = {}
-        self._lock = threading.Lock()            # one change of who holds what at a time
+        self.state: ClusterState | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.browser: Browser | None = None
@@ -83,12 +70,13 @@ class Membership:
 
     @property
     def links(self) -> list[NodeLink]:
-        return [m.link for m in self.members]
+        """Each member's current link."""
+        return [self.node(m).link for m in self.members]
 
-    @property
-    def changing(self) -> threading.Lock:
-        """Held while who holds what changes: re-plans, re-admissions, rebalances."""
-        return self._lock
+    def node(self, member: Member) -> NodeState:
+        """What the cluster's state says of ``member`` (before the plan: its gathered link, holding nothing)."""
+        snap = self.state.snapshot if self.state is not None else None
+        return snap.node(member.name) if snap is not None else NodeState(member.name, member.link)
 
     # --- before the plan --------------------------------------------------------
     def rejection(self, ann: Announcement) -> str:
@@ -163,8 +151,8 @@ class Membership:
 
     def release(self) -> None:
         """Tell every node this router is done with it, so another may take it without --takeover."""
-        for m in self.members:
-            m.link.release()
+        for link in self.links:
+            link.release()
 
     def _check(self, link: NodeLink) -> None:
         info = link.info
@@ -236,72 +224,10 @@ class Membership:
             text += " (are the nodes on this network with discovery on? choose interfaces with --interface, or pass --peer HOST:PORT)"
         return text
 
-    # --- the plan ----------------------------------------------------------------
-    def bring_up(self, placement: Placement, expert_bytes: dict[int, int],
-                 progress: AssignProgressCallback | None = None) -> None:
-        """Assign every member its experts (in parallel, ``progress`` hearing
-        each node's loading) and open its Forward stream.
-
-        Raises:
-            ExpertmeshError: a node refused or failed its assignment.
-        """
-        self.placement, self.expert_bytes = placement, expert_bytes
-        errors: list[ExpertmeshError] = []
-
-        def assign(member: Member) -> None:
-            try:
-                self._assign(member.link, member.experts, progress if member.experts else None)  # else stages
-            except ExpertmeshError as e:
-                errors.append(e)
-        threads = []
-        for member in self.members:
-            member.experts = placement.experts_of(member.name)
-            threads.append(threading.Thread(target=assign, args=(member,)))
-            threads[-1].start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-    def _assign(self, link: NodeLink, experts: dict[int, list[int]],
-                progress: AssignProgressCallback | None = None) -> None:
-        link.assign(self.identity, experts, self.config.assign_timeout, progress)
-        link.get_info()
-        link.open_stream()
-
-    def recover(self, missing: dict[int, list[int]]) -> None:
-        """Have live nodes with room load the ``missing`` experts (layer -> ids)
-        that no live node holds, and record them in the placement once loaded.
-
-        Raises:
-            UnavailableError: naming the experts, when the live nodes lack the
-                memory or fail to load them; what failed to load is not in the placement.
-        """
-        with self._lock:
-            live = {i: m for i, m in enumerate(self.members) if not m.down}
-            free = {i: m.link.info.memory_budget_bytes - m.stage_bytes
-                    - sum(len(e) * self.expert_bytes[l] for l, e in m.experts.items()) for i, m in live.items()}
-            try:  # planned on a copy: the placement changes only for what a node has loaded
-                moves = take_over(copy.deepcopy(self.placement), missing, free, self.expert_bytes)
-            except PlacementError as e:
-                down = ", ".join(f"{m.name} ({m.error or m.link.error or 'down'})" for m in self.members if m.down)
-                raise UnavailableError(f"{e}; down: {down}" if down else str(e)) from None
-            logger.warning("re-planning %s onto %s", describe(missing), ", ".join(live[i].name for i in moves))
-            for i, experts in moves.items():
-                m = live[i]
-                wanted = {l: sorted({*m.experts.get(l, []), *experts.get(l, [])}) for l in {*m.experts, *experts}}
-                try:
-                    m.link.assign(self.identity, wanted, self.config.assign_timeout)
-                except ExpertmeshError as e:
-                    raise UnavailableError(f"no live node holds {describe(missing)}: {m.name} failed to load them ({e})") from None
-                m.experts = wanted
-                for l, es in experts.items():
-                    for e in es:
-                        self.placement.add(l, e, i)
-
-    # --- after the plan: one thread owns every change ----------------------------
-    def watch(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    # --- after the plan: one thread follows the nodes ----------------------------------
+    def watch(self, state: ClusterState) -> None:
+        """Follow the nodes of ``state`` (which holds the plan now)."""
+        self.state = state
         self._thread = threading.Thread(target=self._run, name="membership", daemon=True)
         self._thread.start()
 
@@ -311,12 +237,12 @@ class Membership:
             self._thread.join(timeout=_PROBE_TIMEOUT * 2)
         if self.browser is not None:
             self.browser.close()
-        for link in self.links:
+        for link in {id(l): l for l in [m.link for m in self.members] + self.links}.values():
             link.close(graceful=not link.down)
 
     def _run(self) -> None:
         while True:
-            due = [m.retry_at for m in self.members if m.down]
+            due = [m.retry_at for m in self.members if self.node(m).down]
             try:
                 event = self._events.get(timeout=max(0.0, min(due) - time.monotonic()) if due else None)
             except queue.Empty:
@@ -329,16 +255,18 @@ class Membership:
                 elif event is not None:
                     self._announced(*event)
                 for m in self.members:
-                    if m.down and m.retry_at <= time.monotonic():
-                        self._readmit(m, self.seen[m.instance].address if m.instance in self.seen else m.link.address)
+                    if self.node(m).down and m.retry_at <= time.monotonic():
+                        self._readmit(m, self.seen[m.instance].address if m.instance in self.seen
+                                      else self.node(m).link.address)
             except Exception:  # the watch must outlive any one bad event
                 logger.exception("membership: unexpected error")
 
     def _stream_broke(self, link: NodeLink) -> None:
-        member = next((m for m in self.members if m.link is link), None)
-        if member is None:  # a link we have already replaced
+        node = self.state.snapshot.node_of(link)
+        if node is None:  # a link we have already replaced
             return
-        if not member.error:
+        member = next(m for m in self.members if m.name == node.name)
+        if not node.error:
             logger.warning("node %s is down: %s", member.name, link.error)
         member.backoff = 1.0
         member.retry_at = time.monotonic() + member.backoff
@@ -347,15 +275,16 @@ class Membership:
         self._note(instance, ann)
         member = next((m for m in self.members if m.instance == instance), None)
         if ann is None:
-            if member is not None and not member.down:
+            if member is not None and not self.node(member).down:
                 self._probe(member)
             return
         if self.rejection(ann):
             return
         addresses = [f"{a}:{ann.port}" for a in ann.addresses]
         if member is None:  # a --peer that mDNS announces, or a node back under a new instance name?
-            member = next((m for m in self.members if m.instance is None and m.link.address in addresses), None) \
-                or next((m for m in self.members if m.down and m.link.info.name == ann.record.name), None)
+            member = next((m for m in self.members if m.instance is None and self.node(m).link.address in addresses),
+                          None) or next((m for m in self.members if self.node(m).down
+                                         and self.node(m).link.info.name == ann.record.name), None)
             if member is None:
                 if instance not in self._spares:
                     self._spares.add(instance)
@@ -363,41 +292,46 @@ class Membership:
                                 instance, ann.address)
                 return
             member.instance = instance
-        if member.down or member.link.address not in addresses:
+        node = self.node(member)
+        if node.down or node.link.address not in addresses:
             self._readmit(member, ann.address)
 
     def _probe(self, member: Member) -> None:
         """It left mDNS: down unless it still answers."""
-        probe = self._link(member.link.address)
+        link = self.node(member).link
+        probe = self._link(link.address)
         try:
             probe.get_info(_PROBE_TIMEOUT)
-            logger.info("node %s left mDNS but still answers at %s: keeping it", member.name, member.link.address)
+            logger.info("node %s left mDNS but still answers at %s: keeping it", member.name, link.address)
         except ExpertmeshError as e:
-            member.error = f"left mDNS and does not answer ({e})"
-            logger.warning("node %s is down: %s", member.name, member.error)
-            member.link.close(graceful=False)
+            error = f"left mDNS and does not answer ({e})"
+            self.state.mark_down(member.name, error)
+            logger.warning("node %s is down: %s", member.name, error)
+            link.close(graceful=False)
         finally:
             probe.close()
 
     def _readmit(self, member: Member, address: str) -> None:
-        with self._lock:
-            self._readmit_locked(member, address)
-
-    def _readmit_locked(self, member: Member, address: str) -> None:
+        """Assign the node at ``address`` what ``member`` holds, on a fresh link;
+        then the owner admits it (none of this holds up the owner or a generation)."""
+        node = self.node(member)
         link = self._link(address)
         try:
             link.get_info(_PROBE_TIMEOUT)
             self._check(link)
             link.name = member.name
-            self._assign(link, member.experts)
+            link.assign(self.identity, node.held(), self.config.assign_timeout)
+            link.open_stream()
+            if not self.state.admit(member.name, link, node.experts):
+                raise UnavailableError(f"{member.name} was given other experts meanwhile")
         except OwnershipError:
             holder = link.info.router
             link.close()
             member.backoff = _MAX_BACKOFF
             member.retry_at = time.monotonic() + member.backoff
             error = f"taken over by router {holder.id[:8]} at {holder.address}"
-            if member.error != error:
-                member.error = error
+            if node.error != error:
+                self.state.mark_down(member.name, error)
                 logger.warning("node %s serves another router now: %s", member.name, error)
             return
         except ExpertmeshError as e:
@@ -407,9 +341,6 @@ class Membership:
             level = logging.DEBUG if isinstance(e, UnavailableError) else logging.WARNING  # not there yet / wrong
             logger.log(level, "node %s not back at %s: %s (next try in %gs)", member.name, address, e, member.backoff)
             return
-        old, member.link = member.link, link
-        member.error, member.backoff = "", 1.0
-        self.dispatcher.replace(link)
-        old.close(graceful=False)
+        member.backoff = 1.0
         logger.info("node %s is back at %s: re-assigned %d experts in %d layers", member.name, address,
-                    sum(len(e) for e in member.experts.values()), len(member.experts))
+                    sum(len(e) for e in node.experts.values()), len(node.experts))

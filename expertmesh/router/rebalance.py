@@ -3,41 +3,46 @@ changed, and move experts while generations run.
 
 Any holder of an expert computes the same output, so a move never changes
 results if it is ordered: (1) every node loads the union of its old and new
-experts (Assign takes the whole set to hold), (2) the dispatcher switches to
-the new placement between two layers, (3) every node drops the experts it no
-longer holds. Between (1) and (3) both placements are served by the nodes,
-so the layer running at the switch finishes on the old one. Nodes without
-room for old and new at once go in rounds of the same three steps.
+experts (Assign takes the whole set to hold), (2) the cluster's owner
+publishes the new placement, which the dispatcher routes by from its next
+layer, (3) once no layer routes by the old one, every node drops the experts
+it no longer holds. Between (1) and (3) both placements are served by the
+nodes. Nodes without room for old and new at once go in rounds of the same
+three steps. A rebalance is one command of the owner (router/state.py): it
+runs between recoveries and re-admissions, never beside them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from .. import placement as planner
 from ..errors import ExpertmeshError, PlacementError, UnavailableError
 from ..v1 import expertmesh_pb2 as pb
-
-if TYPE_CHECKING:
-    from .router import Router
+from .state import ClusterState
+from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
 Report = Callable[[pb.RebalanceProgress], None]
+# (epoch, timeout) -> True once no layer routes by an older snapshot (``Dispatcher.wait_unused``)
+WaitUnused = Callable[[int, float], bool]
 
 
 class Rebalancer:
     """Rebalances one router's mesh: on request (``rebalance``) or, with
     ``watch``, whenever the live balance ratio falls below a threshold."""
 
-    def __init__(self, router: Router):
-        self.router = router
-        self._running = threading.Lock()  # one rebalance at a time
-        self._since = router.routing.totals()  # counts when the placement last changed
+    def __init__(self, state: ClusterState, routing: RoutingStats, num_experts: int, wait_unused: WaitUnused,
+                 switch_timeout: float):
+        self.state, self.routing, self.num_experts = state, routing, num_experts
+        self.wait_unused, self.switch_timeout = wait_unused, switch_timeout
+        self._running = threading.Lock()  # a flag, never waited on: one rebalance at a time
+        self._since = routing.totals()  # counts when the placement last changed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.done = 0  # rebalances that moved experts
@@ -51,11 +56,11 @@ class Rebalancer:
     def window(self) -> tuple[dict[int, np.ndarray], np.ndarray, int]:
         """Since the placement last changed (or the stats were reset): layer ->
         token-slots per expert, [layers, nodes] token-slots, tokens."""
-        now = self.router.routing.totals()
+        now = self.routing.totals()
         if any((a < b).any() for a, b in zip(now, self._since)):  # reset since: count from zero
             self._since = tuple(np.zeros_like(a) for a in now)
         experts, nodes, tokens = (a - b for a, b in zip(now, self._since))
-        layers = self.router.routing.moe_layers
+        layers = self.routing.moe_layers
         return {l: experts[i] for i, l in enumerate(layers)}, nodes, int(tokens.max(initial=0))
 
     def rebalance(self, report: Report, dry_run: bool = False, threshold: float = 0.0, min_tokens: int = 0) -> None:
@@ -72,7 +77,7 @@ class Rebalancer:
         if not self._running.acquire(blocking=False):
             raise UnavailableError("a rebalance is running already: try again when it is done")
         try:
-            self._rebalance(report, dry_run, threshold, min_tokens)
+            self.state.run(lambda: self._rebalance(report, dry_run, threshold, min_tokens))
         finally:
             self._running.release()
 
@@ -88,32 +93,30 @@ class Rebalancer:
         if skip:
             report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before, message=skip))
             return
-        membership = self.router.membership
-        with membership.changing:
-            down = [m.name for m in membership.members if m.down]
-            if down:
-                raise UnavailableError(f"{', '.join(down)} down: rebalance once every node is up")
-            old = membership.placement
-            if not old.owners:
-                report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before,
-                                            message="every layer is a pipeline stage: no experts are spread"))
-                return
-            new = planner.balanced(self._budgets(), self.router.adapter.num_experts, membership.expert_bytes, load,
-                                   old)
-            planned = planner.expected_balance(new, load)
-            moves = _moves(old, new)
-            report(pb.RebalanceProgress(phase=pb.REBALANCE_PLANNED, balance_before=before, balance_planned=planned,
-                                        moves=moves))
-            if dry_run:
-                return
-            if not moves or planned <= planner.expected_balance(old, load) + 1e-9:
-                report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before, balance_planned=planned,
-                                            message="the placement is already as even as the plan"))
-                return
-            try:
-                self._move(new, report)
-            finally:  # count afresh, also after a failed try: the automatic mode waits for new traffic
-                self._since = self.router.routing.totals()
+        snap = self.state.snapshot
+        down = [n.name for n in snap.nodes if n.down]
+        if down:
+            raise UnavailableError(f"{', '.join(down)} down: rebalance once every node is up")
+        old = snap.placement
+        if not old.owners:
+            report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before,
+                                        message="every layer is a pipeline stage: no experts are spread"))
+            return
+        new = planner.balanced(self._budgets(), self.num_experts, self.state.expert_bytes, load, old)
+        planned = planner.expected_balance(new, load)
+        moves = _moves(old, new)
+        report(pb.RebalanceProgress(phase=pb.REBALANCE_PLANNED, balance_before=before, balance_planned=planned,
+                                    moves=moves))
+        if dry_run:
+            return
+        if not moves or planned <= planner.expected_balance(old, load) + 1e-9:
+            report(pb.RebalanceProgress(phase=pb.REBALANCE_SKIPPED, balance_before=before, balance_planned=planned,
+                                        message="the placement is already as even as the plan"))
+            return
+        try:
+            self._move(new, report)
+        finally:  # count afresh, also after a failed try: the automatic mode waits for new traffic
+            self._since = self.routing.totals()
         with self._moved:
             self.done += 1
             self._moved.notify_all()
@@ -122,7 +125,7 @@ class Rebalancer:
                                             f"before, {planned:.3f} expected on the same traffic"))
 
     def _move(self, new: planner.Placement, report: Report) -> None:
-        """Go from what the nodes hold to ``new`` (hold ``membership.changing``).
+        """Go from what the nodes hold to ``new`` (inside the owner's command).
 
         Each round, every node loads what it lacks as far as its memory
         allows; then, once traffic no longer goes to them, nodes drop the
@@ -133,11 +136,11 @@ class Rebalancer:
             PlacementError: no round can go on (the nodes are too full to swap
                 experts); the mesh keeps serving from what it reached.
         """
-        membership, router = self.router.membership, self.router
-        cost = membership.expert_bytes
+        nodes = self.state.snapshot.nodes
+        cost = self.state.expert_bytes
         budget = {b.name: b.memory_bytes for b in self._budgets()}
-        held = {m.name: _pairs(m.experts) for m in membership.members}
-        target = {m.name: _pairs(new.experts_of(m.name)) for m in membership.members}
+        held = {n.name: _pairs(n.experts) for n in nodes}
+        target = {n.name: _pairs(new.experts_of(n.name)) for n in nodes}
         rounds = 0
         while held != target:
             rounds += 1
@@ -174,48 +177,31 @@ class Rebalancer:
             self._switch(step, report, rounds)
             self._assign(shrunk, pb.REBALANCE_DROPPING, report, rounds)
             held.update(shrunk)
-        if router.placement is not new:  # the last round only added copies
+        if self.state.snapshot.placement is not new:  # the last round only added copies
             self._switch(new, report, rounds)
 
     def _budgets(self) -> list[planner.NodeBudget]:
         """Each node's memory for spread experts: its budget less its pipeline stages."""
-        r = self.router
-        stages = r.plan.stages if r.plan is not None else {}
-        return [planner.NodeBudget(m.name, m.link.info.memory_budget_bytes -
-                                   r.adapter.span_bytes(r.checkpoint.tensors, stages.get(m.name, [])))
-                for m in r.membership.members]
+        return [planner.NodeBudget(n.name, n.link.info.memory_budget_bytes - n.stage_bytes)
+                for n in self.state.snapshot.nodes]
 
     def _switch(self, placement: planner.Placement, report: Report, rounds: int) -> None:
-        router = self.router
-        router.dispatcher.switch(placement, timeout=2 * router.config.forward_timeout)
-        router.membership.placement = router.placement = placement
+        """Publish ``placement``; return once no layer routes by the one before.
+
+        Raises:
+            UnavailableError: a running layer did not finish in time (nothing is dropped then).
+        """
+        snap = self.state.switch(placement)
         report(pb.RebalanceProgress(phase=pb.REBALANCE_SWITCHED, round=rounds))
+        if not self.wait_unused(snap.epoch, self.switch_timeout):
+            raise UnavailableError(f"the running layer did not finish within {self.switch_timeout:g}s")
 
     def _assign(self, sets: dict[str, set[tuple[int, int]]], phase: int, report: Report, rounds: int) -> None:
-        """Assign the members named in ``sets`` their sets, in parallel; record what they hold."""
-        membership = self.router.membership
-        errors: list[ExpertmeshError] = []
-
+        """Assign the nodes named in ``sets`` their sets, in parallel (the owner records what they hold)."""
         def progress(node: str, p: pb.AssignProgress) -> None:
             report(pb.RebalanceProgress(phase=phase, node=node, loaded_bytes=p.loaded_bytes,
                                         total_bytes=p.total_bytes, round=rounds))
-
-        def assign(member, experts: dict[int, list[int]]) -> None:
-            try:
-                member.link.assign(membership.identity, experts, membership.config.assign_timeout, progress)
-                member.link.get_info()
-                member.experts = experts
-            except ExpertmeshError as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=assign, args=(m, _experts(sets[m.name])), name=f"rebalance-{m.name}")
-                   for m in membership.members if m.name in sets]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:  # what the others loaded is recorded: the mesh stays consistent
-            raise UnavailableError(f"rebalancing stopped: {errors[0]}")
+        self.state.assign_sets({name: _experts(pairs) for name, pairs in sets.items()}, progress)
 
     # --- automatic mode --------------------------------------------------------
     def watch(self, threshold: float, interval: float, min_tokens: int) -> None:
@@ -235,7 +221,7 @@ class Rebalancer:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.router.config.assign_timeout)
+            self._thread.join(timeout=self.state.assign_timeout)
 
 
 def _pairs(experts: dict[int, list[int]]) -> set[tuple[int, int]]:

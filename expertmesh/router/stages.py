@@ -153,16 +153,17 @@ class _Inside(BaseCache):
         return 0
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Stage:
-    """A span of whole layers and the node that runs it now."""
+    """A span of whole layers (the cluster's snapshot says which node runs it now)."""
 
     start: int
     end: int
-    link: NodeLink
 
 
-# (first layer, end, the node that failed) -> a live node now holding the span
+# first layer of a span -> the link of the node that runs it now (read from the current snapshot)
+Locate = Callable[[int], NodeLink]
+# (first layer, end, the node that failed) -> a live node now holding the span (a command of the state's owner)
 Relocate = Callable[[int, int, NodeLink], NodeLink]
 
 
@@ -188,15 +189,17 @@ class StageRuntime:
     """Runs the stage spans of one router: ``install`` into the model, then
     ``run`` per span and forward pass, ``sweep`` after each batch step.
 
-    ``relocate`` moves a failed node's span (None: a failure is final);
-    ``stats`` counts the round trips.
+    ``locate`` names the node running a span at each step; ``relocate``
+    moves a failed node's span (None: a failure is final); ``stats`` counts
+    the round trips.
     """
 
     REBUILD_CHUNK = 512  # prefix tokens per request when rebuilding a sequence's KV
 
-    def __init__(self, spans: list[tuple[int, int, NodeLink]], timeout: float, relocate: Relocate | None = None,
-                 stats: RoutingStats | None = None):
-        self.stages = [Stage(a, b, link) for a, b, link in sorted(spans, key=lambda s: s[0])]
+    def __init__(self, spans: list[tuple[int, int]], timeout: float, locate: Locate,
+                 relocate: Relocate | None = None, stats: RoutingStats | None = None):
+        self.stages = [Stage(a, b) for a, b in sorted(spans)]
+        self.locate = locate
         self.timeout = timeout
         self.relocate = relocate
         self.stats = stats
@@ -263,7 +266,7 @@ class StageRuntime:
                 for s in request.sequences:
                     if s in self._lost:
                         self._rebuild(stage, s)
-            link = stage.link
+            link = self.locate(stage.start)
             forward.request_id = next(_REQUEST_IDS)
             try:
                 sent, t0 = forward.ByteSize(), time.perf_counter()
@@ -293,16 +296,15 @@ class StageRuntime:
 
     def _move(self, stage: Stage, dead: NodeLink) -> None:
         """Load the span onto a live node; the KV of every sequence it served is lost."""
-        stage.link = self.relocate(stage.start, stage.end, dead)
+        link = self.relocate(stage.start, stage.end, dead)
         lost = {s for s, st in self._span_of.items() if st is stage}
         try:  # a node that came back may still hold these sequences' KV: rebuilt KV must not add to it
-            self._call(stage.link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
-                                                     stage=pb.StageRequest(release=sorted(lost))))
+            self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
+                                               stage=pb.StageRequest(release=sorted(lost))))
         except ExpertmeshError as e:
-            logger.warning("could not release %d sequences on %r before rebuilding them: %s", len(lost),
-                           stage.link, e)
+            logger.warning("could not release %d sequences on %r before rebuilding them: %s", len(lost), link, e)
         logger.warning("layers %d-%d moved from %r to %r: rebuilding the KV of %d sequences", stage.start,
-                       stage.end - 1, dead, stage.link, len(lost))
+                       stage.end - 1, dead, link, len(lost))
         self._lost |= lost
 
     def _rebuild(self, stage: Stage, sequence: int) -> None:
@@ -334,7 +336,7 @@ class StageRuntime:
             self._history.pop(s, None)
             self._span_of.pop(s, None)
             self._lost.discard(s)
-        for link in {id(st.link): st.link for st in self.stages}.values():
+        for link in {id(link): link for link in map(self.locate, (st.start for st in self.stages))}.values():
             try:
                 self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
                                                    stage=pb.StageRequest(release=sorted(gone))))
