@@ -27,8 +27,8 @@ class _Match(logging.Handler):
 
 @contextlib.contextmanager
 def logged(pattern: str):
-    """An event set once the router's membership logs a line matching ``pattern``."""
-    log = logging.getLogger("expertmesh.router.membership")
+    """An event set once the router (its membership, its state's owner) logs a line matching ``pattern``."""
+    log = logging.getLogger("expertmesh.router")
     handler, level = _Match(pattern), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -88,6 +88,7 @@ def test_a_failed_load_during_recovery_leaves_the_placement_as_it_was(tiny, monk
     expected = reference_tokens(tiny, PROMPT, 8)
     with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
         lost = router.placement.experts_of("n1")
+        before = router.state.snapshot
         real_assign = nodes[0].store.assign
         monkeypatch.setattr(nodes[0].store, "assign", lambda *a, **kw: (_ for _ in ()).throw(
             ExpertmeshError("the disk is gone")))
@@ -98,8 +99,13 @@ def test_a_failed_load_during_recovery_leaves_the_placement_as_it_was(tiny, monk
                 raise AssertionError("a generation without n1's experts cannot succeed")
             except UnavailableError as e:
                 assert "n0 failed to load them" in str(e) and "the disk is gone" in str(e)
-            # the router did not take n0 to hold what it failed to load
+            # the router did not take n0 to hold what it failed to load: the snapshot before is in force
+            assert router.state.snapshot is before
+            assert router.placement is before.placement
             assert all(router.placement.holders(l, e) == [1] for l, es in lost.items() for e in es)
             monkeypatch.setattr(nodes[0].store, "assign", real_assign)
             assert [p.token for p in c.generate(PROMPT, max_tokens=8)] == expected  # a later load succeeds
         assert all(router.placement.holders(l, e) == [1, 0] for l, es in lost.items() for e in es)  # now loaded
+        after = router.state.snapshot
+        assert after.epoch > before.epoch
+        assert all(set(es) <= set(after.node("n0").experts[l]) for l, es in lost.items())
