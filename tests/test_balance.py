@@ -146,7 +146,7 @@ def rebalance_during(address, streams):
 
 
 def assert_nodes_hold_exactly_the_placement(nodes, router):
-    sizes = router.membership.expert_bytes
+    sizes = router.state.expert_bytes
     for node in nodes:
         assert node.store.held() == {l: e for l, e in router.placement.experts_of(node.name).items() if e}
         assert node.store.nbytes == router.placement.bytes_of(node.name, sizes)
@@ -227,3 +227,62 @@ def test_automatic_mode_rebalances_when_the_balance_drops(skewed):
         router.stats(reset=True)
         assert generate_all(address) == cut(expected)
         assert router.stats().balance_ratio >= 0.85
+
+
+def test_a_node_stopped_during_a_rebalance_delays_other_streams_by_at_most_the_forward_timeout(skewed, tmp_path):
+    """n0 holds the hot experts, so every token needs it; it is SIGSTOPped as
+    a rebalance starts moving experts onto and off it. The streams wait for
+    the --forward-timeout, not for the rebalance's load to give up: the
+    rebalance stops with an error naming n0, n0's experts are re-planned onto
+    the others, and the streams go on with mlx-lm's tokens."""
+    import signal
+    import time
+
+    from expertmesh import UnavailableError
+
+    from conftest import node_processes
+
+    path, expected = skewed
+    forward_timeout, margin = 2.0, 3.0  # margin: recovery's loads on a loaded machine
+    with node_processes(path, 3, tmp_path) as nodes, \
+            running_router(path, [a for _, a in nodes], forward_timeout=forward_timeout, assign_timeout=60) as router:
+        address = f"127.0.0.1:{router.port}"
+        times: list[list[float]] = [[] for _ in PROMPTS]
+        got: list[list[int]] = [[] for _ in PROMPTS]
+        started = [threading.Event() for _ in PROMPTS]
+        errors = []
+
+        def stream(i):
+            try:
+                with Client(address) as client:
+                    for piece in client.generate(PROMPTS[i], max_tokens=STREAM_TOKENS):
+                        got[i].append(piece.token)
+                        times[i].append(time.monotonic())
+                        if len(got[i]) == 2:
+                            started[i].set()
+            except Exception as e:  # noqa: BLE001 (asserted below)
+                errors.append(e)
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        assert all(e.wait(timeout=60) for e in started)
+        stopped = time.monotonic()
+        nodes[0][0].proc.send_signal(signal.SIGSTOP)
+        try:
+            with Client(address) as client, pytest.raises(UnavailableError, match=r"rebalancing stopped: .*n0"):
+                list(client.rebalance())
+        finally:
+            for t in threads:
+                t.join(timeout=120)
+            nodes[0][0].proc.send_signal(signal.SIGCONT)
+        assert not errors
+        assert got == [expected[p] for p in PROMPTS]
+        gaps = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b > stopped]
+        assert max(gaps) <= forward_timeout + margin, max(gaps)
+        deadline = time.monotonic() + 60  # continued, n0 is re-admitted with the experts it held
+        while router.cluster().nodes[0].state != pb.READY:
+            assert time.monotonic() < deadline, router.cluster().nodes[0]
+            time.sleep(0.1)
+        assert generate_all(address) == cut(expected)
