@@ -41,7 +41,8 @@ class Rebalancer:
                  switch_timeout: float):
         self.state, self.routing, self.num_experts = state, routing, num_experts
         self.wait_unused, self.switch_timeout = wait_unused, switch_timeout
-        self._running = threading.Lock()  # a flag, never waited on: one rebalance at a time
+        self._running = False  # one rebalance at a time
+        self._claim = threading.Lock()  # only to test and set ``_running``
         self._since = routing.totals()  # counts when the placement last changed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,12 +75,14 @@ class Rebalancer:
             PlacementError: the nodes are too full to swap experts (the mesh
                 keeps serving from what was reached).
         """
-        if not self._running.acquire(blocking=False):
-            raise UnavailableError("a rebalance is running already: try again when it is done")
+        with self._claim:
+            if self._running:
+                raise UnavailableError("a rebalance is running already: try again when it is done")
+            self._running = True
         try:
             self.state.run(lambda: self._rebalance(report, dry_run, threshold, min_tokens))
         finally:
-            self._running.release()
+            self._running = False
 
     def _rebalance(self, report: Report, dry_run: bool, threshold: float, min_tokens: int) -> None:
         load, node_tokens, tokens = self.window()
