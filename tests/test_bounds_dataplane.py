@@ -17,6 +17,7 @@ from expertmesh import wire
 from expertmesh.demo import Process
 from expertmesh.nodes.dataplane import MAX_SERVED
 from expertmesh.serving import MAX_MESSAGE_BYTES, channel
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -67,8 +68,8 @@ def node(tiny, tmp_path_factory):
 def ping(port: int, request_id: int = 1) -> pb.ForwardResponse:
     """One empty stage request on a fresh connection: the node answers it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        wire.send_frame(s, pb.ForwardRequest(request_id=request_id, stage=pb.StageRequest()))
-        return wire.recv_reply(s, MB)
+        wire.send_frame(s, pb.ForwardRequest(request_id=request_id, ping=pb.Ping()))
+        return recv_reply(s, MB)
 
 
 def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(node):
@@ -101,7 +102,7 @@ def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(nod
         """A header past the limit: refused in one frame, connection closed."""
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<I", 0xFFFFFFFF))
-            return wire.recv_reply(s, MB)
+            return recv_reply(s, MB)
 
     for round_ in range(2):
         with ThreadPoolExecutor(8) as pool:
@@ -132,7 +133,7 @@ def test_before_its_hello_a_connection_gets_no_more_than_the_hello_bytes(tiny, t
         def oversized_hello(i: int) -> pb.ForwardResponse:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(struct.pack("<I", MAX_MESSAGE_BYTES) + b"x" * 1000)
-                return wire.recv_reply(s, MB)
+                return recv_reply(s, MB)
         with ThreadPoolExecutor(8) as pool:
             refusals = list(pool.map(oversized_hello, range(100)))
         assert all(r.error_code == grpc.StatusCode.UNAUTHENTICATED.value[0] for r in refusals)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from expertmesh import wire
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -35,8 +36,9 @@ def request(layer=0, T=2, ids=None, weights=None, hidden=None, rid=1):
     ids = np.array([[0, 2], [1, -1]], dtype=np.int32) if ids is None else ids
     weights = np.full(ids.shape, 0.5, dtype=np.float32) if weights is None else weights
     hidden = np.ones((T, H), dtype=np.float32) if hidden is None else hidden
-    return pb.ForwardRequest(request_id=rid, layer=layer, hidden=wire.encode_numpy(hidden, pb.FLOAT32),
-                             expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32))
+    return pb.ForwardRequest(request_id=rid, expert=pb.ExpertRequest(
+        layer=layer, hidden=wire.encode_numpy(hidden, pb.FLOAT32), expert_ids=wire.encode_numpy(ids, pb.INT32),
+        weights=wire.encode_numpy(weights, pb.FLOAT32)))
 
 
 def forward(stub, *requests):
@@ -99,18 +101,18 @@ def test_bad_forward_is_invalid_argument_and_node_keeps_serving(node, case):
 def test_wrong_byte_count_and_dtype_are_rejected(node):
     n, stub = node
     req = request()
-    req.hidden.data = req.hidden.data[:-4]
+    req.expert.hidden.data = req.expert.hidden.data[:-4]
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "bytes for shape [2, 64]" in err.value.details()
     req = request()
-    req.weights.dtype = pb.INT32
+    req.expert.weights.dtype = pb.INT32
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert "weights must be FLOAT32" in err.value.details()
     req = request()
-    req.hidden.dtype = 77
+    req.expert.hidden.dtype = 77
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -156,7 +158,7 @@ def test_data_plane_answers_like_grpc_forward(node):
     n, stub = node
     with data_plane(node) as sock:
         wire.send_frame(sock, request(rid=41))
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
     (expected,) = forward(stub, request(rid=41))
     assert resp.request_id == 41 and resp.error_code == 0
     assert resp.output.data == expected.output.data
@@ -166,20 +168,20 @@ def test_data_plane_answers_like_grpc_forward(node):
 def test_data_plane_reports_bad_requests_and_keeps_the_connection(node):
     with data_plane(node) as sock:
         wire.send_frame(sock, request(layer=3, rid=5))
-        bad = wire.recv_reply(sock, 1 << 20)
+        bad = recv_reply(sock, 1 << 20)
         assert bad.request_id == 5
         assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "layer 3 is not held" in bad.error
         wire.send_frame(sock, request(rid=6))
-        assert wire.recv_reply(sock, 1 << 20).error_code == 0
+        assert recv_reply(sock, 1 << 20).error_code == 0
 
 
 def test_data_plane_refuses_oversized_frames_and_keeps_serving(node):
     with data_plane(node) as sock:
         sock.sendall(struct.pack("<I", (64 << 20) + 1))
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
         assert resp.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert wire.recv_reply(sock, 1 << 20) is None  # that stream is closed
+        assert recv_reply(sock, 1 << 20) is None  # that stream is closed
     with data_plane(node) as sock:  # others are served
         wire.send_frame(sock, request(rid=9))
-        assert wire.recv_reply(sock, 1 << 20).request_id == 9
+        assert recv_reply(sock, 1 << 20).request_id == 9

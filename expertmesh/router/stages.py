@@ -39,7 +39,7 @@ from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..mlxlm import BaseCache, swap_class
 from ..v1 import expertmesh_pb2 as pb
-from .link import _REQUEST_IDS, NodeLink
+from .link import _REQUEST_IDS, NodeLink, release_request, stage_request
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class StageRuntime:
             request.trim = cache.take_trim()
             self._sent.update(cache.sequences)
         mx.eval(x, state)
-        forward = pb.ForwardRequest(layer=stage.start, hidden=wire.encode(x), stage=request)
+        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
         while True:
             if not self._rebuilding:
                 for s in request.sequences:
@@ -296,8 +296,7 @@ class StageRuntime:
         stage.link = self.relocate(stage.start, stage.end, dead)
         lost = {s for s, st in self._span_of.items() if st is stage}
         try:  # a node that came back may still hold these sequences' KV: rebuilt KV must not add to it
-            self._call(stage.link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
-                                                     stage=pb.StageRequest(release=sorted(lost))))
+            self._call(stage.link, release_request(lost))
         except ExpertmeshError as e:
             logger.warning("could not release %d sequences on %r before rebuilding them: %s", len(lost),
                            stage.link, e)
@@ -336,7 +335,6 @@ class StageRuntime:
             self._lost.discard(s)
         for link in {id(st.link): st.link for st in self.stages}.values():
             try:
-                self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
-                                                   stage=pb.StageRequest(release=sorted(gone))))
+                self._call(link, release_request(gone))
             except ExpertmeshError as e:  # the node's idle timeout frees them instead
                 logger.warning("could not release %d sequences on %r: %s", len(gone), link, e)
