@@ -24,7 +24,7 @@ from expertmesh.serving import PROTOCOL_VERSION, layer_experts
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.worker import MLXWorker
 
-from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.stages import MAX_SEQUENCES, StageStore
 from expertmesh.nodes.store import ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ ANONYMOUS = "anonymous"  # the router id of a caller that gives none
 
 # Measure times one layer after this many tokens at most: its KV stays small
 MAX_MEASURE_CONTEXT = 4096
+
+# sequence ids one request may name: a stage step (one a row) or a release
+MAX_STEP_SEQUENCES = MAX_SEQUENCES
+MAX_RELEASE = 1 << 16
 
 _HIDDEN_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
 
@@ -249,6 +253,9 @@ class NodeCore:
         if op == "stage":
             return self._stage(req, start)
         if op == "release":
+            if len(req.release.sequences) > MAX_RELEASE:
+                raise InvalidRequestError(f"a release names at most {MAX_RELEASE} sequences, "
+                                          f"not {len(req.release.sequences)}")
             self.stages.release(req.release.sequences)
         elif op != "ping":
             raise InvalidRequestError("the request names no operation (expert, stage, release or ping)")
@@ -274,6 +281,8 @@ class NodeCore:
 
     def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:
         stage = req.stage
+        if max(len(stage.sequences), len(stage.right_padding)) > MAX_STEP_SEQUENCES:
+            raise InvalidRequestError(f"a stage step has at most {MAX_STEP_SEQUENCES} rows")
         if stage.hidden.dtype not in _HIDDEN_DTYPES:
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
         out, routing = self.stages.forward(stage.layer, wire.decode(stage.hidden, "hidden"),

@@ -76,6 +76,10 @@ BAD = {
     "empty request": (pb.ForwardRequest(request_id=1, expert=pb.ExpertRequest(layer=0)), "expert_ids must be INT32"),
     "no operation": (pb.ForwardRequest(request_id=1), "names no operation"),
     "stage without hidden": (pb.ForwardRequest(request_id=1, stage=pb.StageRequest()), "hidden must be"),
+    "stage rows past the limit": (pb.ForwardRequest(request_id=1, stage=pb.StageRequest(
+        sequences=range(1, 5000), hidden=forward_request().expert.hidden)), "at most 1024 rows"),
+    "release past the limit": (pb.ForwardRequest(request_id=1, release=pb.SequenceRelease(
+        sequences=range(70000))), "at most 65536 sequences"),
     "k beyond experts": (forward_request(ids=np.zeros((1, 9), np.int32)), "k=9 exceeds the 8 experts"),
     "negative layer": (pb.ForwardRequest(request_id=1, expert=pb.ExpertRequest(
         layer=-7, hidden=forward_request().expert.hidden, expert_ids=forward_request().expert.expert_ids,
