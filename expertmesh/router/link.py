@@ -5,7 +5,8 @@ The interface, all the rest of the router uses:
     link = NodeLink(address, timeout, on_broken, security, request_limit, router_identity)
     link.get_info() / assign(...) / assign_stages(...) / measure(...) / release()   control calls, gRPC
     link.open_stream()                     the Forward exchange: data plane, gRPC stream beside it
-    link.submit(ForwardRequest).result(t)  one request (its ``op``: expert, stage, release, ping)
+    link.submit(request).result(t)         one request, made by expert_request / stage_request /
+                                           release_request (each names its ``op``, under a new id)
     link.down, link.fail(err), link.close(graceful)
 
 The Forward exchange goes over the node's data plane: ``wire``'s frames on a
@@ -14,7 +15,8 @@ names the token, the router and its epoch. The node's "working" heartbeats
 are read and skipped there, so a deadline bounds the node's silence and
 ``request_limit`` its work. The gRPC Forward stream stays open beside it so a
 node's death is heard at once, and carries the requests of a node without
-a data plane. The node's side is ``expertmesh.nodes.dataplane``.
+a data plane. The connection itself is ``dataplane.py`` here; the node's
+side is ``expertmesh.nodes.dataplane``.
 """
 
 from __future__ import annotations
