@@ -165,6 +165,28 @@ def test_data_plane_answers_like_grpc_forward(node):
     assert resp.compute_seconds > 0
 
 
+def test_each_operation_is_answered_by_name_on_both_transports(node):
+    """A frame names its operation: experts, a stage step, a release, a ping.
+    Each is answered under its request id, on the data plane and on gRPC
+    Forward alike; a stage step to a node holding no span is refused."""
+    n, stub = node
+    ops = [request(rid=1), pb.ForwardRequest(request_id=2, ping=pb.Ping()),
+           pb.ForwardRequest(request_id=3, release=pb.SequenceRelease(sequences=[7, 8])), request(rid=4)]
+    with data_plane(node) as sock:
+        for op in ops:
+            wire.send_frame(sock, op)
+        replies = [recv_reply(sock, 1 << 20) for _ in ops]
+    assert [r.request_id for r in replies] == [1, 2, 3, 4] and not any(r.error_code for r in replies)
+    assert replies[0].output.data == replies[3].output.data and not replies[1].HasField("output")
+    assert [r.request_id for r in forward(stub, *ops)] == [1, 2, 3, 4]
+    step = pb.ForwardRequest(request_id=5, stage=pb.StageRequest(layer=0, hidden=wire.encode_numpy(
+        np.ones((1, 1, H), np.float32), pb.FLOAT32)))
+    with data_plane(node) as sock:
+        wire.send_frame(sock, step)
+        refused = recv_reply(sock, 1 << 20)
+    assert refused.request_id == 5 and "no stage span starting at layer 0" in refused.error
+
+
 def test_data_plane_reports_bad_requests_and_keeps_the_connection(node):
     with data_plane(node) as sock:
         wire.send_frame(sock, request(layer=3, rid=5))
