@@ -1,6 +1,6 @@
 """Where an expert-mode decode token's time goes, per MoE layer: a router in
 this process (its dispatcher timed from outside) over node processes, and a
-node's own time per request (its servicer in this process, each phase timed
+node's own time per request (its NodeCore in this process, each phase timed
 from outside: parse, decode, compute graph, eval, encode). The same 24-layer
 checkpoint as ``make bench`` by default. Run it twice, with and without
 ``EXPERTMESH_COMPILE=0``, to see what compiling decode steps gives.
@@ -126,12 +126,12 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
 
 def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:
     """µs per request of a node holding 1/``share`` of every MoE layer's
-    experts, its servicer in this process: a decode request as the dispatcher
+    experts, its NodeCore in this process: a decode request as the dispatcher
     sends it (``tokens`` rows, the slots this node holds), phase by phase."""
     from expertmesh import wire
     from expertmesh.checkpoint import Checkpoint
-    from expertmesh.nodes import service
-    from expertmesh.nodes.service import ExpertServicer
+    from expertmesh.nodes import core
+    from expertmesh.nodes.core import NodeCore
     from expertmesh.nodes.store import ExpertStore
     from expertmesh.worker import MLXWorker
 
@@ -140,24 +140,24 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
     mine = list(range(E // share))
     store.assign({layer: mine for layer in store.adapter.moe_layers})
     worker = MLXWorker("node-breakdown")
-    servicer = ExpertServicer("bench", store, 1 << 40, worker)
+    node = NodeCore("bench", store, 1 << 40, worker)
     rng = np.random.default_rng(0)
     frames = []
     for i in range(64):
         ids = np.stack([rng.permutation(E)[:k] for _ in range(tokens)]).astype(np.int32)
         ids = np.where(ids < len(mine), ids, -1)
         hidden = wire.from_float32(rng.standard_normal((tokens, H)).astype(np.float32), pb.BFLOAT16)
-        req = pb.ForwardRequest(request_id=i + 1, layer=store.adapter.moe_layers[i % len(store.adapter.moe_layers)],
-                                hidden=wire.encode_numpy(hidden, pb.BFLOAT16),
-                                expert_ids=wire.encode_numpy(ids, pb.INT32),
-                                weights=wire.encode_numpy(np.where(ids >= 0, 1.0 / k, 0.0), pb.FLOAT32))
+        req = pb.ForwardRequest(request_id=i + 1, expert=pb.ExpertRequest(
+            layer=store.adapter.moe_layers[i % len(store.adapter.moe_layers)],
+            hidden=wire.encode_numpy(hidden, pb.BFLOAT16), expert_ids=wire.encode_numpy(ids, pb.INT32),
+            weights=wire.encode_numpy(np.where(ids >= 0, 1.0 / k, 0.0), pb.FLOAT32)))
         frames.append(req.SerializeToString())
     timer = _Timer()
-    saved = service.wire, service.mx, store.forward_wire
-    service.wire = _TimedModule(wire, timer, {"decode_numpy": "decode", "all_finite": "decode",
+    saved = core.wire, core.mx, store.forward_wire
+    core.wire = _TimedModule(wire, timer, {"decode_numpy": "decode", "all_finite": "decode",
                                                "from_numpy": "decode", "decode": "decode",
                                                "encode": "encode", "encode_numpy": "encode"})
-    service.mx = _TimedModule(mx, timer, {"eval": "eval"})
+    core.mx = _TimedModule(mx, timer, {"eval": "eval"})
     store.forward_wire = timer.wrap("graph", store.forward_wire)
     parse, serialize, total = [], [], []
 
@@ -165,7 +165,7 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
         t0 = time.perf_counter()
         req = pb.ForwardRequest.FromString(frame)
         t1 = time.perf_counter()
-        resp = servicer.forward(req)
+        resp = node.forward(req)
         t2 = time.perf_counter()
         resp.SerializeToString()
         t3 = time.perf_counter()
@@ -184,7 +184,7 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
     try:
         worker.run(run)
     finally:
-        service.wire, service.mx, store.forward_wire = saved
+        core.wire, core.mx, store.forward_wire = saved
         worker.close()
     n = len(total)
     out = {f"node_{name}_us": timer.spent[name] / n * 1e6 for name in ("decode", "graph", "eval", "encode")}

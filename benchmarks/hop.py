@@ -93,7 +93,7 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
         placement = contiguous([NodeBudget("hop", 10**9)], E, {0: adapter.expert_bytes(ck.tensors, 0)})
         link.assign(ck.identity, placement.experts_of("hop"), 60)
         link.open_stream()
-        if link._sock is None:
+        if link.data_plane is None:
             raise RuntimeError("the hop node offers no data plane: the hop would be gRPC's")
         snapshot = Snapshot.of(placement, [link])
         dispatch = Dispatcher(lambda: snapshot, 10)

@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
 from .errors import PlacementError, UnavailableError
 from .models import Adapter
 from .placement import Load, NodeBudget, Placement, balanced, contiguous
-from .serving import MAX_MESSAGE_BYTES
-from .v1 import expertmesh_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -157,23 +153,18 @@ def choose(mode: str, nodes: list[NodeCost], adapter: Adapter, tensors: dict, re
 # --- measuring the nodes ----------------------------------------------------------
 def measure(link, adapter: Adapter, timeout: float, pings: int = 20) -> NodeCost:
     """Time one whole layer on the node (its ``Measure`` RPC) and the data-plane
-    round trip (``pings`` empty stage requests on a connection of our own).
+    round trip (``pings`` pings on a connection of our own).
 
     Raises:
         ExpertmeshError: the node refused or failed the measurement.
     """
     layer = adapter.moe_layers[0]
     m = link.measure(layer, timeout)
-    times = []
+    times: list[float] = []
     try:
-        with link.dial_data_plane() as sock:
-            for i in range(pings + 1):
-                tic = time.perf_counter()
-                wire.send_frame(sock, pb.ForwardRequest(request_id=i + 1, stage=pb.StageRequest()))
-                if wire.recv_reply(sock, MAX_MESSAGE_BYTES) is None:
-                    raise OSError("the node closed the connection")
-                times.append(time.perf_counter() - tic)
-    except OSError as e:
+        with link.dial_data_plane() as plane:
+            times = [plane.ping(i + 1, timeout) for i in range(pings + 1)]
+    except (OSError, UnavailableError) as e:
         raise UnavailableError(f"{link!r}: the data plane failed while measuring its round trip: {e}") from None
     cost = NodeCost(link.name, link.info.memory_budget_bytes, statistics.median(times[1:]),
                     {1: m.layer_seconds_batch1, 8: m.layer_seconds_batch8})

@@ -9,6 +9,7 @@
     ├── RequestTooLargeError        input over a size limit (RESOURCE_EXHAUSTED)
     ├── OverloadedError             the router runs and queues all it can (RESOURCE_EXHAUSTED)
     ├── AuthError                   missing or wrong credentials (UNAUTHENTICATED)
+    ├── BusyError                   a node is already loading an assignment (ABORTED)
     ├── DiscoveryError              mDNS cannot run on the chosen interfaces
     └── UnavailableError            a router or node cannot be reached / went down
 
@@ -66,6 +67,10 @@ class AuthError(ExpertmeshError):
     """Credentials were missing or wrong."""
 
 
+class BusyError(ExpertmeshError):
+    """A node is already loading an assignment; try again when it is done."""
+
+
 class DiscoveryError(ExpertmeshError):
     """An ``--interface`` does not exist, or mDNS cannot start on it."""
 
@@ -81,6 +86,7 @@ _BY_CODE = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.PERMISSION_DENIED: AuthError,
     grpc.StatusCode.FAILED_PRECONDITION: ConfigMismatchError,
+    grpc.StatusCode.ABORTED: BusyError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
 }
@@ -90,6 +96,7 @@ _TO_CODE = {
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    BusyError: grpc.StatusCode.ABORTED,
     ConfigMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     OwnershipError: grpc.StatusCode.FAILED_PRECONDITION,
     PlacementError: grpc.StatusCode.RESOURCE_EXHAUSTED,

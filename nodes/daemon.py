@@ -1,4 +1,4 @@
-"""The node daemon: ExpertStore + ExpertServicer + Advertiser."""
+"""The node daemon: ExpertStore + NodeCore, served by ExpertServicer and the DataPlane + Advertiser."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
 from ..worker import MLXWorker
+from .core import NodeCore
 from .dataplane import DataPlane
 from .service import ExpertServicer
 from .stages import StageStore
@@ -72,18 +73,19 @@ class Node:
         self.wired = WiredLimit(f"node {self.name}")
         self.worker = MLXWorker(f"mlx-{self.name}")
         self.stages = StageStore(self.store, config.kv_idle_timeout)
-        self.servicer = ExpertServicer(self.name, self.store, int(budget), self.worker, self.stages)
+        self.core = NodeCore(self.name, self.store, int(budget), self.worker, self.stages)
+        self.servicer = ExpertServicer(self.core)
         self.server, self.port, self._health = create_server(
             [join_address(h, config.port) for h in hosts],
             lambda s: pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, s),
             ["ExpertService"],
             security=config.security,
         )
-        self.dataplane = DataPlane(hosts, self.servicer.forward, security=config.security,
-                                   hello_wanted=self.servicer.held_by_router, hello_error=self.servicer.hello_error)
-        self.servicer.on_router_change = self.dataplane.drop_all
-        self.servicer.token_required = bool(config.security.token)
-        self.servicer.data_port = self.dataplane.port
+        self.dataplane = DataPlane(hosts, self.core.forward, security=config.security,
+                                   hello_wanted=self.core.held_by_router, hello_error=self.core.hello_error)
+        self.core.on_router_change = self.dataplane.drop_all
+        self.core.token_required = bool(config.security.token)
+        self.core.data_port = self.dataplane.port
         self.addresses = [join_address(h, self.port) for h in hosts]
         self._metrics_host = hosts[0]
         self.metrics: MetricsServer | None = None
@@ -91,7 +93,7 @@ class Node:
         if config.discovery:
             advertised = [i.ip for i in interfaces] if hosts[0] in _WILDCARDS else hosts
             self.advertiser = Advertiser(self.name, self.port, advertised, interfaces, self.record())
-            self.servicer.on_state_change = self._republish
+            self.core.on_state_change = self._republish
         self.ready = threading.Event()
 
     @property
@@ -105,7 +107,7 @@ class Node:
 
     def record(self) -> NodeRecord:
         """What this node tells the network about itself."""
-        ck, s = self.store.checkpoint, self.servicer
+        ck, s = self.store.checkpoint, self.core
         return NodeRecord(self.name, PROTOCOL_VERSION, ck.model_id, ck.config_hash, s.memory_budget,
                           pb.NodeState.Name(s.state).lower(), self.store.held(), __version__, ck.identity.weights)
 
@@ -121,7 +123,7 @@ class Node:
         self.dataplane.start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self._metrics_host, self.config.metrics_port,
-                                         lambda: node_families(*self.servicer.snapshot(), self.servicer.info()),
+                                         lambda: node_families(*self.core.snapshot(), self.core.info()),
                                          self.config.security)
         set_serving(self._health, True)
         if self.advertiser:

@@ -1,22 +1,35 @@
-"""The data plane: Forward as length-prefixed protobuf frames over plain TCP.
+"""The node's side of the data plane: ``ForwardRequest`` frames over plain TCP.
 
 gRPC's Python stack costs several hundred microseconds per message; a MoE
 layer of a decoded token is one small message each way, so the hot path uses
 a socket per router connection instead (benchmarks/README.md has the
-figures). gRPC ``Forward`` stays for tools and as the fallback. Each
-connection is served by an ``MLXWorker`` of its own, which runs the experts
-itself (no thread hand-off on the hot path). With TLS files a connection is
-TLS with client certificates; with a cluster token its first frame must be a
-``DataPlaneHello`` carrying it: both are checked once, before any request,
-on a short-lived thread of the connection's own, within ``HELLO_TIMEOUT_S``
-in all (a watchdog shuts slower ones). Past ``MAX_UNADMITTED`` waiting
-connections the oldest is dropped for each new one, so strangers that connect
-and say nothing cost the node no MLX thread and a bounded number of others,
-and cannot keep a router that says its hello at once from getting in.
-Frames are read into memory as their bytes arrive (``wire.recv_exact``), not
-as their length prefix claims. At most ``MAX_SERVED`` admitted connections are
-served at once (the least recently active is dropped for a new one), and
-nothing of a connection is kept once it closes.
+figures). gRPC ``Forward`` stays for tools and as the fallback. Framing is
+``wire``'s; what each request does is ``NodeCore.forward``'s.
+
+Threads, four kinds: an acceptor per listening address; one ticker for the
+whole data plane (heartbeats, hello deadlines); a short-lived hello thread per
+connection not admitted yet; and an ``MLXWorker`` per admitted connection,
+which reads its requests, runs them itself (no thread hand-off on the hot
+path) and writes the replies.
+
+Admission: with TLS files a connection is TLS with client certificates; with
+a cluster token, or while a router holds the node, its first frame must be a
+``DataPlaneHello`` naming the token, the router and its epoch. Both are
+checked once, before any request, on the connection's hello thread, within
+``HELLO_TIMEOUT_S`` in all (the ticker shuts slower ones). Past
+``MAX_UNADMITTED`` waiting connections the oldest is dropped for each new
+one, so strangers that connect and say nothing cost the node no MLX thread
+and a bounded number of others, and cannot keep a router that says its hello
+at once from getting in.
+
+Bounds: frames are read into memory as their bytes arrive
+(``wire.recv_exact``), not as their length prefix claims, and none is longer
+than ``max_bytes``. At most ``MAX_SERVED`` admitted connections are served at
+once (the least recently active is dropped for a new one), and nothing of a
+connection is kept once it closes.
+
+Heartbeats: while a request computes for longer than ``HEARTBEAT_S``, the
+ticker sends ``ForwardResponse(working=True)`` every ``HEARTBEAT_S``.
 """
 
 from __future__ import annotations
@@ -48,44 +61,43 @@ _DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
 _WORKER_WAIT_S = 2.0  # how long a new connection waits for a dropped one's worker
 
 
-class _Heartbeat:
-    """While a connection's request computes for longer than ``HEARTBEAT_S``,
-    a ``ForwardResponse(working=True)`` goes to the peer every ``HEARTBEAT_S``,
-    so that its deadline measures the node's silence, not its work. The hot
-    path only notes the request (no lock, no wake-up); a thread of the
-    connection's own looks five times per period. Frames go out under one lock,
-    and a heartbeat only while the request still computes (the connection's
-    own thread is then not reading: a TLS socket has one user at a time)."""
+class _Beat:
+    """An admitted connection's outgoing frames, under one lock: its replies
+    (from its own worker) and, while a request computes for longer than
+    ``HEARTBEAT_S``, the ticker's ``ForwardResponse(working=True)`` every
+    ``HEARTBEAT_S``, so that the peer's deadline measures the node's silence,
+    not its work. The hot path only notes the request (no lock, no wake-up).
+    A heartbeat goes out only while the request still computes: the
+    connection's own thread is then not reading (a TLS socket has one user at
+    a time)."""
+
+    __slots__ = ("conn", "current", "lock")
 
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self.current: tuple[int, float] | None = None  # (request id, last word) of the request computing now
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dataplane-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(HEARTBEAT_S / 5):
-            current = self.current
-            if current is None or time.monotonic() - current[1] < 0.8 * HEARTBEAT_S:
-                continue
-            with self._lock:
-                if self.current is not current:
-                    continue
-                try:
-                    wire.send_frame(self.conn, pb.ForwardResponse(request_id=current[0], working=True))
-                except Exception:  # noqa: BLE001 (closed, reset, or a TLS socket shut by stop())
-                    return  # the connection's own thread sees it too
-                self.current = (current[0], time.monotonic())
+        self.lock = threading.Lock()
 
     def send(self, reply: pb.ForwardResponse) -> None:
-        with self._lock:
+        with self.lock:
             self.current = None
             wire.send_frame(self.conn, reply)
 
-    def stop(self) -> None:
-        self._stopped.set()
+    def beat(self, now: float) -> None:
+        """Say "working" when the request computing now was silent for most of a period (the ticker's call)."""
+        current = self.current
+        if current is None or now - current[1] < 0.8 * HEARTBEAT_S or not self.lock.acquire(blocking=False):
+            return  # nothing computes, it spoke lately, or its reply is going out now
+        try:
+            if self.current is current:
+                self.conn.settimeout(HEARTBEAT_S)  # a peer that reads nothing must not hold up the ticker
+                wire.send_frame(self.conn, pb.ForwardResponse(request_id=current[0], working=True))
+                self.conn.settimeout(None)
+                self.current = (current[0], time.monotonic())
+        except Exception:  # noqa: BLE001 closed, reset, stuck, or shut by stop(): the stream is lost
+            _shut(self.conn)  # its own thread sees it and ends
+        finally:
+            self.lock.release()
 
 
 class DataPlane:
@@ -109,7 +121,8 @@ class DataPlane:
         self._needs_hello = self._tls is not None or bool(security.token)  # TLS handshake and/or token hello
         self._hello_wanted, self._hello_error = hello_wanted, hello_error  # the router holding the node
         self._conns: set[socket.socket] = set()
-        self._serving: dict[socket.socket, object] = {}  # admitted connection -> future of its loop
+        self._serving: dict[socket.socket, _Beat] = {}    # admitted connection -> its outgoing frames
+        self._loops: dict[socket.socket, object] = {}     # admitted connection -> future of its loop
         self._active: dict[socket.socket, float] = {}     # admitted connection -> when its last frame came
         self._idle_workers: list[MLXWorker] = []          # of ended connections, for the next ones
         self._workers = 0                                 # MLX workers borrowed, idle or serving: <= MAX_SERVED
@@ -138,19 +151,23 @@ class DataPlane:
     def start(self) -> "DataPlane":
         self._acceptors = [threading.Thread(target=self._accept, args=(listener,), name="dataplane-accept",
                                             daemon=True) for listener in self._listeners]
-        self._acceptors.append(threading.Thread(target=self._watch_hellos, name="dataplane-hello-watchdog",
-                                                daemon=True))
+        self._acceptors.append(threading.Thread(target=self._tick, name="dataplane-ticker", daemon=True))
         for t in self._acceptors:
             t.start()
         return self
 
-    def _watch_hellos(self) -> None:
-        """Shut connections that took longer than ``HELLO_TIMEOUT_S`` in all
-        (a peer trickling its handshake a byte at a time included)."""
-        while not self._stopping.wait(1.0):
+    def _tick(self) -> None:
+        """The data plane's one timer, five times per ``HEARTBEAT_S``: heartbeats
+        of requests that compute long, and the shutting of connections that took
+        longer than ``HELLO_TIMEOUT_S`` in all to be admitted (a peer trickling
+        its handshake a byte at a time included)."""
+        while not self._stopping.wait(HEARTBEAT_S / 5):
             now = time.monotonic()
             with self._lock:
+                beats = list(self._serving.values())
                 late = [conn for conn, accepted in self._admitting.values() if now - accepted > HELLO_TIMEOUT_S]
+            for beat in beats:
+                beat.beat(now)
             for conn in late:
                 _shut(conn)
 
@@ -232,7 +249,8 @@ class DataPlane:
         else:
             worker, self._workers = MLXWorker("dataplane"), self._workers + 1
         self._active[conn] = time.monotonic()
-        self._serving[conn] = worker.submit(self._serve, conn, peer, worker)
+        self._serving[conn] = beat = _Beat(conn)
+        self._loops[conn] = worker.submit(self._serve, beat, peer, worker)
         return True
 
     def _wrap(self, conn: socket.socket) -> socket.socket:
@@ -247,7 +265,7 @@ class DataPlane:
             conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             self._conns.add(conn)
             entry = self._admitting.get(threading.current_thread())
-            if entry is not None:  # the watchdog shuts the TLS socket from now on
+            if entry is not None:  # the ticker shuts the TLS socket from now on
                 entry[0] = conn
         return conn
 
@@ -294,8 +312,8 @@ class DataPlane:
         while conn.recv(1 << 16) and time.monotonic() < deadline:
             pass
 
-    def _serve(self, conn: socket.socket, peer: str, worker: MLXWorker) -> None:
-        heartbeat = None  # its thread starts with the first request
+    def _serve(self, beat: _Beat, peer: str, worker: MLXWorker) -> None:
+        conn = beat.conn
         try:
             while True:
                 try:
@@ -305,19 +323,17 @@ class DataPlane:
                     return
                 if req is None:
                     return
-                heartbeat = heartbeat or _Heartbeat(conn)
-                heartbeat.current = (req.request_id, now := time.monotonic())
+                beat.current = (req.request_id, now := time.monotonic())
                 self._active[conn] = now
-                heartbeat.send(self._answer(req))
+                beat.send(self._answer(req))
         except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
             logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:
-            if heartbeat is not None:
-                heartbeat.stop()
             with self._lock:
                 self._conns.discard(conn)
                 self._active.pop(conn, None)
                 self._serving.pop(conn, None)
+                self._loops.pop(conn, None)
                 keep = not self._stopping.is_set()
                 if keep:  # the next connection runs on this thread: no new one for each
                     self._idle_workers.append(worker)
@@ -352,7 +368,7 @@ class DataPlane:
             t.join(timeout=10)
         self.join_admissions(timeout=10)
         with self._lock:
-            serving = list(self._serving.values())
+            serving = list(self._loops.values())
         for fut in serving:
             fut.result(timeout=10)
         with self._lock:

@@ -23,6 +23,7 @@ from expertmesh.nodes import Node, NodeConfig
 from expertmesh.nodes.dataplane import MAX_UNADMITTED
 from expertmesh.router import Router, RouterConfig
 from expertmesh.security import Security
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -135,7 +136,7 @@ def hello_then_request(port: int, first_frames: list, sock_wrap=lambda s: s) -> 
         for frame in first_frames:
             wire.send_frame(sock, frame)
         replies = []
-        while len(replies) < 2 and (r := wire.recv_reply(sock, 1 << 20)) is not None:
+        while len(replies) < 2 and (r := recv_reply(sock, 1 << 20)) is not None:
             replies.append(r)
         return replies
 
@@ -149,7 +150,7 @@ def test_data_plane_serves_nobody_before_the_hello(token_mesh):
     node, router = token_mesh
     port = node.dataplane.port
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
-    probe = pb.ForwardRequest(request_id=7, layer=0)
+    probe = pb.ForwardRequest(request_id=7, expert=pb.ExpertRequest(layer=0))
     (refused,) = hello_then_request(port, [probe, probe])  # a request instead of a hello: refused, closed
     assert refused.error_code == unauthenticated and "no cluster token" in refused.error
     (refused,) = hello_then_request(port, [pb.DataPlaneHello(token="guess"), probe])
@@ -199,7 +200,7 @@ def test_mutual_tls_mesh_generates_and_refuses_strangers(tls_mesh, certs, tmp_pa
     address = f"127.0.0.1:{router.port}"
     with Client(address, token=TOKEN, **tls(certs, "client")) as c:
         assert text(c)  # router -> node over TLS gRPC and the TLS data plane
-    assert node.servicer.stats.forward_requests > 0
+    assert node.core.stats.forward_requests > 0
     with Client(address, token=TOKEN, timeout=10) as c, pytest.raises(UnavailableError):
         c.cluster()  # plaintext against TLS
     stranger = write_test_certs(tmp_path / "other-ca", names=["client"])
@@ -217,7 +218,7 @@ def test_pipeline_stages_run_under_the_token_and_mutual_tls(tiny, certs, tls_mes
               mode="pipeline") as (node, router):
         with Client(f"127.0.0.1:{router.port}", token=TOKEN, **tls(certs, "client")) as c:
             assert text(c) == expected
-        assert node.servicer.stages.spans  # the node ran whole layers, over the authenticated TLS data plane
+        assert node.core.stages.spans  # the node ran whole layers, over the authenticated TLS data plane
 
 
 def test_tls_data_plane_refuses_plaintext_and_foreign_certificates(tls_mesh, certs, tmp_path):

@@ -185,7 +185,7 @@ def test_nodes_without_room_for_old_and_new_move_in_rounds_within_their_budgets(
         assert got == [expected[p] for p in streams]
         assert progress[-1].phase == pb.REBALANCE_DONE and max(p.round for p in progress) > 1
         assert_nodes_hold_exactly_the_placement(nodes, router)
-        assert all(n.store.nbytes <= n.servicer.memory_budget for n in nodes)
+        assert all(n.store.nbytes <= n.core.memory_budget for n in nodes)
         router.stats(reset=True)
         assert generate_all(address) == cut(expected)
         assert router.stats().balance_ratio > 0.5  # contiguous: 1/3

@@ -32,7 +32,7 @@ def test_concurrent_streams_share_steps_and_match_single_requests(tiny):
 
 def test_a_cancelled_stream_frees_its_kv_cache_and_the_node_stops_seeing_it(tiny):
     with running_nodes(tiny, 1) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
-        scheduler, stats = router.engine.scheduler, nodes[0].servicer.stats
+        scheduler, stats = router.engine.scheduler, nodes[0].core.stats
         with Client(f"127.0.0.1:{router.port}") as c:
             stream = c.generate("Once upon a time", max_tokens=400)
             next(stream)

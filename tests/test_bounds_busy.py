@@ -19,6 +19,7 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.demo import Process
 from expertmesh.serving import MAX_MESSAGE_BYTES, channel
 from expertmesh.tinymodel import write_tiny_model
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -57,8 +58,8 @@ def node(wide, tmp_path_factory):
 
 def span_request() -> pb.ForwardRequest:
     hidden = np.random.default_rng(0).standard_normal((1, TOKENS, HIDDEN), dtype=np.float32)
-    return pb.ForwardRequest(request_id=1, layer=0, hidden=wire.encode_numpy(hidden, pb.FLOAT32),
-                             stage=pb.StageRequest(sequences=[7]))
+    return pb.ForwardRequest(request_id=1, stage=pb.StageRequest(
+        layer=0, hidden=wire.encode_numpy(hidden, pb.FLOAT32), sequences=[7]))
 
 
 def prefill_request() -> pb.ForwardRequest:
@@ -66,8 +67,9 @@ def prefill_request() -> pb.ForwardRequest:
     hidden = rng.standard_normal((TOKENS, HIDDEN), dtype=np.float32)
     ids = np.stack([rng.permutation(8)[:2] for _ in range(TOKENS)]).astype(np.int32)
     weights = np.full((TOKENS, 2), 0.5, dtype=np.float32)
-    return pb.ForwardRequest(request_id=2, layer=1, hidden=wire.encode_numpy(hidden, pb.FLOAT32),
-                             expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32))
+    return pb.ForwardRequest(request_id=2, expert=pb.ExpertRequest(
+        layer=1, hidden=wire.encode_numpy(hidden, pb.FLOAT32), expert_ids=wire.encode_numpy(ids, pb.INT32),
+        weights=wire.encode_numpy(weights, pb.FLOAT32)))
 
 
 @pytest.mark.parametrize("work", ["stage span", "expert prefill"])
@@ -81,7 +83,7 @@ def test_control_calls_answer_within_100ms_while_the_node_computes(node, work):
             for _ in range(2):  # back to back, so the polls meet nothing but computation
                 tic = time.perf_counter()
                 wire.send_frame(s, request)
-                reply = wire.recv_reply(s, MAX_MESSAGE_BYTES)
+                reply = recv_reply(s, MAX_MESSAGE_BYTES)
                 assert reply is not None and not reply.error, reply
                 computed.append(time.perf_counter() - tic)
 

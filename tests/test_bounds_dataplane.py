@@ -17,6 +17,7 @@ from expertmesh import wire
 from expertmesh.demo import Process
 from expertmesh.nodes.dataplane import MAX_SERVED
 from expertmesh.serving import MAX_MESSAGE_BYTES, channel
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -67,8 +68,8 @@ def node(tiny, tmp_path_factory):
 def ping(port: int, request_id: int = 1) -> pb.ForwardResponse:
     """One empty stage request on a fresh connection: the node answers it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        wire.send_frame(s, pb.ForwardRequest(request_id=request_id, stage=pb.StageRequest()))
-        return wire.recv_reply(s, MB)
+        wire.send_frame(s, pb.ForwardRequest(request_id=request_id, ping=pb.Ping()))
+        return recv_reply(s, MB)
 
 
 def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(node):
@@ -101,7 +102,7 @@ def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(nod
         """A header past the limit: refused in one frame, connection closed."""
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(struct.pack("<I", 0xFFFFFFFF))
-            return wire.recv_reply(s, MB)
+            return recv_reply(s, MB)
 
     for round_ in range(2):
         with ThreadPoolExecutor(8) as pool:
@@ -118,10 +119,28 @@ def test_connections_that_close_or_lie_about_their_size_leave_nothing_behind(nod
               f"{threads_open} threads; closed: RSS {rss2 / MB:.0f} MB, threads {threads2}; "
               f"100 headers past the limit refused")
         assert rss_open - rss0 < 32 * MB and rss2 - rss0 < 32 * MB  # not 100 x 64 MB
-        assert threads_open <= threads0 + 2 * MAX_SERVED  # at most MAX_SERVED served at once (and heartbeats)
+        assert threads_open <= threads0 + MAX_SERVED  # at most MAX_SERVED served at once, one thread each
         assert threads2 <= threads0 + MAX_SERVED  # MLX threads are kept for reuse, at most one per slot
     with channel(address) as ch:  # and the node answers its control plane as before
         assert pb_grpc.ExpertServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10).data_port == port
+
+
+def test_a_served_connection_costs_the_node_one_thread(node):
+    """A connection is read, computed and answered on one MLX thread of its own;
+    heartbeats and hello deadlines are one ticker's for the whole data plane."""
+    pid, port, _ = node
+    assert ping(port).request_id == 1
+    threads0 = steady_threads(pid)
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+    try:
+        for i, s in enumerate(conns):  # each one served: it has had a request answered
+            wire.send_frame(s, pb.ForwardRequest(request_id=10 + i, ping=pb.Ping()))
+            assert recv_reply(s, MB).request_id == 10 + i
+        threads = steady_threads(pid)
+    finally:
+        for s in conns:
+            s.close()
+    assert threads <= threads0 + len(conns), (threads0, threads)
 
 
 def test_before_its_hello_a_connection_gets_no_more_than_the_hello_bytes(tiny, tmp_path):
@@ -132,7 +151,7 @@ def test_before_its_hello_a_connection_gets_no_more_than_the_hello_bytes(tiny, t
         def oversized_hello(i: int) -> pb.ForwardResponse:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(struct.pack("<I", MAX_MESSAGE_BYTES) + b"x" * 1000)
-                return wire.recv_reply(s, MB)
+                return recv_reply(s, MB)
         with ThreadPoolExecutor(8) as pool:
             refusals = list(pool.map(oversized_hello, range(100)))
         assert all(r.error_code == grpc.StatusCode.UNAUTHENTICATED.value[0] for r in refusals)

@@ -88,7 +88,7 @@ def test_tokens_of_a_replicated_expert_are_spread_over_its_copies(tiny):
             assert router.placement.replicas_of("n1") == 2
             assert generate(router) == expected(tiny)
             # n1 only gets what the spreading sends it
-            assert nodes[1].servicer.stats.forward_tokens > 0
+            assert nodes[1].core.stats.forward_tokens > 0
     finally:
         for n in nodes:
             n.stop(grace=0)

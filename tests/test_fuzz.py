@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from expertmesh import wire
 from expertmesh.demo import Process
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -110,12 +111,21 @@ def forward_requests(draw):
     hidden = rng.standard_normal((T, H)).astype(np.float32)
     ids = rng.choice(np.array(HELD[layer] + [-1], np.int32), (T, k))
     weights = rng.random((T, k), np.float32)
-    req = pb.ForwardRequest(request_id=0, layer=layer,
-                            hidden=wire.encode_numpy(wire.from_float32(hidden, code), code),
-                            expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32))
+    req = pb.ForwardRequest(request_id=0, expert=pb.ExpertRequest(
+        layer=layer, hidden=wire.encode_numpy(wire.from_float32(hidden, code), code),
+        expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32)))
     if draw(st.booleans()):
         for mutate in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3)):
-            mutate(req, draw)
+            mutate(req.expert, draw)
+        if draw(st.integers(0, 9)) == 0:  # no operation, or another one with these tensors
+            op = draw(st.sampled_from(["none", "stage", "release"]))
+            expert = pb.ExpertRequest()
+            expert.CopyFrom(req.expert)
+            req.ClearField("op")
+            if op == "stage":
+                req.stage.CopyFrom(pb.StageRequest(layer=expert.layer, hidden=expert.hidden))
+            elif op == "release":
+                req.release.sequences.extend(draw(st.lists(st.integers(0, (1 << 64) - 1), max_size=5)))
     return req
 
 
@@ -160,13 +170,14 @@ class Fuzzer:
             ids.append(req.request_id)
             wire.send_frame(self.sock, req)
         for req, rid in zip(requests, ids):
-            resp = wire.recv_reply(self.sock, 1 << 20)
+            resp = recv_reply(self.sock, 1 << 20)
             assert resp is not None, "the node closed the connection"
             assert resp.request_id == rid
             kind = ANSWERS.get(resp.error_code)
             assert kind is not None, f"{resp.error_code}: {resp.error}"  # never INTERNAL or UNKNOWN
             if kind == "ok":
-                assert len(resp.output.data) == len(req.hidden.data) and resp.output.dtype == req.hidden.dtype
+                hidden = req.expert.hidden
+                assert len(resp.output.data) == len(hidden.data) and resp.output.dtype == hidden.dtype
             else:
                 assert resp.error.startswith(f"request {rid}: ") and len(resp.error) > len(f"request {rid}: ") + 5
             self.answers[kind] += 1
@@ -186,10 +197,10 @@ def fuzz_grpc(stub, requests: list) -> None:
 def test_ten_thousand_random_requests_leave_the_node_serving_and_its_memory_flat(node):
     proc, stub, port = node
     pid = proc.proc.pid
-    probe = pb.ForwardRequest(
+    probe = pb.ForwardRequest(expert=pb.ExpertRequest(
         layer=0, hidden=wire.encode_numpy(np.linspace(-1, 1, 2 * H, dtype=np.float32).reshape(2, H), pb.FLOAT32),
         expert_ids=wire.encode_numpy(np.array([[0, 2], [1, -1]], np.int32), pb.INT32),
-        weights=wire.encode_numpy(np.array([[0.3, 0.7], [1.0, 0.0]], np.float32), pb.FLOAT32))
+        weights=wire.encode_numpy(np.array([[0.3, 0.7], [1.0, 0.0]], np.float32), pb.FLOAT32)))
     (before,) = list(stub.Forward(iter([probe]), timeout=10))
     fuzzer = Fuzzer(port)
     batch = st.lists(forward_requests(), min_size=BATCH, max_size=BATCH)

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from expertmesh import wire
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -35,8 +36,9 @@ def request(layer=0, T=2, ids=None, weights=None, hidden=None, rid=1):
     ids = np.array([[0, 2], [1, -1]], dtype=np.int32) if ids is None else ids
     weights = np.full(ids.shape, 0.5, dtype=np.float32) if weights is None else weights
     hidden = np.ones((T, H), dtype=np.float32) if hidden is None else hidden
-    return pb.ForwardRequest(request_id=rid, layer=layer, hidden=wire.encode_numpy(hidden, pb.FLOAT32),
-                             expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32))
+    return pb.ForwardRequest(request_id=rid, expert=pb.ExpertRequest(
+        layer=layer, hidden=wire.encode_numpy(hidden, pb.FLOAT32), expert_ids=wire.encode_numpy(ids, pb.INT32),
+        weights=wire.encode_numpy(weights, pb.FLOAT32)))
 
 
 def forward(stub, *requests):
@@ -99,18 +101,18 @@ def test_bad_forward_is_invalid_argument_and_node_keeps_serving(node, case):
 def test_wrong_byte_count_and_dtype_are_rejected(node):
     n, stub = node
     req = request()
-    req.hidden.data = req.hidden.data[:-4]
+    req.expert.hidden.data = req.expert.hidden.data[:-4]
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "bytes for shape [2, 64]" in err.value.details()
     req = request()
-    req.weights.dtype = pb.INT32
+    req.expert.weights.dtype = pb.INT32
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert "weights must be FLOAT32" in err.value.details()
     req = request()
-    req.hidden.dtype = 77
+    req.expert.hidden.dtype = 77
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -156,30 +158,52 @@ def test_data_plane_answers_like_grpc_forward(node):
     n, stub = node
     with data_plane(node) as sock:
         wire.send_frame(sock, request(rid=41))
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
     (expected,) = forward(stub, request(rid=41))
     assert resp.request_id == 41 and resp.error_code == 0
     assert resp.output.data == expected.output.data
     assert resp.compute_seconds > 0
 
 
+def test_each_operation_is_answered_by_name_on_both_transports(node):
+    """A frame names its operation: experts, a stage step, a release, a ping.
+    Each is answered under its request id, on the data plane and on gRPC
+    Forward alike; a stage step to a node holding no span is refused."""
+    n, stub = node
+    ops = [request(rid=1), pb.ForwardRequest(request_id=2, ping=pb.Ping()),
+           pb.ForwardRequest(request_id=3, release=pb.SequenceRelease(sequences=[7, 8])), request(rid=4)]
+    with data_plane(node) as sock:
+        for op in ops:
+            wire.send_frame(sock, op)
+        replies = [recv_reply(sock, 1 << 20) for _ in ops]
+    assert [r.request_id for r in replies] == [1, 2, 3, 4] and not any(r.error_code for r in replies)
+    assert replies[0].output.data == replies[3].output.data and not replies[1].HasField("output")
+    assert [r.request_id for r in forward(stub, *ops)] == [1, 2, 3, 4]
+    step = pb.ForwardRequest(request_id=5, stage=pb.StageRequest(layer=0, hidden=wire.encode_numpy(
+        np.ones((1, 1, H), np.float32), pb.FLOAT32)))
+    with data_plane(node) as sock:
+        wire.send_frame(sock, step)
+        refused = recv_reply(sock, 1 << 20)
+    assert refused.request_id == 5 and "no stage span starting at layer 0" in refused.error
+
+
 def test_data_plane_reports_bad_requests_and_keeps_the_connection(node):
     with data_plane(node) as sock:
         wire.send_frame(sock, request(layer=3, rid=5))
-        bad = wire.recv_reply(sock, 1 << 20)
+        bad = recv_reply(sock, 1 << 20)
         assert bad.request_id == 5
         assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "layer 3 is not held" in bad.error
         wire.send_frame(sock, request(rid=6))
-        assert wire.recv_reply(sock, 1 << 20).error_code == 0
+        assert recv_reply(sock, 1 << 20).error_code == 0
 
 
 def test_data_plane_refuses_oversized_frames_and_keeps_serving(node):
     with data_plane(node) as sock:
         sock.sendall(struct.pack("<I", (64 << 20) + 1))
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
         assert resp.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert wire.recv_reply(sock, 1 << 20) is None  # that stream is closed
+        assert recv_reply(sock, 1 << 20) is None  # that stream is closed
     with data_plane(node) as sock:  # others are served
         wire.send_frame(sock, request(rid=9))
-        assert wire.recv_reply(sock, 1 << 20).request_id == 9
+        assert recv_reply(sock, 1 << 20).request_id == 9

@@ -32,7 +32,7 @@ def test_assign_streams_progress_while_the_node_loads(tiny, monkeypatch):
         updates = stub.Assign(request, timeout=60)
         try:  # a node that replied only once loaded would time out here
             first, one, two = next(updates), next(updates), next(updates)
-            assert node.servicer.state == pb.LOADING
+            assert node.core.state == pb.LOADING
         finally:
             hold.set()
         rest = list(updates)
@@ -40,7 +40,7 @@ def test_assign_streams_progress_while_the_node_loads(tiny, monkeypatch):
         assert [u.layers_done for u in [one, two] + rest] == [1, 2, 3, 4, 4] and rest[-1].done
         assert 0 < one.loaded_bytes < two.loaded_bytes < rest[0].loaded_bytes < rest[1].loaded_bytes
         assert rest[1].loaded_bytes == first.total_bytes == rest[-1].total_bytes
-        assert node.servicer.state == pb.READY
+        assert node.core.state == pb.READY
 
 
 def test_a_failed_assign_is_a_status_and_the_node_keeps_serving(tiny):

@@ -86,8 +86,8 @@ def test_nodes_refuse_trims_they_cannot_do_and_keep_serving(tiny):
 
         def step(rows, tokens, trim):
             hidden = wire.encode(mx.zeros((len(rows), tokens, 64), mx.float32))
-            return node.servicer.forward(pb.ForwardRequest(request_id=1, layer=0, hidden=hidden,
-                                                           stage=pb.StageRequest(sequences=rows, trim=trim)))
+            return node.core.forward(pb.ForwardRequest(request_id=1, stage=pb.StageRequest(
+                layer=0, hidden=hidden, sequences=rows, trim=trim)))
         step([7], 3, 0)
         with pytest.raises(InvalidRequestError, match="cannot trim 4 tokens off a sequence's KV of 3"):
             step([7], 1, 4)

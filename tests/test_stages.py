@@ -141,17 +141,17 @@ def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "within the model's 4 layers" in e.value.details()
         list(stub.AssignStages(pb.AssignStagesRequest(config_hash=config_hash,
                                                       stages=[pb.LayerSpan(start=0, end=4)]), timeout=30))
-        response = node.servicer.forward(pb.ForwardRequest(request_id=1, layer=1, stage=pb.StageRequest()))
-        assert not response.HasField("output")  # a ping: no hidden, nothing run
+        response = node.core.forward(pb.ForwardRequest(request_id=1, ping=pb.Ping()))
+        assert response.request_id == 1 and not response.HasField("output")  # a ping: nothing run
         with pytest.raises(Exception, match="no stage span starting at layer 1"):
-            node.servicer.forward(pb.ForwardRequest(request_id=2, layer=1, hidden=pb.Tensor(
-                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest()))
+            node.core.forward(pb.ForwardRequest(request_id=2, stage=pb.StageRequest(layer=1, hidden=pb.Tensor(
+                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32))))
         from expertmesh.errors import RequestTooLargeError
         from expertmesh.nodes import stages
 
         def step(sequence: int) -> pb.ForwardResponse:
-            return node.servicer.forward(pb.ForwardRequest(request_id=3, layer=0, hidden=pb.Tensor(
-                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), stage=pb.StageRequest(sequences=[sequence])))
+            return node.core.forward(pb.ForwardRequest(request_id=3, stage=pb.StageRequest(layer=0, hidden=pb.Tensor(
+                data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32), sequences=[sequence])))
         limit, stages.MAX_SEQUENCES = stages.MAX_SEQUENCES, 3
         try:  # a client that opens sequences without end is refused, not given memory
             for sequence in (1, 2, 3):
@@ -159,7 +159,7 @@ def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
             with pytest.raises(RequestTooLargeError, match="already keep the KV of 3 sequences"):
                 step(4)
             assert step(3).HasField("output")  # held ones go on
-            node.servicer.forward(pb.ForwardRequest(request_id=4, stage=pb.StageRequest(release=[1])))
+            node.core.forward(pb.ForwardRequest(request_id=4, release=pb.SequenceRelease(sequences=[1])))
             assert step(4).HasField("output")
         finally:
             stages.MAX_SEQUENCES = limit

@@ -19,6 +19,7 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, ModelError, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.serving import MAX_MESSAGE_BYTES
+from expertmesh.router.dataplane import recv_reply
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
@@ -43,18 +44,19 @@ def forward_request(hidden=None, ids=None, weights=None, code=pb.FLOAT32, rid=1)
     hidden = np.ones((1, H), np.float32) if hidden is None else hidden
     ids = np.array([[0, 1]], np.int32) if ids is None else ids
     weights = np.full(ids.shape, 0.5, np.float32) if weights is None else weights
-    return pb.ForwardRequest(request_id=rid, layer=0, hidden=wire.encode_numpy(wire.from_float32(hidden, code), code),
-                             expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32))
+    return pb.ForwardRequest(request_id=rid, expert=pb.ExpertRequest(
+        layer=0, hidden=wire.encode_numpy(wire.from_float32(hidden, code), code),
+        expert_ids=wire.encode_numpy(ids, pb.INT32), weights=wire.encode_numpy(weights, pb.FLOAT32)))
 
 
 def tensor_case(field, **changes):
     req = forward_request()
     for k, v in changes.items():
         if k == "shape":
-            del getattr(req, field).shape[:]
-            getattr(req, field).shape.extend(v)
+            del getattr(req.expert, field).shape[:]
+            getattr(req.expert, field).shape.extend(v)
         else:
-            setattr(getattr(req, field), k, v)
+            setattr(getattr(req.expert, field), k, v)
     return req
 
 
@@ -71,10 +73,17 @@ BAD = {
     "scalar hidden": (tensor_case("hidden", shape=[], data=b"\0" * 4), "expected [T, 64]"),
     "short data": (tensor_case("weights", data=b"\0" * 3), "3 bytes for shape [1, 2]"),
     "unknown dtype": (tensor_case("expert_ids", dtype=99), "expert_ids must be INT32"),
-    "empty request": (pb.ForwardRequest(request_id=1, layer=0), "expert_ids must be INT32"),
+    "empty request": (pb.ForwardRequest(request_id=1, expert=pb.ExpertRequest(layer=0)), "expert_ids must be INT32"),
+    "no operation": (pb.ForwardRequest(request_id=1), "names no operation"),
+    "stage without hidden": (pb.ForwardRequest(request_id=1, stage=pb.StageRequest()), "hidden must be"),
+    "stage rows past the limit": (pb.ForwardRequest(request_id=1, stage=pb.StageRequest(
+        sequences=range(1, 5000), hidden=forward_request().expert.hidden)), "at most 1024 rows"),
+    "release past the limit": (pb.ForwardRequest(request_id=1, release=pb.SequenceRelease(
+        sequences=range(70000))), "at most 65536 sequences"),
     "k beyond experts": (forward_request(ids=np.zeros((1, 9), np.int32)), "k=9 exceeds the 8 experts"),
-    "negative layer": (pb.ForwardRequest(request_id=1, layer=-7, hidden=forward_request().hidden,
-                                         expert_ids=forward_request().expert_ids, weights=forward_request().weights),
+    "negative layer": (pb.ForwardRequest(request_id=1, expert=pb.ExpertRequest(
+        layer=-7, hidden=forward_request().expert.hidden, expert_ids=forward_request().expert.expert_ids,
+        weights=forward_request().expert.weights)),
                        "layer -7 is not held"),
 }
 
@@ -95,7 +104,7 @@ def ask(request, node):
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         def via_socket(req):
             wire.send_frame(sock, req)
-            resp = wire.recv_reply(sock, 1 << 20)
+            resp = recv_reply(sock, 1 << 20)
             assert resp.request_id == req.request_id
             return CODES[resp.error_code], resp.error
         yield via_socket  # one connection for every case: errors do not close it
@@ -112,7 +121,7 @@ def test_bad_forward_is_invalid_argument_on_both_transports(ask, case):
 def test_oversized_grpc_message_is_resource_exhausted(node):
     n, stub = node
     big = forward_request()
-    big.hidden.data = b"\0" * (MAX_MESSAGE_BYTES + 1)
+    big.expert.hidden.data = b"\0" * (MAX_MESSAGE_BYTES + 1)
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Forward(iter([big]), timeout=30))
     assert err.value.code() == TOO_LARGE
@@ -123,11 +132,11 @@ def test_data_plane_frame_too_large_for_the_node_is_refused_and_others_go_on(nod
     n, _ = node
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         sock.sendall(struct.pack("<I", 0xFFFFFFFF))
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
     assert CODES[resp.error_code] == TOO_LARGE and "exceeds" in resp.error
     with socket.create_connection(("127.0.0.1", n.dataplane.port), timeout=10) as sock:
         sock.sendall(struct.pack("<I", 5) + b"\xff" * 5)  # not a ForwardRequest: framing broken
-        resp = wire.recv_reply(sock, 1 << 20)
+        resp = recv_reply(sock, 1 << 20)
     assert CODES[resp.error_code] == INVALID and "not a valid ForwardRequest" in resp.error
 
 
@@ -260,10 +269,14 @@ def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
     deadline: test_failover)."""
     from expertmesh.nodes.dataplane import DataPlane
     from expertmesh.serving import HEARTBEAT_S
+    from expertmesh.router.dataplane import DataPlaneSocket
     from expertmesh.router.link import NodeLink
 
+    def slow_request(rid: int, layer: int = 1) -> pb.ForwardRequest:
+        return pb.ForwardRequest(request_id=rid, expert=pb.ExpertRequest(layer=layer))
+
     def slow(req):
-        if req.layer == 1:
+        if req.expert.layer == 1:
             threading.Event().wait(3.0)  # a long computation (a big prefill, say)
         return pb.ForwardResponse(request_id=req.request_id, compute_seconds=3.0)
 
@@ -271,19 +284,19 @@ def test_a_node_computing_longer_than_the_deadline_says_so_and_is_waited_for():
     link = NodeLink(f"127.0.0.1:{plane.port}", timeout=1.0)
     try:
         with socket.create_connection(("127.0.0.1", plane.port), timeout=10) as raw:  # what goes over the wire
-            wire.send_frame(raw, pb.ForwardRequest(request_id=5, layer=1))
+            wire.send_frame(raw, slow_request(5))
             frames = []
             while not frames or frames[-1].working:
                 frames.append(wire.recv_frame(raw, pb.ForwardResponse, 1 << 20))
         assert len(frames) >= int(3.0 / HEARTBEAT_S) - 2 and all(f.request_id == 5 for f in frames)
         assert all(f.working for f in frames[:-1]) and not frames[-1].working and frames[-1].compute_seconds == 3.0
-        link._sock = socket.create_connection(("127.0.0.1", plane.port), timeout=10)  # the router's data plane
-        reply = link.submit(pb.ForwardRequest(request_id=6, layer=1)).result(timeout=1.5)
+        link.data_plane = DataPlaneSocket(socket.create_connection(("127.0.0.1", plane.port), timeout=10), repr(link))
+        reply = link.submit(slow_request(6)).result(timeout=1.5)
         assert reply.request_id == 6 and not reply.working and not link.down
-        assert link.submit(pb.ForwardRequest(request_id=7, layer=0)).result(timeout=1.5).request_id == 7
+        assert link.submit(slow_request(7, layer=0)).result(timeout=1.5).request_id == 7
         link.request_limit = 2.0  # --request-limit: "working" for longer is a hang
         with pytest.raises(UnavailableError, match=r"still working on a request after 2s \(--request-limit\)"):
-            link.submit(pb.ForwardRequest(request_id=8, layer=1)).result(timeout=1.5)
+            link.submit(slow_request(8)).result(timeout=1.5)
         assert link.down
     finally:
         link.close(graceful=False)

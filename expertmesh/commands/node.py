@@ -34,7 +34,7 @@ def run(args) -> None:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""
         print(f"expertmesh node {node.name} listening on {node.address}{also} "
-              f"(model {node.store.checkpoint.model_id}, budget {node.servicer.memory_budget / 1e9:.1f} GB)",
+              f"(model {node.store.checkpoint.model_id}, budget {node.core.memory_budget / 1e9:.1f} GB)",
               flush=True)
         if node.metrics is not None:
             print(f"Prometheus metrics at {node.metrics.url}", flush=True)

@@ -13,8 +13,7 @@ import numpy as np
 from .. import wire
 from ..errors import UnavailableError
 from ..placement import describe
-from ..v1 import expertmesh_pb2 as pb
-from .link import _REQUEST_IDS
+from .link import expert_request
 from .snapshot import Snapshot
 from .stats import RoutingStats
 
@@ -144,12 +143,7 @@ class Dispatcher:
                 req_ids, req_weights = np.where(mine, ids, -1), np.where(mine, weights, 0.0)
                 if rows is not None:
                     req_ids, req_weights = req_ids[rows], req_weights[rows]
-            req = pb.ForwardRequest(
-                request_id=next(_REQUEST_IDS), layer=layer,
-                hidden=wire.encode_numpy(hidden if rows is None else hidden[rows], code),
-                expert_ids=wire.encode_numpy(req_ids, pb.INT32),
-                weights=wire.encode_numpy(req_weights, pb.FLOAT32),
-            )
+            req = expert_request(layer, hidden if rows is None else hidden[rows], code, req_ids, req_weights)
             try:
                 calls.append((n, link, mine, rows, req.ByteSize(), time.perf_counter(), link.submit(req)))
             except UnavailableError as e:

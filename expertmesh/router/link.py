@@ -1,11 +1,22 @@
-"""NodeLink: the router's transport to one node.
+"""The router's transport to its nodes: everything that crosses the wire to one.
 
-The control calls (GetInfo, Assign, AssignStages, Measure, Release) go over
-gRPC; the Forward exchange over the node's data plane (length-prefixed frames
-on a TCP socket, after the hello that names the token, the router and its
-epoch), with the gRPC Forward stream kept open beside it so a node's death is
-heard at once. The dispatcher and the stage runtime use a link through
-``submit`` and the reply's ``result``.
+The interface, all the rest of the router uses:
+
+    link = NodeLink(address, timeout, on_broken, security, request_limit, router_identity)
+    link.get_info() / assign(...) / assign_stages(...) / measure(...) / release()   control calls, gRPC
+    link.open_stream()                     the Forward exchange: data plane, gRPC stream beside it
+    link.submit(request).result(t)         one request, made by expert_request / stage_request /
+                                           release_request (each names its ``op``, under a new id)
+    link.down, link.fail(err), link.close(graceful)
+
+The Forward exchange goes over the node's data plane: ``wire``'s frames on a
+TCP (or TLS) socket of its own, a ``DataPlaneSocket``, after the hello that
+names the token, the router and its epoch. The node's "working" heartbeats
+are read and skipped there, so a deadline bounds the node's silence and
+``request_limit`` its work. The gRPC Forward stream stays open beside it so a
+node's death is heard at once, and carries the requests of a node without
+a data plane. The connection itself is ``dataplane.py`` here; the node's
+side is ``expertmesh.nodes.dataplane``.
 """
 
 from __future__ import annotations
@@ -13,22 +24,23 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import socket
 import threading
-import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 import grpc
+import mlx.core as mx
+import numpy as np
 
 from .. import wire
 from ..checkpoint import Identity
-from ..errors import ExpertmeshError, OwnershipError, UnavailableError, from_rpc_error, from_status
+from ..errors import ExpertmeshError, UnavailableError, from_rpc_error, from_status
 from ..security import Security
-from ..serving import MAX_MESSAGE_BYTES, channel, layer_experts, split_address
+from ..serving import channel, layer_experts, split_address
 from ..v1 import expertmesh_pb2 as pb
 from ..v1 import expertmesh_pb2_grpc as pb_grpc
+from .dataplane import Closed, DataPlaneSocket
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,36 @@ _REQUEST_IDS = itertools.count(1)
 
 # a node saying "working" for longer than this is taken to hang (the router's --request-limit)
 REQUEST_LIMIT_S = 300.0
+
+
+# --- the requests, one per operation, each under a new id ------------------------
+def expert_request(layer: int, hidden: np.ndarray, code: "pb.DType", ids: np.ndarray,
+                   weights: np.ndarray) -> pb.ForwardRequest:
+    """Tokens of one MoE layer for a node's experts (wire-carrier arrays:
+    hidden [T, H] of ``code``, ids [T, k] int32, weights [T, k] float32)."""
+    request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
+    op = request.expert
+    op.layer = layer
+    wire.encode_into(op.hidden, hidden, code)
+    wire.encode_into(op.expert_ids, ids, pb.INT32)
+    wire.encode_into(op.weights, weights, pb.FLOAT32)
+    return request
+
+
+def stage_request(layer: int, hidden: mx.array, sequences=(), right_padding=(), trim: int = 0) -> pb.ForwardRequest:
+    """One step of the stage span starting at ``layer`` ([B, T, H], evaluated)."""
+    request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
+    op = request.stage
+    op.layer, op.trim = layer, trim
+    op.sequences.extend(sequences)
+    op.right_padding.extend(right_padding)
+    wire.encode_into(op.hidden, wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
+    return request
+
+
+def release_request(sequences) -> pb.ForwardRequest:
+    """Free these sequences' KV caches on the node."""
+    return pb.ForwardRequest(request_id=next(_REQUEST_IDS), release=pb.SequenceRelease(sequences=sorted(sequences)))
 
 
 class NodeLink:
@@ -69,7 +111,7 @@ class NodeLink:
         self._lock = threading.Lock()
         self._broken: ExpertmeshError | None = None
         self._reader: threading.Thread | None = None
-        self._sock: socket.socket | None = None
+        self.data_plane: DataPlaneSocket | None = None
 
     def __repr__(self):
         return f"node {self.address}" if self.name == self.address else f"node {self.name} ({self.address})"
@@ -161,40 +203,25 @@ class NodeLink:
         self._reader.start()
         if self.info.data_port:
             try:
-                self._sock = self.dial_data_plane()
+                self.data_plane = self.dial_data_plane()
             except OSError as e:
                 raise self.fail(UnavailableError(f"{self!r}: cannot open the data plane: {e}")) from None
             except ExpertmeshError as e:
                 raise self.fail(e) from None
 
-    def dial_data_plane(self) -> socket.socket:
-        """A new data-plane socket, past TLS and the hello when the node wants them.
+    def dial_data_plane(self) -> DataPlaneSocket:
+        """A new data-plane connection, past TLS and the hello when the node wants them.
 
         Raises:
             OSError: unreachable, or the TLS handshake failed.
             AuthError: the node refused our token.
         """
         host, _ = split_address(self.address)
-        sock = socket.create_connection((host, self.info.data_port), timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if self.security.tls:
-                sock = self.security.client_ssl_context().wrap_socket(sock, server_hostname=host)
-            if self.info.token_required or (self.epoch and self.router_identity.id):  # token; we hold it
-                wire.send_frame(sock, pb.DataPlaneHello(token=self.security.token or "", router_id=self.router_identity.id,
-                                                        epoch=self.epoch))
-                welcome = wire.recv_frame(sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
-                if welcome is None:
-                    raise UnavailableError(f"{self!r} closed the data plane during the hello")
-                if welcome.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
-                    raise OwnershipError(f"{self!r} refused the data plane: {welcome.error}")
-                if welcome.error_code:
-                    raise from_status(welcome.error_code, f"{self!r} refused the data plane: {welcome.error}", repr(self),
-                                      raised="")
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        hello = None
+        if self.info.token_required or (self.epoch and self.router_identity.id):  # token; we hold it
+            hello = pb.DataPlaneHello(token=self.security.token or "", router_id=self.router_identity.id,
+                                      epoch=self.epoch)
+        return DataPlaneSocket.dial(host, self.info.data_port, self.security, self.timeout, repr(self), hello)
 
     def _read(self, call) -> None:
         try:
@@ -235,9 +262,9 @@ class NodeLink:
             broken = self._broken
         if broken is not None:
             raise UnavailableError(f"{self!r} is down ({broken}); its experts are unavailable until it is back")
-        if self._sock is not None:
+        if self.data_plane is not None:
             try:
-                wire.send_frame(self._sock, request)
+                self.data_plane.send(request)
             except OSError as e:
                 raise self.fail(UnavailableError(f"{self!r} is unreachable: {e}")) from None
             return _SocketReply(self, request.request_id)
@@ -248,40 +275,27 @@ class NodeLink:
         return _StreamReply(self, fut)
 
     def receive(self, request_id: int, timeout: float) -> pb.ForwardResponse:
-        """The reply to ``request_id``. Replies to older requests (left unread
-        when another node failed that layer) are skipped, and so are the
-        node's "still working" heartbeats: ``timeout`` bounds its silence,
-        ``request_limit`` the whole wait."""
-        give_up = time.monotonic() + self.request_limit
-        while True:
-            left = give_up - time.monotonic()
-            try:
-                self._sock.settimeout(max(min(timeout, left), 0.001))
-                resp = wire.recv_frame(self._sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
-            except socket.timeout:
-                if left < timeout:
-                    raise self.fail(UnavailableError(
-                        f"{self!r} was still working on a request after {self.request_limit:g}s "
-                        "(--request-limit); taking it to hang")) from None
-                raise self.fail(UnavailableError(f"{self!r} did not answer within {timeout:g}s")) from None
-            except (OSError, ExpertmeshError) as e:
-                raise self.fail(UnavailableError(f"{self!r} broke the data plane: {e}")) from None
-            if resp is None:
-                raise self.fail(UnavailableError(f"{self!r} closed the data plane{self._why_closed()}"))
-            if 0 < resp.request_id < request_id or resp.working:
-                continue
-            if resp.error_code:
-                raise from_status(resp.error_code, resp.error, repr(self), raised="")
-            if resp.request_id != request_id:
-                raise self.fail(UnavailableError(
-                    f"{self!r} answered request {resp.request_id}, expected {request_id}"))
-            return resp
+        """The data plane's reply to ``request_id`` (see ``DataPlaneSocket.reply``).
+
+        Raises:
+            UnavailableError: the link failed (it is down from now on).
+            ExpertmeshError: the node refused the request (the link stays up).
+        """
+        try:
+            resp = self.data_plane.reply(request_id, timeout, self.request_limit)
+        except Closed as e:
+            raise self.fail(UnavailableError(f"{e}{self._why_closed()}")) from None
+        except UnavailableError as e:
+            raise self.fail(e) from None
+        if resp.error_code:
+            raise from_status(resp.error_code, resp.error, repr(self), raised="")
+        return resp
 
     def close(self, graceful: bool = True) -> None:
         """End the Forward exchange (letting the node finish it unless not
         ``graceful``: a node that stopped answering), then the channel."""
-        if self._sock is not None:
-            self._sock.close()
+        if self.data_plane is not None:
+            self.data_plane.close()
         if self._requests is not None:
             self._requests.put(None)
             if graceful:

@@ -39,7 +39,7 @@ from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..mlxlm import BaseCache, swap_class
 from ..v1 import expertmesh_pb2 as pb
-from .link import _REQUEST_IDS, NodeLink
+from .link import _REQUEST_IDS, NodeLink, release_request, stage_request
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class StageRuntime:
             request.trim = cache.take_trim()
             self._sent.update(cache.sequences)
         mx.eval(x, state)
-        forward = pb.ForwardRequest(layer=stage.start, hidden=wire.encode(x), stage=request)
+        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
         while True:
             if not self._rebuilding:
                 for s in request.sequences:
@@ -299,8 +299,7 @@ class StageRuntime:
         link = self.relocate(stage.start, stage.end, dead)
         lost = {s for s, st in self._span_of.items() if st is stage}
         try:  # a node that came back may still hold these sequences' KV: rebuilt KV must not add to it
-            self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
-                                               stage=pb.StageRequest(release=sorted(lost))))
+            self._call(link, release_request(lost))
         except ExpertmeshError as e:
             logger.warning("could not release %d sequences on %r before rebuilding them: %s", len(lost), link, e)
         logger.warning("layers %d-%d moved from %r to %r: rebuilding the KV of %d sequences", stage.start,
@@ -338,7 +337,6 @@ class StageRuntime:
             self._lost.discard(s)
         for link in {id(link): link for link in map(self.locate, (st.start for st in self.stages))}.values():
             try:
-                self._call(link, pb.ForwardRequest(request_id=next(_REQUEST_IDS),
-                                                   stage=pb.StageRequest(release=sorted(gone))))
+                self._call(link, release_request(gone))
             except ExpertmeshError as e:  # the node's idle timeout frees them instead
                 logger.warning("could not release %d sequences on %r: %s", len(gone), link, e)

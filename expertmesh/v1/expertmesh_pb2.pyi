@@ -204,32 +204,54 @@ class AssignProgress(_message.Message):
     def __init__(self, loaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., done: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "stage")
+    __slots__ = ("request_id", "expert", "stage", "release", "ping")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    expert: ExpertRequest
+    stage: StageRequest
+    release: SequenceRelease
+    ping: Ping
+    def __init__(self, request_id: _Optional[int] = ..., expert: _Optional[_Union[ExpertRequest, _Mapping]] = ..., stage: _Optional[_Union[StageRequest, _Mapping]] = ..., release: _Optional[_Union[SequenceRelease, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("layer", "hidden", "expert_ids", "weights")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    STAGE_FIELD_NUMBER: _ClassVar[int]
-    request_id: int
     layer: int
     hidden: Tensor
     expert_ids: Tensor
     weights: Tensor
-    stage: StageRequest
-    def __init__(self, request_id: _Optional[int] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., stage: _Optional[_Union[StageRequest, _Mapping]] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("sequences", "right_padding", "release", "trim")
+    __slots__ = ("layer", "hidden", "sequences", "right_padding", "trim")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RIGHT_PADDING_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_FIELD_NUMBER: _ClassVar[int]
     TRIM_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    hidden: Tensor
     sequences: _containers.RepeatedScalarFieldContainer[int]
     right_padding: _containers.RepeatedScalarFieldContainer[int]
-    release: _containers.RepeatedScalarFieldContainer[int]
     trim: int
-    def __init__(self, sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., release: _Optional[_Iterable[int]] = ..., trim: _Optional[int] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[int]] = ..., right_padding: _Optional[_Iterable[int]] = ..., trim: _Optional[int] = ...) -> None: ...
+
+class SequenceRelease(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequences: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "compute_seconds", "error_code", "error", "working", "routing")
