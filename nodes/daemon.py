@@ -9,21 +9,21 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import Checkpoint
-from ..discovery import Advertiser, NodeRecord, resolve_interfaces
-from ..metrics import MetricsServer, node_families
-from ..models import get_adapter
-from ..residency import WiredLimit, default_budget
-from ..security import Security
-from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
-from ..v1 import expertmesh_pb2 as pb
-from ..v1 import expertmesh_pb2_grpc as pb_grpc
-from ..worker import MLXWorker
-from .dataplane import DataPlane
-from .service import ExpertServicer
-from .stages import StageStore
-from .store import ExpertStore
+from expertmesh import __version__
+from expertmesh.checkpoint import Checkpoint
+from expertmesh.discovery import Advertiser, NodeRecord, resolve_interfaces
+from expertmesh.metrics import MetricsServer, node_families
+from expertmesh.models import get_adapter
+from expertmesh.residency import WiredLimit, default_budget
+from expertmesh.security import Security
+from expertmesh.serving import PROTOCOL_VERSION, create_server, join_address, set_serving
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+from expertmesh.worker import MLXWorker
+from expertmesh.nodes.dataplane import DataPlane
+from expertmesh.nodes.service import ExpertServicer
+from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.store import ExpertStore
 
 logger = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from typing import Callable
 import grpc
 import mlx.core as mx
 
-from .. import __version__, wire
-from ..errors import ExpertmeshError, InvalidRequestError, OwnershipError, abort, status_code
-from ..metrics import Histogram
-from ..serving import PROTOCOL_VERSION, layer_experts
-from ..v1 import expertmesh_pb2 as pb
-from ..v1 import expertmesh_pb2_grpc as pb_grpc
-from ..worker import MLXWorker
-from .stages import StageStore
-from .store import ExpertStore
+from expertmesh import __version__, wire
+from expertmesh.errors import ExpertmeshError, InvalidRequestError, OwnershipError, abort, status_code
+from expertmesh.metrics import Histogram
+from expertmesh.serving import PROTOCOL_VERSION, layer_experts
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+from expertmesh.worker import MLXWorker
+from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.store import ExpertStore
 
 logger = logging.getLogger(__name__)
 
