@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 from expertmesh.options import GenerationOptions
 from expertmesh.router import Router, RouterConfig
 from expertmesh.router import dispatcher

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

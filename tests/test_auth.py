@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh import Client, wire
-from expertmesh.certs import write_test_certs
+from expertmesh.testing.certs import write_test_certs
 from expertmesh.errors import AuthError, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.nodes.dataplane import MAX_UNADMITTED

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from expertmesh import wire
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 from expertmesh.nodes.dataplane import MAX_SERVED
 from expertmesh.serving import MAX_MESSAGE_BYTES, channel
 from expertmesh.v1 import expertmesh_pb2 as pb

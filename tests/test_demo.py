@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from expertmesh import netns
+from expertmesh.testing import netns
 from expertmesh.builtin import model_dir, vocabulary
 
 

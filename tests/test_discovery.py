@@ -15,7 +15,7 @@ import pytest
 
 from expertmesh import DiscoveryError
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 from expertmesh.discovery import Bounds, Interface, NodeRecord, resolve_interfaces
 from expertmesh.serving import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S
 

@@ -16,7 +16,7 @@ import pytest
 
 from expertmesh import Client
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 from expertmesh.models import get_adapter
 from expertmesh.placement import size
 from expertmesh.v1 import expertmesh_pb2 as pb
