@@ -107,7 +107,6 @@ def main() -> int:
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
                      "scale": not args.tiny, "nodes": 2, "cpus": os.cpu_count(), "gpu": gpu_name(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "errors": {}}
-    os.environ["EXPERTMESH_DISCOVERY"] = "off"
     with mps(not args.no_mps, results):
         import mlx.core as mx  # after MPS is up: this process's CUDA context joins it
 

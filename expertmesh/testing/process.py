@@ -15,11 +15,18 @@ from typing import Sequence
 from expertmesh.errors import ExpertmeshError
 
 _LISTENING = r"^expertmesh (?:node|router)\b.* listening on (\S+)"
+SERVERS = ("node", "router")
+
+
+def cli_args(args: Sequence[str]) -> list[str]:
+    """``expertmesh`` arguments with ``--no-discovery`` right after ``node`` or ``router``:
+    no mDNS on the machine's network unless a later ``--discovery`` asks (in a namespace)."""
+    return [args[0], "--no-discovery", *args[1:]] if args and args[0] in SERVERS else list(args)
 
 
 class Process:
     """A child expertmesh process; its output (stdout and logs) goes to ``log``
-    and can be waited on line by line.
+    and can be waited on line by line. Its arguments pass through :func:`cli_args`.
 
     Args:
         args: the ``expertmesh`` command line.
@@ -31,7 +38,7 @@ class Process:
     def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = (), env: dict | None = None):
         self.log = log
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "expertmesh.cli", *args],
+            [*prefix, sys.executable, "-m", "expertmesh.cli", *cli_args(args)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
