@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.testing.process import Process, cli_args
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
+from expertmesh.testing.process import Process, cli_args
 from expertmesh.testing.tinymodel import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_LINES = 400
 GENERATED = ("expertmesh/v1/",)  # `make proto`'s stubs (tests/test_packaging.py checks they are current)
 ROUTER_CYCLE = pytest.mark.xfail(strict=True, reason="router cycle: fixed on branch state")
+ROUTER_LENGTH = pytest.mark.xfail(strict=True, reason="membership.py's length: fixed on branch state")
 
 
 def package_dirs() -> dict[str, Path]:
@@ -133,12 +134,18 @@ def test_the_package_imports_form_no_circle(part):
     assert found == [], "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
-@pytest.mark.parametrize("part", [pytest.param("router", marks=ROUTER_CYCLE), "elsewhere"])
+@pytest.mark.parametrize("part", [pytest.param("router", marks=ROUTER_LENGTH), "elsewhere"])
 def test_no_file_is_longer_than_400_lines(part):
     files = [f for d in ("expertmesh", "nodes", "discovery", "tests", "benchmarks") for f in (REPO / d).rglob("*.py")]
     long = {str(f.relative_to(REPO)): n for f in files
             if not str(f.relative_to(REPO)).startswith(GENERATED) and (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert {f: n for f, n in long.items() if in_router(f) == (part == "router")} == {}
+
+
+def test_the_runtime_does_not_import_the_test_fixtures():
+    edges = graph()
+    users = {m for m, to in edges.items() if any(t.startswith("expertmesh.testing") for t in to)}
+    assert {m for m in users if not m.startswith("expertmesh.testing")} == {"expertmesh.demo"}  # `make demo`
 
 
 def test_tests_do_not_import_benchmarks():
