@@ -14,6 +14,10 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.discovery import Advertiser, NodeRecord, resolve_interfaces
 from expertmesh.metrics import MetricsServer, node_families
 from expertmesh.models import get_adapter
+from expertmesh.nodes.dataplane import DataPlane
+from expertmesh.nodes.service import ExpertServicer
+from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.store import ExpertStore
 from expertmesh.options import check, is_port, is_positive
 from expertmesh.residency import WiredLimit, default_budget
 from expertmesh.security import Security
@@ -21,10 +25,6 @@ from expertmesh.serving import PROTOCOL_VERSION, create_server, join_address, se
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.worker import MLXWorker
-from expertmesh.nodes.dataplane import DataPlane
-from expertmesh.nodes.service import ExpertServicer
-from expertmesh.nodes.stages import StageStore
-from expertmesh.nodes.store import ExpertStore
 
 logger = logging.getLogger(__name__)
 

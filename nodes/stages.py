@@ -31,9 +31,9 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, RequestTooLargeError
 from expertmesh.models import Adapter
 from expertmesh.models.base import PROJECTIONS, eval_private_arrays
-from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.nodes.routing import SpanRouting
 from expertmesh.nodes.store import ExpertStore
+from expertmesh.v1 import expertmesh_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
