@@ -30,7 +30,7 @@ proto: $(STAMP)
 
 # a test CA and node/router/client certificates for --tls-*; more hosts: make certs HOSTS="mini-a.local 10.0.0.2"
 certs: $(STAMP)
-	$(PY) -m expertmesh.certs certs $(foreach h,$(HOSTS),--host $(h))
+	$(PY) -m expertmesh.testing.certs certs $(foreach h,$(HOSTS),--host $(h))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

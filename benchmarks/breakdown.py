@@ -3,15 +3,14 @@ this process (its dispatcher timed from outside) over node processes, and a
 node's own time per request (its NodeCore in this process, each phase timed
 from outside: parse, decode, compute graph, eval, encode). The same 24-layer
 checkpoint as ``make bench`` by default. Run it twice, with and without
-``EXPERTMESH_COMPILE=0``, to see what compiling decode steps gives.
+``--no-compile``, to see what compiling decode steps gives.
 
-    python benchmarks/breakdown.py [--nodes 2] [--tokens 64] [--rounds 3] [--scale --layers 12]
+    python benchmarks/breakdown.py [--nodes 2] [--tokens 64] [--rounds 3] [--scale --layers 12] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -22,10 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from expertmesh.demo import Process
+from expertmesh import compiled
 from expertmesh.options import GenerationOptions
 from expertmesh.router import Router, RouterConfig
 from expertmesh.router import dispatcher
+from expertmesh.testing.process import Process
 from expertmesh.v1 import expertmesh_pb2 as pb
 from run import PROMPT, bench_model
 
@@ -68,7 +68,7 @@ class _TimedModule:
         return getattr(self._module, name)
 
 
-def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path) -> dict:
+def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, compile: bool = True) -> dict:
     """µs per MoE layer of an expert-mode decode (prefill of the short prompt included)."""
     timer = _Timer()
     saved = dispatcher.mx, dispatcher.NodeLink.submit, dispatcher.NodeLink.receive, dispatcher.Dispatcher.__call__
@@ -78,8 +78,9 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
     dispatcher.Dispatcher.__call__ = timer.wrap(ALL, saved[3])
     procs, router = [], None
     try:
-        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
-                         logs / f"breakdown-node{i}.log") for i in range(nodes)]
+        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery",
+                          "--compile" if compile else "--no-compile"], logs / f"breakdown-node{i}.log")
+                 for i in range(nodes)]
         router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0,
                                      mode="expert"))
         router.connect()
@@ -203,16 +204,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--scale", action="store_true", help="Qwen3-30B-A3B widths, 4-bit (run.py --scale)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile decode steps, in the nodes and the router here (default: on)")
     args = parser.parse_args()
-    os.environ["EXPERTMESH_DISCOVERY"] = "off"
+    compiled.configure(args.compile)
     root = Path(tempfile.mkdtemp(prefix="expertmesh-breakdown-"))
     try:
         model = bench_model(root, args.layers, args.scale)
-        r = router_breakdown(model, args.nodes, args.tokens, args.rounds, root)
+        r = router_breakdown(model, args.nodes, args.tokens, args.rounds, root, args.compile)
         r.update(node_breakdown(model))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"compile {'on' if os.environ.get('EXPERTMESH_COMPILE', '1') != '0' else 'off'}: "
+    print(f"compile {'on' if args.compile else 'off'}: "
           f"decode {r['decode_tps']:.1f} tok/s; {r['ms_per_token']:.2f} ms per token, prefill included")
     for key, value in r.items():
         if key.endswith("_us"):

@@ -1,26 +1,12 @@
 """The H200 benchmark: the mesh where compute is as fast as a Mac's.
 
-    python3 benchmarks/device.py --out results/device-YYYYMMDD.json [--layers 12] [--quick]
+    python3 benchmarks/device.py --out results/device-YYYYMMDD.json [--layers 12] [--quick] [--stages ...]
 
-One command, run on the H200 machine through MLX's CUDA backend (the kit in
-``../shared/device/``; benchmarks/README.md says how to send it). The model has
-Qwen3-30B-A3B's widths (hidden 2048, 128 experts, top-8, moe_intermediate 768),
-4-bit, ``--layers`` MoE layers (default 12), served by 2 node processes and a
-router process, every process sharing the one GPU. The whole run is under
-CUDA's Multi-Process Service, started here and stopped at the end (``--no-mps``
-for a machine without it). Every figure is a ratio of two things measured side
-by side in this run, under the keys of ``make bench``'s JSON (``decode_ratio``,
-``prefill_ratio``, ``batch_gain``, ``peer_ratio``, ``hop_ratio``,
-``node_compute_us``; expert mode's with ``_expert``), and every shape a figure
-depends on is run before it is timed: the first round of decode and prefill is
-dropped, each batch size is run once before the batch trials, and mlx-lm's ring
-pipeline generates once in its processes before it is timed. Also written:
-``growth_gap_s[_expert]`` (the longest inter-token gap while a batch grows
-from 1 to 8 streams and shrinks back, after one such warm-up pass) and the
-per-MoE-layer breakdown of an expert-mode token (``breakdown``).
-
-The JSON is rewritten after every stage, so a run cut short keeps what it
-measured; a stage that fails records its error and the run goes on.
+Qwen3-30B-A3B's widths, 4-bit, ``--layers`` MoE layers; 2 node processes and a
+router process on the one GPU under CUDA's Multi-Process Service (``--no-mps``
+leaves it off). Writes ``make bench``'s keys, ``growth_gap_s[_expert]`` and an
+expert-mode ``breakdown``, rewriting the JSON after every stage (a failed stage
+records its error). benchmarks/README.md has the results and how to send it.
 """
 
 from __future__ import annotations
@@ -107,7 +93,6 @@ def main() -> int:
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
                      "scale": not args.tiny, "nodes": 2, "cpus": os.cpu_count(), "gpu": gpu_name(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "errors": {}}
-    os.environ["EXPERTMESH_DISCOVERY"] = "off"
     with mps(not args.no_mps, results):
         import mlx.core as mx  # after MPS is up: this process's CUDA context joins it
 

@@ -60,7 +60,7 @@ def tcp_floor_us(request_bytes: int, reply_bytes: int, trials: int) -> float:
 
 
 def hop_model(root: Path) -> Path:
-    from expertmesh.tinymodel import write_tiny_model
+    from expertmesh.testing.tinymodel import write_tiny_model
 
     return write_tiny_model(root / "hop-model", seed=0, num_shards=1, config_overrides=dict(
         hidden_size=H, num_hidden_layers=1, num_experts=E, num_experts_per_tok=K,
@@ -72,7 +72,7 @@ def hop_us(model: Path, trials: int) -> tuple[float, float, int, int]:
     median of each call less the compute time its reply reports; request and
     reply bytes."""
     from expertmesh.checkpoint import Checkpoint
-    from expertmesh.demo import Process
+    from expertmesh.testing.process import Process
     from expertmesh.models import get_adapter
     from expertmesh.placement import NodeBudget, contiguous
     from expertmesh.router.dispatcher import Dispatcher

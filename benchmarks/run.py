@@ -30,10 +30,10 @@ sys.path.insert(0, str(HERE))
 import hop  # noqa: E402
 
 from expertmesh import Client, builtin  # noqa: E402
-from expertmesh.demo import Process  # noqa: E402
 from expertmesh.router import RouterConfig  # noqa: E402
 from expertmesh.router.stats import hot_experts  # noqa: E402
-from expertmesh.tinymodel import write_tiny_model  # noqa: E402
+from expertmesh.testing.process import Process  # noqa: E402
+from expertmesh.testing.tinymodel import write_tiny_model  # noqa: E402
 from expertmesh.v1 import expertmesh_pb2 as pb  # noqa: E402
 
 PROMPT = "Once upon a time"

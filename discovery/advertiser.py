@@ -10,9 +10,9 @@ import threading
 
 from zeroconf import ServiceInfo
 
-from .interfaces import Interface
-from .mdns import MDNS
-from .record import SERVICE_TYPE, NodeRecord
+from expertmesh.discovery.interfaces import Interface
+from expertmesh.discovery.mdns import MDNS
+from expertmesh.discovery.record import SERVICE_TYPE, NodeRecord
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Callable
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
-from .interfaces import Interface, reachable_first
-from .mdns import MDNS
-from .record import SERVICE_TYPE, Bounds, NodeRecord
+from expertmesh.discovery.interfaces import Interface, reachable_first
+from expertmesh.discovery.mdns import MDNS
+from expertmesh.discovery.record import SERVICE_TYPE, Bounds, NodeRecord
 
 logger = logging.getLogger(__name__)
 

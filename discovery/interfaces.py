@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ifaddr
 
-from ..errors import DiscoveryError
+from expertmesh.errors import DiscoveryError
 
 logger = logging.getLogger(__name__)
 

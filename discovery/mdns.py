@@ -8,8 +8,8 @@ from typing import Coroutine
 
 from zeroconf import IPVersion, Zeroconf
 
-from ..errors import DiscoveryError
-from .interfaces import Interface
+from expertmesh.discovery.interfaces import Interface
+from expertmesh.errors import DiscoveryError
 
 
 class MDNS:

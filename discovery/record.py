@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ranges import compact, expand
+from expertmesh.ranges import compact, expand
 
 SERVICE_TYPE = "_expertmesh._tcp.local."
 STATES = ("idle", "loading", "ready")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ModelError
+from .files import INDEX, Range
+from .hub import open_files
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,8 @@ _DTYPES = {
     "I8": (np.dtype("i1"), mx.int8),
 }
 _MAX_HEADER = 100 << 20
-INDEX = "model.safetensors.index.json"
 # the identity samples this many bytes at the start, middle and end of every tensor
 SAMPLE = 64
-
-Range = tuple[str, int, int]  # (file, start, count)
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -101,59 +98,6 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class LocalFiles:
-    """The files of directory ``root``, never read outside ``boundary``
-    (``root`` itself, or a Hugging Face repo's cache folder for a snapshot)."""
-
-    def __init__(self, root: Path, boundary: Path | None = None, where: str = "the model directory"):
-        self.root, self.boundary, self.where = root, boundary or root, where
-
-    def inside(self, name: str) -> Path:
-        """``name`` resolved within the boundary.
-
-        Raises:
-            ModelError: it (or a symlink on the way) leads outside.
-        """
-        file = (self.root / name).resolve()
-        if not file.is_relative_to(self.boundary):
-            raise ModelError(f"{name!r} lies outside {self.where} {self.boundary}")
-        return file
-
-    def exists(self, name: str) -> bool:
-        return self.inside(name).is_file()
-
-    def text(self, name: str) -> str:
-        return self.inside(name).read_text()
-
-    def safetensors(self) -> list[str]:
-        return sorted(p.name for p in self.root.glob("*.safetensors"))
-
-    def read(self, name: str, start: int, count: int) -> bytes:
-        file = self.inside(name)
-        # resolved inside the boundary; no symlink put there since is followed
-        with open(os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
-            f.seek(start)
-            data = f.read(count)
-        if len(data) != count:
-            raise ModelError(f"{file} is truncated (wanted bytes {start}-{start + count})")
-        return data
-
-    def read_many(self, ranges: list[Range]) -> list[bytes]:
-        return [self.read(*r) for r in ranges]
-
-    def to_fetch(self, ranges: list[Range]) -> int:
-        return 0  # every byte is on disk
-
-    def prefetch(self, ranges: list[Range]) -> None:
-        """Nothing to fetch: every byte is on disk."""
-
-    def memo(self, key: str, compute):
-        return compute()
-
-    def dense_dir(self, checkpoint: "Checkpoint", is_expert) -> Path:
-        return self.root
-
-
 class Checkpoint:
     """A model directory or repo id: ``config.json`` plus (sharded) safetensors.
 
@@ -166,8 +110,6 @@ class Checkpoint:
     """
 
     def __init__(self, model: str | Path):
-        from .hub import open_files
-
         if Path(model).expanduser().is_file():
             raise ModelError(f"{model} is a file: give the checkpoint's directory ({Path(model).parent}), "
                              "the one holding config.json")

@@ -4,24 +4,41 @@ On MLX's CPU backend most of a small step's time is per-op dispatch, and a
 compiled function runs the same kernels with its elementwise ops fused, so
 in fewer dispatches. Each new input shape is a new trace, so only shapes that
 repeat (one token per row) are compiled; prefill shapes vary per prompt and
-run as they are. ``EXPERTMESH_COMPILE=0`` turns it off, for A/B measurements
-(benchmarks/README.md).
+run as they are. ``--no-compile`` (``NodeConfig.compile``; the router's flag
+calls :func:`configure`) turns it off, for A/B measurements (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-ENABLED = os.environ.get("EXPERTMESH_COMPILE", "1") != "0"
+_enabled = True
+
+
+def configure(enabled: bool) -> None:
+    """Whether the decode steps built from now on in this process are compiled
+    (``mx.compile``'s traces are per process, so the choice is too).
+
+    Raises:
+        ValueError: ``enabled`` is not a bool.
+    """
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise ValueError(f"compile must be True or False, not {enabled!r}")
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    """Whether decode steps built now are compiled (see :func:`configure`)."""
+    return _enabled
 
 
 def for_decode(fn: Callable) -> Callable:
     """``fn`` compiled (``fn`` itself when compiling is off)."""
-    return mx.compile(fn) if ENABLED else fn
+    return mx.compile(fn) if _enabled else fn
 
 
 class DecodeStep(nn.Module):

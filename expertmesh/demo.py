@@ -9,90 +9,26 @@ The router finds the nodes over mDNS on loopback inside a network namespace
 of its own (multicast switched on for its ``lo``), so nothing is announced
 on this machine's network. Where no namespace can be made (not root, no
 ``ip``, not Linux) the demo says so and gives the router ``--peer`` addresses.
+
+It drives the CLI with the same harness as the tests (``expertmesh.testing``:
+child processes and network namespaces), so what the demo shows is what they check.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Sequence
 
-from . import netns
 from .client import Client
 from .errors import ExpertmeshError
-
-_LISTENING = r"^expertmesh (?:node|router)\b.* listening on (\S+)"
-
-
-class Process:
-    """A child expertmesh process; its output (stdout and logs) goes to ``log``
-    and can be waited on line by line.
-
-    Args:
-        args: the ``expertmesh`` command line.
-        log: where its output goes.
-        prefix: what to run it under, e.g. ``["ip", "netns", "exec", NS]``.
-        env: variables to set for it (e.g. ``HF_HOME``).
-    """
-
-    def __init__(self, args: list[str], log: Path, prefix: Sequence[str] = (), env: dict | None = None):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "expertmesh.cli", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        self._lines: queue.SimpleQueue = queue.SimpleQueue()
-        self._address: str | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        with open(self.log, "w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """The next output line matching ``pattern``.
-
-        Raises:
-            ExpertmeshError: none within ``timeout`` seconds, or the process ended.
-        """
-        deadline = time.monotonic() + timeout
-        try:
-            while (line := self._lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-                if m := re.search(pattern, line):
-                    return m
-        except queue.Empty:
-            raise ExpertmeshError(f"no line like {pattern!r} after {timeout:g}s; see {self.log}") from None
-        self._lines.put(None)  # later calls see the end too
-        tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise ExpertmeshError(f"process exited: {tail[0]}")
-
-    def address(self, timeout: float) -> str:
-        """The HOST:PORT from its ``listening on`` line (the same on later calls)."""
-        if self._address is None:
-            self._address = self.wait_for(_LISTENING, timeout).group(1)
-        return self._address
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+from .testing import netns
+from .testing.process import Process
 
 
 def run(prompt: str, max_tokens: int, nodes: int, namespace: str | None) -> None:

@@ -26,8 +26,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
-from .checkpoint import INDEX, LocalFiles, Range
 from .errors import ModelError
+from .files import INDEX, LocalFiles, Range
 from .pieces import PieceCache, atomic, write_atomic
 
 logger = logging.getLogger(__name__)

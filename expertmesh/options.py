@@ -114,3 +114,21 @@ def _is_text(s: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def check(ok: bool, param: str, message: str) -> None:
+    """Config classes' validation: unless ``ok``, raise ``InvalidRequestError(message, param=param)``."""
+    if not ok:
+        raise InvalidRequestError(message, param=param)
+
+
+def is_port(value, optional: bool = False) -> bool:
+    """A TCP port (0 picks a free one); ``None`` too where ``optional``."""
+    return (optional and value is None) or (type(value) is int and 0 <= value <= 65535)
+
+
+def is_positive(value, optional: bool = False) -> bool:
+    """A finite number above zero; ``None`` too where ``optional``."""
+    if optional and value is None:
+        return True
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and math.isfinite(value) and value > 0

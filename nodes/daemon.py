@@ -9,22 +9,23 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import Checkpoint
-from ..discovery import Advertiser, NodeRecord, resolve_interfaces
-from ..metrics import MetricsServer, node_families
-from ..models import get_adapter
-from ..residency import WiredLimit, default_budget
-from ..security import Security
-from ..serving import PROTOCOL_VERSION, create_server, join_address, set_serving
-from ..v1 import expertmesh_pb2 as pb
-from ..v1 import expertmesh_pb2_grpc as pb_grpc
-from ..worker import MLXWorker
-from .core import NodeCore
-from .dataplane import DataPlane
-from .service import ExpertServicer
-from .stages import StageStore
-from .store import ExpertStore
+from expertmesh import __version__, compiled
+from expertmesh.checkpoint import Checkpoint
+from expertmesh.discovery import Advertiser, NodeRecord, resolve_interfaces
+from expertmesh.metrics import MetricsServer, node_families
+from expertmesh.models import get_adapter
+from expertmesh.nodes.core import NodeCore
+from expertmesh.nodes.dataplane import DataPlane
+from expertmesh.nodes.service import ExpertServicer
+from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.store import ExpertStore
+from expertmesh.options import check, is_port, is_positive
+from expertmesh.residency import WiredLimit, default_budget
+from expertmesh.security import Security
+from expertmesh.serving import PROTOCOL_VERSION, create_server, join_address, set_serving
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+from expertmesh.worker import MLXWorker
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,21 @@ class NodeConfig:
     kv_idle_timeout: float = 300.0    # pipeline stages: free a sequence's KV cache unused this long
     metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
     security: Security = field(default_factory=Security)  # cluster token and TLS files
+    compile: bool = True              # mx.compile decode steps (off: for A/B measurements)
+
+    def __post_init__(self) -> None:
+        """Raises InvalidRequestError naming the field at fault."""
+        check(is_port(self.port), "port", f"port must be 0-65535, not {self.port!r}")
+        check(is_port(self.metrics_port, optional=True), "metrics_port",
+              f"metrics_port must be 0-65535, not {self.metrics_port!r}")
+        check(is_positive(self.memory_gb, optional=True), "memory_gb",
+              f"memory_gb must be a number above 0, not {self.memory_gb!r}")
+        check(is_positive(self.kv_idle_timeout), "kv_idle_timeout",
+              f"kv_idle_timeout must be a number above 0, not {self.kv_idle_timeout!r}")
+        for name in ("discovery", "compile"):
+            check(isinstance(getattr(self, name), bool), name, f"{name} must be True or False")
+        check(all(isinstance(i, str) and i for i in self.interfaces), "interfaces",
+              "interfaces must be names or addresses")
 
 
 class Node:
@@ -60,6 +76,7 @@ class Node:
 
     def __init__(self, config: NodeConfig):
         self.config = config
+        compiled.configure(config.compile)  # before the store builds its decode steps
         self.name = config.name or socket.gethostname().split(".")[0]
         checkpoint = Checkpoint(config.model)
         self.store = ExpertStore(checkpoint, get_adapter(checkpoint.config))

@@ -42,12 +42,12 @@ from typing import Callable
 
 import grpc
 
-from .. import wire
-from ..errors import AuthError, ExpertmeshError, OwnershipError, status_code
-from ..security import Security
-from ..serving import HEARTBEAT_S, MAX_MESSAGE_BYTES
-from ..v1 import expertmesh_pb2 as pb
-from ..worker import MLXWorker
+from expertmesh import wire
+from expertmesh.errors import AuthError, ExpertmeshError, OwnershipError, status_code
+from expertmesh.security import Security
+from expertmesh.serving import HEARTBEAT_S, MAX_MESSAGE_BYTES
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.worker import MLXWorker
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import compiled
-from ..models import Adapter
-from ..v1 import expertmesh_pb2 as pb
+from expertmesh import compiled
+from expertmesh.models import Adapter
+from expertmesh.v1 import expertmesh_pb2 as pb
 
 
 class _Box:

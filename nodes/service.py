@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ExpertmeshError, abort, status_code
-from ..v1 import expertmesh_pb2 as pb
-from ..v1 import expertmesh_pb2_grpc as pb_grpc
-from .core import NodeCore
+from expertmesh.errors import ExpertmeshError, abort, status_code
+from expertmesh.nodes.core import NodeCore
+from expertmesh.v1 import expertmesh_pb2 as pb
+from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
-from .. import compiled
-from ..checkpoint import Checkpoint
-from ..errors import InvalidRequestError, RequestTooLargeError
-from ..models import Adapter
-from ..models.base import PROJECTIONS, eval_private_arrays
-from ..v1 import expertmesh_pb2 as pb
-from .routing import SpanRouting
-from .store import ExpertStore
+from expertmesh import compiled
+from expertmesh.checkpoint import Checkpoint
+from expertmesh.errors import InvalidRequestError, RequestTooLargeError
+from expertmesh.models import Adapter
+from expertmesh.models.base import PROJECTIONS, eval_private_arrays
+from expertmesh.nodes.routing import SpanRouting
+from expertmesh.nodes.store import ExpertStore
+from expertmesh.v1 import expertmesh_pb2 as pb
 
 logger = logging.getLogger(__name__)
 

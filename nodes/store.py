@@ -20,11 +20,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import infer_quant_config
 
-from .. import compiled, wire
-from ..checkpoint import Checkpoint
-from ..errors import InvalidRequestError, ModelError
-from ..models import Adapter, get_adapter
-from ..models.base import PARTS, PROJECTIONS
+from expertmesh import compiled, wire
+from expertmesh.checkpoint import Checkpoint
+from expertmesh.errors import InvalidRequestError, ModelError
+from expertmesh.models import Adapter, get_adapter
+from expertmesh.models.base import PARTS, PROJECTIONS
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.demo import Process
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.process import Process, cli_args
+from expertmesh.testing.tinymodel import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-# No test announces or browses over mDNS on this machine's real network:
-# CLI processes started by tests default to --no-discovery; the tests that
-# exercise discovery turn it on inside network namespaces they create.
-os.environ["EXPERTMESH_DISCOVERY"] = "off"
+# No test announces or browses over mDNS on this machine's real network: nodes and
+# routers started here get --no-discovery first (testing.process.cli_args); the tests
+# that exercise discovery turn it on, later on the line, inside namespaces they create.
 
 VARIANTS = {
     "hf-f32": dict(layout="hf"),
@@ -69,7 +68,7 @@ def running_router(model: Path, peers: list[str], mode: str = "expert", **kw):
 
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the ``expertmesh`` CLI in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *cli_args(args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
 
 

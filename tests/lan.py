@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from expertmesh import netns
+from expertmesh.testing import netns
 
 IFACE = "mesh0"  # every host's one interface; no such interface exists outside these namespaces
 _PREFIX = "emtest"

@@ -17,13 +17,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh import Client, wire
-from expertmesh.certs import write_test_certs
 from expertmesh.errors import AuthError, UnavailableError
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.nodes.dataplane import MAX_UNADMITTED
 from expertmesh.router import Router, RouterConfig
 from expertmesh.security import Security
 from expertmesh.router.dataplane import recv_reply
+from expertmesh.testing.certs import write_test_certs
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

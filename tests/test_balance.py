@@ -14,7 +14,7 @@ from mlx_lm.generate import stream_generate
 from expertmesh import Client
 from expertmesh.cli import main
 from expertmesh.errors import InvalidRequestError, PlacementError
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 
 from conftest import running_nodes, running_router

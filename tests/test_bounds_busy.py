@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh import wire
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.demo import Process
 from expertmesh.serving import MAX_MESSAGE_BYTES, channel
-from expertmesh.tinymodel import write_tiny_model
 from expertmesh.router.dataplane import recv_reply
+from expertmesh.testing.process import Process
+from expertmesh.testing.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

@@ -7,7 +7,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from expertmesh import Client, GenerationOptions, InvalidRequestError
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 
 from conftest import running_nodes, running_router
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from expertmesh.certs import write_test_certs
-from expertmesh.demo import Process
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.certs import write_test_certs
+from expertmesh.testing.process import Process
+from expertmesh.testing.tinymodel import write_tiny_model
 
 from conftest import cli
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from expertmesh import netns
 from expertmesh.builtin import model_dir, vocabulary
+from expertmesh.testing import netns
 
 
 def processes_in_session(sid: int) -> list[str]:

@@ -15,9 +15,9 @@ import pytest
 
 from expertmesh import DiscoveryError
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.demo import Process
 from expertmesh.discovery import Bounds, Interface, NodeRecord, resolve_interfaces
 from expertmesh.serving import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S
+from expertmesh.testing.process import Process
 
 from conftest import cli
 from lan import IFACE, Lan, make_lan

@@ -21,8 +21,8 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 from expertmesh import Client
-from expertmesh.demo import Process
-from expertmesh.tinymodel import CORPUS, DEFAULT_CONFIGS, write_tiny_model
+from expertmesh.testing.process import Process
+from expertmesh.testing.tinymodel import CORPUS, DEFAULT_CONFIGS, write_tiny_model
 
 from test_models import variants
 

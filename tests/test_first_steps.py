@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 from expertmesh import Client, InvalidRequestError
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 
 from conftest import REPO, cli, running_nodes, running_router
 from test_cli import one_line_error
@@ -158,8 +158,8 @@ def test_first_tps_max_tokens_past_the_context_and_version(mesh):
         api.completions.create(model="any", prompt="Hello", max_tokens=600)
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
     assert api.completions.create(model="any", prompt="Hello", max_tokens=8).usage.completion_tokens == 8
-    out = subprocess.run([sys.executable, "-m", "expertmesh.tinymodel", "--help"], capture_output=True, text=True)
-    assert out.stdout.startswith("usage: python -m expertmesh.tinymodel ")
+    out = subprocess.run([sys.executable, "-m", "expertmesh.testing.tinymodel", "--help"], capture_output=True, text=True)
+    assert out.stdout.startswith("usage: python -m expertmesh.testing.tinymodel ")
 
 
 def test_chat_says_an_unknown_command_is_unknown(mesh):

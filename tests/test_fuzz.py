@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from expertmesh import wire
-from expertmesh.demo import Process
 from expertmesh.router.dataplane import recv_reply
+from expertmesh.testing.process import Process
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

@@ -16,9 +16,9 @@ import pytest
 
 from expertmesh import Client
 from expertmesh.checkpoint import Checkpoint
-from expertmesh.demo import Process
 from expertmesh.models import get_adapter
 from expertmesh.placement import size
+from expertmesh.testing.process import Process
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

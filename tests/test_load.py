@@ -2,19 +2,16 @@
 with 2 node processes: every stream completes with its single-request greedy
 output, and no process grows (``pytest -s`` prints the latencies)."""
 
-import sys
 import time
 
 from mlx_lm import load
 from mlx_lm.generate import stream_generate
 
-from conftest import REPO
 from expertmesh.serving import channel
+from expertmesh.testing.load import mesh, percentiles, prompts, rss_mb, run_round
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from load import mesh, percentiles, prompts, rss_mb, run_round  # noqa: E402
 
 STREAMS, ROUNDS, TOKENS = 32, 8, 8
 # A leaked KV cache of one round's batch is 32 x 262 KB = 8.4 MB on the tiny model (4 layers x

@@ -14,7 +14,7 @@ from expertmesh.models import SUPPORTED, get_adapter
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
 from expertmesh.router.dense import load_dense
-from expertmesh.tinymodel import DEFAULT_CONFIGS, write_tiny_model
+from expertmesh.testing.tinymodel import DEFAULT_CONFIGS, write_tiny_model
 
 from conftest import cli, running_nodes, running_router
 

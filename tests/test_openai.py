@@ -85,7 +85,7 @@ def raw_post(port, path, data):
 def test_router_command_serves_the_api_on_http_port(tiny):
     with running_nodes(tiny, 1) as (node,):
         router = pexpect.spawn(sys.executable, ["-m", "expertmesh.cli", "router", "--model", str(tiny), "--port", "0",
-                                                "--peer", node.address, "--http-port", "0"],
+                                                "--peer", node.address, "--http-port", "0", "--no-discovery"],
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8", timeout=120)
         try:
             router.expect(r"OpenAI-compatible API at (http://127\.0\.0\.1:\d+/v1)")

@@ -67,3 +67,32 @@ def test_the_sdk_imports_from_the_folder_holding_the_clone(tmp_path):
     out = subprocess.run([str(tmp_path / "venv/bin/python"), "sdk.py"], cwd=parent, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["expertmesh.client", "expertmesh.nodes"]
+
+
+def test_runtime_dependencies_are_what_the_runtime_imports():
+    """Every third-party module the runtime imports is declared, and every declared
+    dependency is imported (fixtures in expertmesh.testing and training aside)."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[\s\[<>=;!~]", req, maxsplit=1)[0].lower().replace("_", "-")
+    declared = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for r in project["optional-dependencies"]["plot"]}
+    imported = set()
+    for folder in ("expertmesh", "nodes", "discovery"):
+        for file in (REPO / folder).rglob("*.py"):
+            if {"testing", "v1"} & set(file.relative_to(REPO).parts) or file.name == "train.py":
+                continue
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    imported.add(node.module.split(".")[0])
+    dists = importlib.metadata.packages_distributions()
+    third = {m: {d.lower().replace("_", "-") for d in dists[m]} for m in imported - {"expertmesh"} if m in dists}
+    assert {m for m, ds in third.items() if not ds & (declared | extras)} == set()  # used, not declared
+    used = set().union(*third.values())
+    assert declared - used == set()  # declared, not used

@@ -7,7 +7,7 @@ import pytest
 
 from expertmesh.cli import main
 from expertmesh.placement import size
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 
 from conftest import cli
 from safetensors_files import headers_only, write_checkpoint

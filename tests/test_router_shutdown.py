@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from expertmesh import Client, UnavailableError
-from expertmesh.demo import Process
+from expertmesh.testing.process import Process
 
 from conftest import node_processes
 

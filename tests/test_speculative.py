@@ -9,7 +9,7 @@ import pytest
 from expertmesh import Client, InvalidRequestError, ModelError, wire
 from expertmesh.router import Router, RouterConfig
 from expertmesh.serving import channel
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

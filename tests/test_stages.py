@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from expertmesh import Client
 from expertmesh.serving import channel
-from expertmesh.tinymodel import write_tiny_model
+from expertmesh.testing.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 

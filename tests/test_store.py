@@ -10,7 +10,7 @@ from mlx_lm import load
 
 from expertmesh.checkpoint import Checkpoint
 from expertmesh.nodes.store import DECODE_TOKENS, ExpertStore
-from expertmesh.tinymodel import DEFAULT_CONFIGS, write_tiny_model
+from expertmesh.testing.tinymodel import DEFAULT_CONFIGS, write_tiny_model
 
 from safetensors_files import write_checkpoint
 
@@ -117,7 +117,7 @@ def peak_rss(pid: int) -> int:
 def test_node_holding_a_quarter_of_the_experts_peaks_below_40_percent_of_them(tmp_path, layout):
     import grpc
 
-    from expertmesh.demo import Process
+    from expertmesh.testing.process import Process
     from expertmesh.serving import layer_experts
     from expertmesh.v1 import expertmesh_pb2 as pb
     from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc

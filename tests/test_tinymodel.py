@@ -8,7 +8,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from transformers import AutoTokenizer
 
-from expertmesh.tinymodel import (
+from expertmesh.testing.tinymodel import (
     DEFAULT_CONFIGS,
     SPECIAL_TOKENS,
     default_model_dir,

@@ -17,11 +17,10 @@ import logging
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-from ..tinymodel import _shard_names, _to_hf, _write_json
+from ..layouts import to_hf, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +77,8 @@ def write_variant(out: str | Path, *, layout: str = "mlx", bits: int | None = No
     if layout == "mlx":
         save_model(out, model)
     else:
-        weights = _to_hf(dict(tree_flatten(model.parameters())), config["model_type"], config)
-        fmt = "model-{:05d}-of-{:05d}.safetensors"
-        weight_map = {}
-        for i, names in enumerate(_shard_names(weights, num_shards)):
-            mx.save_safetensors(str(out / fmt.format(i + 1, num_shards)), {k: weights[k] for k in names},
-                                metadata={"format": "pt"})
-            weight_map.update((k, fmt.format(i + 1, num_shards)) for k in names)
-        _write_json(out / "model.safetensors.index.json", {
-            "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-            "weight_map": dict(sorted(weight_map.items()))})
+        weights = to_hf(dict(tree_flatten(model.parameters())), config["model_type"], config)
+        write_shards(out, weights, num_shards, "pt")
     save_config(config, config_path=out / "config.json")
     for name in TOKENIZER_FILES:
         shutil.copyfile(model_dir() / name, out / name)

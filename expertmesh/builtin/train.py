@@ -41,7 +41,7 @@ from mlx_lm.utils import save_config, save_model
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from . import DRAFT_NAME, MODEL_NAME
-from ..tinymodel import CHAT_TEMPLATE, SPECIAL_TOKENS, _write_json
+from ..layouts import SPECIAL_TOKENS, save_tokenizer, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -142,17 +142,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    """``tokenizer.json`` and a ``tokenizer_config.json`` with the ChatML template."""
-    tok.save(str(path / "tokenizer.json"))
-    specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
-    _write_json(path / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL_CONFIG["max_position_embeddings"], "chat_template": CHAT_TEMPLATE, **specials})
-    _write_json(path / "special_tokens_map.json", specials)
-
-
 def encode(tok: Tokenizer, texts: list[str]) -> np.ndarray:
     """All texts' token ids, each file followed by ``<|endoftext|>``."""
     eot = tok.token_to_id("<|endoftext|>")
@@ -248,10 +237,10 @@ def write_checkpoint(model: nn.Module, config: dict, tok: Tokenizer, path: Path,
         stale.unlink()
     save_model(path, model)
     save_config(config, config_path=path / "config.json")
-    save_tokenizer(tok, path)
+    save_tokenizer(tok, path, MODEL_CONFIG["max_position_embeddings"])
     if words:
         (path / "vocabulary.txt").write_text("\n".join(words) + "\n")
-    _write_json(path / "provenance.json", record)
+    write_json(path / "provenance.json", record)
 
 
 def train_one(base: dict, cfg: TrainConfig, tok: Tokenizer, train_ids: np.ndarray, val_ids: np.ndarray,

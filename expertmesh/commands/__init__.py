@@ -65,14 +65,16 @@ def positive(text: str) -> float:
 
 
 def discovery_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    """``--discovery/--no-discovery`` and ``--interface``, shared by node and router.
-
-    Discovery is on unless ``--no-discovery`` or ``EXPERTMESH_DISCOVERY=off``.
-    """
-    p.add_argument("--discovery", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get("EXPERTMESH_DISCOVERY", "on") != "off",
-                   help=f"{what} (default: on, unless EXPERTMESH_DISCOVERY=off)")
+    """``--discovery/--no-discovery`` and ``--interface``, shared by node and router."""
+    p.add_argument("--discovery", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"{what} (default: on)")
     interface_argument(p)
+
+
+def compile_argument(p: argparse.ArgumentParser) -> None:
+    """``--compile/--no-compile``, shared by node and router."""
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile decode steps with mx.compile (default: on; off for A/B measurements)")
 
 
 def interface_argument(p: argparse.ArgumentParser) -> None:
@@ -85,7 +87,8 @@ def metrics_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default off)")
 def security_arguments(p: argparse.ArgumentParser) -> None:
-    """``--token`` (default ``EXPERTMESH_TOKEN``) and the three ``--tls-*`` files."""
+    """``--token`` (default ``EXPERTMESH_TOKEN``, read when the parser is built: a secret
+    is better kept out of the command line) and the three ``--tls-*`` files."""
     p.add_argument("--token", default=os.environ.get("EXPERTMESH_TOKEN"), metavar="TOKEN",
                    help="the cluster token every node, router and client shares (default: $EXPERTMESH_TOKEN)")
     p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="this process's certificate (mutual TLS)")

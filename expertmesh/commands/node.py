@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from . import discovery_arguments, metrics_argument, port, positive, security_arguments
+from . import compile_argument, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "serve some routed experts of a checkpoint"
 
@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
                    help="pipeline stages: free a sequence's KV cache after it sat unused this long (default 300)")
     discovery_arguments(p, "announce this node over mDNS")
     metrics_argument(p)
+    compile_argument(p)
     security_arguments(p)
 
 
@@ -29,7 +30,8 @@ def run(args) -> None:
     node = Node(NodeConfig(model=args.model, host=args.host, port=args.port, name=args.name,
                            memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
                            discovery=args.discovery, interfaces=args.interface,
-                           metrics_port=args.metrics_port, security=Security.from_args(args)))
+                           metrics_port=args.metrics_port, security=Security.from_args(args),
+                           compile=args.compile))
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ExpertmeshError
 from ..progress import Progress
-from . import at_least_one, discovery_arguments, metrics_argument, port, positive, security_arguments
+from . import at_least_one, compile_argument, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "run the dense model and drive the nodes"
 
@@ -44,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rebalance-min-tokens", type=int, default=256, metavar="N",
                    help="with --rebalance-threshold: tokens since the last change before acting (default 256)")
     metrics_argument(p)
+    compile_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars while nodes load (default: when stderr is a terminal; else log lines)")
     security_arguments(p)
@@ -64,39 +65,24 @@ def run(args) -> None:
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
     from ..security import Security
-    from ..serving import HEARTBEAT_S
 
     try:
         peers = parse_peers(args.peer)
     except ValueError as e:
         raise ExpertmeshError(str(e)) from None
-    if args.expect is not None and args.expect < 1:
-        raise ExpertmeshError("--expect must be at least 1")
-    if args.placement_stats is not None and args.replicas != 1:
-        raise ExpertmeshError("--placement-stats plans the copies itself: leave --replicas out")
-    if args.mode == "pipeline" and (args.replicas != 1 or args.placement_stats is not None):
-        raise ExpertmeshError("--mode pipeline runs whole layers on one node each: --replicas and "
-                              "--placement-stats only apply to experts spread across nodes (--mode expert or auto)")
-    if args.rebalance_threshold is not None and not 0 < args.rebalance_threshold <= 1:
-        raise ExpertmeshError("--rebalance-threshold must be in (0, 1]")
-    if args.rebalance_min_tokens < 0:
-        raise ExpertmeshError("--rebalance-min-tokens must be 0 or more")
-    if args.forward_timeout < 2 * HEARTBEAT_S:
-        raise ExpertmeshError(f"--forward-timeout must be at least {2 * HEARTBEAT_S:g} s: a node computing a long "
-                              f"request says so every {HEARTBEAT_S:g} s")
-    if args.request_limit < args.forward_timeout:
-        raise ExpertmeshError("--request-limit must be at least --forward-timeout")
-    router = Router(RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
-                                 forward_timeout=args.forward_timeout, request_limit=args.request_limit,
-                                 replicas=args.replicas, discovery=args.discovery,
-                                 interfaces=args.interface, expect=args.expect, settle=args.settle,
-                                 discovery_timeout=args.wait, http_port=args.http_port,
-                                 metrics_port=args.metrics_port, mode=args.mode, draft_model=args.draft_model,
-                                 num_draft_tokens=args.num_draft_tokens,
-                                 security=Security.from_args(args), placement_stats=args.placement_stats,
-                                 rebalance_threshold=args.rebalance_threshold,
-                                 rebalance_interval=args.rebalance_interval,
-                                 rebalance_min_tokens=args.rebalance_min_tokens, takeover=args.takeover))
+    config = RouterConfig(model=args.model, peers=peers, host=args.host, port=args.port,
+                          forward_timeout=args.forward_timeout, request_limit=args.request_limit,
+                          replicas=args.replicas, discovery=args.discovery,
+                          interfaces=args.interface, expect=args.expect, settle=args.settle,
+                          discovery_timeout=args.wait, http_port=args.http_port,
+                          metrics_port=args.metrics_port, mode=args.mode, draft_model=args.draft_model,
+                          num_draft_tokens=args.num_draft_tokens,
+                          security=Security.from_args(args), placement_stats=args.placement_stats,
+                          rebalance_threshold=args.rebalance_threshold,
+                          rebalance_interval=args.rebalance_interval,
+                          rebalance_min_tokens=args.rebalance_min_tokens, takeover=args.takeover,
+                          compile=args.compile)  # checked here, before any checkpoint is read
+    router = Router(config)
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..security import Security
 from .batching import MAX_BATCH, MAX_WAITING
 from .link import REQUEST_LIMIT_S
+from .validation import validate
 
 
 @dataclass
@@ -40,3 +41,7 @@ class RouterConfig:
     rebalance_interval: float = 30.0               # seconds between automatic checks
     rebalance_min_tokens: int = 256                # tokens through the model since the last change before acting
     takeover: bool = False                         # take nodes that serve another router (it then stops using them)
+    compile: bool = True                           # mx.compile decode steps (off: for A/B measurements)
+
+    def __post_init__(self) -> None:
+        validate(self)  # InvalidRequestError naming the field

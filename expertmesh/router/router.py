@@ -6,7 +6,7 @@ import logging
 import secrets
 from typing import Iterator
 
-from .. import costmodel
+from .. import compiled, costmodel
 from .. import placement as planner
 from ..checkpoint import Checkpoint
 from ..discovery import Bounds
@@ -53,6 +53,7 @@ class Router:
 
     def __init__(self, config: RouterConfig):
         self.config = config
+        compiled.configure(config.compile)  # before the dense model builds its decode steps
         self.checkpoint = Checkpoint(config.model)
         adapter = get_adapter(self.checkpoint.config)  # an unsupported model fails before any network use
         self.plan: costmodel.Plan | None = None  # as planned at connect (``state`` holds what is now)

@@ -1,15 +1,13 @@
-"""Per-family data for the tiny checkpoints: configs, Hugging Face names, and
-where each family's attention takes its queries.
+"""Per-family data for the tiny checkpoints: configs, and where each family's
+attention takes its queries.
 
 Each config is small but exercises what makes its family different
 (shared experts, group-limited routing, dense first layers, correction
-biases, unnormalised top-k); the Hugging Face names are those each mlx-lm
-model's ``sanitize`` expects in a per-expert checkpoint.
+biases, unnormalised top-k). The Hugging Face names are in ``expertmesh.layouts``.
 """
 
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
-import mlx.core as mx
 import mlx.nn as nn
 
 SHARED = {
@@ -116,40 +114,6 @@ DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-
-_SAME = {p: p for p in ("gate_proj", "up_proj", "down_proj")}
-
-# Hugging Face names of the per-expert projections, keyed by model_type and
-# by the name of the stacked SwitchGLU projection they come from.
-HF_EXPERT_NAMES: Dict[str, Dict[str, str]] = {
-    "qwen3_moe": _SAME,
-    "qwen2_moe": _SAME,
-    "mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
-    "deepseek_v2": _SAME,
-    "deepseek_v3": _SAME,
-    "olmoe": _SAME,
-}
-
-
-def _deepseek_v3_kv_b_proj(weights: Dict[str, mx.array], config: dict) -> Dict[str, mx.array]:
-    """Undo mlx-lm's split of ``kv_b_proj`` into ``embed_q``/``unembed_out``."""
-    out = {}
-    for k, v in weights.items():
-        if k.endswith(".self_attn.embed_q.weight"):
-            prefix = k[: -len("embed_q.weight")]
-            wv = weights[prefix + "unembed_out.weight"]
-            kv_b = mx.concatenate([v.swapaxes(-1, -2), wv], axis=1)
-            out[prefix + "kv_b_proj.weight"] = kv_b.reshape(-1, config["kv_lora_rank"])
-        elif not k.endswith(".self_attn.unembed_out.weight"):
-            out[k] = v
-    return out
-
-
-# model_type -> fn(weights, config) for the Hugging Face names of non-expert tensors
-HF_OTHER_NAMES: Dict[str, Callable[[Dict[str, mx.array], dict], Dict[str, mx.array]]] = {
-    "deepseek_v3": _deepseek_v3_kv_b_proj,
-}
-
 
 def sharpen(attn: nn.Module, factor: float) -> None:
     """Scale an mlx-lm attention's queries, so its scores, by ``factor``:

@@ -5,13 +5,10 @@ tests and demos can compare outputs token for token without any model hub.
 """
 
 import argparse
-import bisect
 import contextlib
 import copy
 import importlib
 import io
-import itertools
-import json
 import logging
 import math
 import os
@@ -23,26 +20,20 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model, save_config
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers import processors, trainers
+from tokenizers import Tokenizer
 
-from . import tinyfamilies
+from expertmesh.builtin.train import train_tokenizer
+from expertmesh.layouts import SPECIAL_TOKENS, save_tokenizer, to_hf, write_shards
+from expertmesh.testing import families
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_VOCAB_SIZE = 480
 LOGIT_STD = 200.0
 ATTENTION_SHARPNESS = 16.0  # factor on the attention scores of mlx-lm's initialisation
 EMBED_SCALE = 2.0  # factor on the embeddings: the current token shows in the last hidden state
 SUCCESSOR_BIAS = 1.3  # pull of each token's successor, in head-row norms (see _randomise)
 HOT_BOOST = 6.0  # gate logit added to hot experts: they win for nearly every token
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' "
-    "+ message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A mixture of experts routes every
@@ -63,9 +54,7 @@ Numbers like 1, 2, 3, 10, 42, 100 and 2024 appear in text too, as do names such
 as Alice, Bob, Carol and Dave, who send messages to each other in examples.
 """.split("\n\n")
 
-# the per-family data lives in its own module; re-exported here
-DEFAULT_CONFIGS = tinyfamilies.DEFAULT_CONFIGS
-HF_EXPERT_NAMES = tinyfamilies.HF_EXPERT_NAMES
+DEFAULT_CONFIGS = families.DEFAULT_CONFIGS  # re-exported: the families the tests cover
 
 
 def write_tokenizer(path: Union[str, Path]) -> int:
@@ -82,42 +71,9 @@ def write_tokenizer(path: Union[str, Path]) -> int:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    tok.save(str(path / "tokenizer.json"))
-
-    specials = {
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-    }
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": tinyfamilies.SHARED["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-        **specials,
-    }
-    _write_json(path / "tokenizer_config.json", tok_config)
-    _write_json(path / "special_tokens_map.json", specials)
+    tok = train_tokenizer(CORPUS, TOKENIZER_VOCAB_SIZE)
+    save_tokenizer(tok, path, families.SHARED["max_position_embeddings"])
     return tok.get_vocab_size()
-
-
-def _write_json(path: Path, obj: Any):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _printable_ids(path: Path) -> list:
@@ -151,7 +107,7 @@ def _randomise(model: nn.Module, config: dict, allowed: list, logit_std: float):
         if "e_score_correction_bias" in m:
             m.e_score_correction_bias = 0.1 * mx.random.normal(m.e_score_correction_bias.shape)
     for layer in model.model.layers:
-        tinyfamilies.sharpen(layer.self_attn, ATTENTION_SHARPNESS)
+        families.sharpen(layer.self_attn, ATTENTION_SHARPNESS)
     tied = config.get("tie_word_embeddings", False)
     if not tied:
         model.model.embed_tokens.weight = model.model.embed_tokens.weight * EMBED_SCALE
@@ -210,37 +166,6 @@ def _skew(model: nn.Module, hot: list, boost: float = HOT_BOOST):
     u = c * model.model.norm.weight
     u = u / mx.linalg.norm(u)
     model.lm_head.weight = model.lm_head.weight - (model.lm_head.weight @ u)[:, None] * u
-
-
-def _to_hf(weights: Dict[str, mx.array], model_type: str, config: dict) -> Dict[str, mx.array]:
-    names = HF_EXPERT_NAMES.get(model_type)
-    if names is None:
-        raise ValueError(f"No Hugging Face expert names for {model_type}.")
-    if model_type in tinyfamilies.HF_OTHER_NAMES:
-        weights = tinyfamilies.HF_OTHER_NAMES[model_type](weights, config)
-    out = {}
-    for k, v in weights.items():
-        parent, sep, rest = k.partition(".switch_mlp.")
-        if not sep:
-            out[k] = v
-            continue
-        proj, param = rest.split(".", 1)
-        for e in range(v.shape[0]):
-            out[f"{parent}.experts.{e}.{names[proj]}.{param}"] = v[e]
-    return out
-
-
-def _shard_names(weights: Dict[str, mx.array], num_shards: int):
-    names = sorted(weights)
-    if not 1 <= num_shards <= len(names):
-        raise ValueError(f"num_shards must be in [1, {len(names)}]: {num_shards}")
-    before = list(itertools.accumulate((weights[n].nbytes for n in names), initial=0))
-    bounds = [0]
-    for s in range(1, num_shards):
-        b = bisect.bisect_left(before, before[-1] * s / num_shards, hi=len(names))
-        bounds.append(min(max(b, bounds[-1] + 1), len(names) - (num_shards - s)))
-    bounds.append(len(names))
-    return [names[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def write_tiny_model(
@@ -324,24 +249,8 @@ def write_tiny_model(
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     if layout == "hf":
-        weights = _to_hf(weights, model_type, config)
-
-    shards = _shard_names(weights, num_shards)
-    for stale in path.glob("model*.safetensors"):
-        stale.unlink()
-    fmt = "model-{:05d}-of-{:05d}.safetensors"
-    metadata = {"format": "pt" if layout == "hf" else "mlx"}
-    weight_map = {}
-    for i, names in enumerate(shards):
-        fname = fmt.format(i + 1, num_shards)
-        shard = {k: weights[k] for k in names}
-        mx.save_safetensors(str(path / fname), shard, metadata=metadata)
-        weight_map.update((k, fname) for k in names)
-    index = {
-        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    _write_json(path / "model.safetensors.index.json", index)
+        weights = to_hf(weights, model_type, config)
+    write_shards(path, weights, num_shards, "pt" if layout == "hf" else "mlx")
     save_config(config, config_path=path / "config.json")
     logger.info("Wrote %s %s checkpoint to %s", model_type, layout, path)
     return path
@@ -372,7 +281,7 @@ def ensure_demo_model(path: Optional[Union[str, Path]] = None) -> Path:
 
 
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(prog="python -m expertmesh.tinymodel",
+    parser = argparse.ArgumentParser(prog="python -m expertmesh.testing.tinymodel",
                                      description="Write a tiny random MoE checkpoint.")
     parser.add_argument("out_dir", type=Path, help="Checkpoint directory.")
     parser.add_argument("--model-type", default="qwen3_moe", choices=[*DEFAULT_CONFIGS])

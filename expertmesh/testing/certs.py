@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ExpertmeshError
+from expertmesh.errors import ExpertmeshError
 
 NAMES = ("node", "router", "client")
 HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -87,7 +87,7 @@ def _run(*args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m expertmesh.certs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m expertmesh.testing.certs", description=__doc__.splitlines()[0])
     p.add_argument("directory", type=Path)
     p.add_argument("--name", action="append", default=None, help=f"a certificate to make (default: {', '.join(NAMES)})")
     p.add_argument("--host", action="append", default=[], help="a host name or address the certificates are valid "
