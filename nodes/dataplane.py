@@ -71,12 +71,13 @@ class _Beat:
     connection's own thread is then not reading (a TLS socket has one user at
     a time)."""
 
-    __slots__ = ("conn", "current", "lock")
+    __slots__ = ("conn", "current", "lock", "loop")
 
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self.current: tuple[int, float] | None = None  # (request id, last word) of the request computing now
         self.lock = threading.Lock()
+        self.loop = None  # the future of the connection's serving loop, on its worker
 
     def send(self, reply: pb.ForwardResponse) -> None:
         with self.lock:
@@ -121,8 +122,7 @@ class DataPlane:
         self._needs_hello = self._tls is not None or bool(security.token)  # TLS handshake and/or token hello
         self._hello_wanted, self._hello_error = hello_wanted, hello_error  # the router holding the node
         self._conns: set[socket.socket] = set()
-        self._serving: dict[socket.socket, _Beat] = {}    # admitted connection -> its outgoing frames
-        self._loops: dict[socket.socket, object] = {}     # admitted connection -> future of its loop
+        self._serving: dict[socket.socket, _Beat] = {}    # admitted connection -> its outgoing frames and loop
         self._active: dict[socket.socket, float] = {}     # admitted connection -> when its last frame came
         self._idle_workers: list[MLXWorker] = []          # of ended connections, for the next ones
         self._workers = 0                                 # MLX workers borrowed, idle or serving: <= MAX_SERVED
@@ -250,7 +250,7 @@ class DataPlane:
             worker, self._workers = MLXWorker("dataplane"), self._workers + 1
         self._active[conn] = time.monotonic()
         self._serving[conn] = beat = _Beat(conn)
-        self._loops[conn] = worker.submit(self._serve, beat, peer, worker)
+        beat.loop = worker.submit(self._serve, beat, peer, worker)  # under the lock: before its loop can end
         return True
 
     def _wrap(self, conn: socket.socket) -> socket.socket:
@@ -333,7 +333,6 @@ class DataPlane:
                 self._conns.discard(conn)
                 self._active.pop(conn, None)
                 self._serving.pop(conn, None)
-                self._loops.pop(conn, None)
                 keep = not self._stopping.is_set()
                 if keep:  # the next connection runs on this thread: no new one for each
                     self._idle_workers.append(worker)
@@ -368,7 +367,7 @@ class DataPlane:
             t.join(timeout=10)
         self.join_admissions(timeout=10)
         with self._lock:
-            serving = list(self._loops.values())
+            serving = [beat.loop for beat in self._serving.values()]
         for fut in serving:
             fut.result(timeout=10)
         with self._lock:
