@@ -5,7 +5,9 @@ mlx-lm's throughout."""
 import contextlib
 import io
 import re
+import signal
 import threading
+import time
 
 import pytest
 from mlx_lm import load
@@ -13,11 +15,11 @@ from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
 from expertmesh.cli import main
-from expertmesh.errors import InvalidRequestError, PlacementError
+from expertmesh.errors import InvalidRequestError, PlacementError, UnavailableError
 from expertmesh.testing.tinymodel import write_tiny_model
 from expertmesh.v1 import expertmesh_pb2 as pb
 
-from conftest import running_nodes, running_router
+from conftest import node_processes, running_nodes, running_router
 
 # experts 0 and 1 win every token (top-2), so contiguous ranges give node n0 all the work
 PROMPTS = ["Once upon a time there was a little model", "Hello! How are you today?",
@@ -110,37 +112,47 @@ def test_bad_input_is_one_line_and_the_router_keeps_serving(mesh, tmp_path, caps
     assert len(generate_all(address, tokens=2)) == len(PROMPTS)
 
 
-def rebalance_during(address, streams):
-    """Start one Generate per prompt in ``streams``; once each has streamed two
-    tokens, rebalance. Returns every stream's tokens, the rebalance's progress
-    messages, and how many tokens each stream had at the (first) switch."""
-    got = [[] for _ in streams]
+@contextlib.contextmanager
+def streaming(address, streams):
+    """One Generate per prompt in ``streams``, each on a thread of its own;
+    entered once every stream has streamed two tokens, left once all ended.
+    Yields each stream's tokens, the times they came, and what the streams raised."""
+    got, times, errors = [[] for _ in streams], [[] for _ in streams], []
     started = [threading.Event() for _ in streams]
-    errors = []
 
     def stream(i):
         try:
             with Client(address) as client:
                 for piece in client.generate(streams[i], max_tokens=STREAM_TOKENS):
                     got[i].append(piece.token)
+                    times[i].append(time.monotonic())
                     if len(got[i]) == 2:
                         started[i].set()
-        except Exception as e:  # noqa: BLE001 (asserted below, by name)
+        except Exception as e:  # noqa: BLE001 (asserted by the callers, by name)
             errors.append(e)
             started[i].set()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(streams))]
     for t in threads:
         t.start()
-    assert all(e.wait(timeout=60) for e in started)
+    try:
+        assert all(e.wait(timeout=60) for e in started)
+        yield got, times, errors
+    finally:
+        for t in threads:
+            t.join(timeout=120)
+
+
+def rebalance_during(address, streams):
+    """Start one Generate per prompt in ``streams``; once each has streamed two
+    tokens, rebalance. Returns every stream's tokens, the rebalance's progress
+    messages, and how many tokens each stream had at the (first) switch."""
     progress, at_switch = [], None
-    with Client(address) as client:
+    with streaming(address, streams) as (got, _, errors), Client(address) as client:
         for p in client.rebalance():
             progress.append(p)
             if p.phase == pb.REBALANCE_SWITCHED and at_switch is None:
                 at_switch = [len(g) for g in got]
-    for t in threads:
-        t.join(timeout=120)
     assert not errors
     return got, progress, at_switch
 
@@ -235,47 +247,18 @@ def test_a_node_stopped_during_a_rebalance_delays_other_streams_by_at_most_the_f
     the --forward-timeout, not for the rebalance's load to give up: the
     rebalance stops with an error naming n0, n0's experts are re-planned onto
     the others, and the streams go on with mlx-lm's tokens."""
-    import signal
-    import time
-
-    from expertmesh import UnavailableError
-
-    from conftest import node_processes
-
     path, expected = skewed
     forward_timeout, margin = 3.0, 3.0  # margin: recovery's loads on a loaded machine
     with node_processes(path, 3, tmp_path) as nodes, \
             running_router(path, [a for _, a in nodes], forward_timeout=forward_timeout, assign_timeout=60) as router:
         address = f"127.0.0.1:{router.port}"
-        times: list[list[float]] = [[] for _ in PROMPTS]
-        got: list[list[int]] = [[] for _ in PROMPTS]
-        started = [threading.Event() for _ in PROMPTS]
-        errors = []
-
-        def stream(i):
-            try:
-                with Client(address) as client:
-                    for piece in client.generate(PROMPTS[i], max_tokens=STREAM_TOKENS):
-                        got[i].append(piece.token)
-                        times[i].append(time.monotonic())
-                        if len(got[i]) == 2:
-                            started[i].set()
-            except Exception as e:  # noqa: BLE001 (asserted below)
-                errors.append(e)
-                started[i].set()
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        assert all(e.wait(timeout=60) for e in started)
-        stopped = time.monotonic()
-        nodes[0][0].proc.send_signal(signal.SIGSTOP)
         try:
-            with Client(address) as client, pytest.raises(UnavailableError, match=r"rebalancing stopped: .*n0"):
-                list(client.rebalance())
-        finally:
-            for t in threads:
-                t.join(timeout=120)
+            with streaming(address, PROMPTS) as (got, times, errors):
+                stopped = time.monotonic()
+                nodes[0][0].proc.send_signal(signal.SIGSTOP)
+                with Client(address) as client, pytest.raises(UnavailableError, match=r"rebalancing stopped: .*n0"):
+                    list(client.rebalance())
+        finally:  # once the streams ended
             nodes[0][0].proc.send_signal(signal.SIGCONT)
         assert not errors
         assert got == [expected[p] for p in PROMPTS]
