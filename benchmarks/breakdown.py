@@ -25,6 +25,7 @@ from expertmesh import compiled
 from expertmesh.options import GenerationOptions
 from expertmesh.router import Router, RouterConfig
 from expertmesh.router import dispatcher
+from expertmesh.router.link import NodeLink
 from expertmesh.testing.process import Process
 from expertmesh.v1 import expertmesh_pb2 as pb
 from run import PROMPT, bench_model
@@ -71,10 +72,10 @@ class _TimedModule:
 def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, compile: bool = True) -> dict:
     """µs per MoE layer of an expert-mode decode (prefill of the short prompt included)."""
     timer = _Timer()
-    saved = dispatcher.mx, dispatcher.NodeLink.submit, dispatcher.NodeLink.receive, dispatcher.Dispatcher.__call__
+    saved = dispatcher.mx, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__
     dispatcher.mx = _TimedModule(mx, timer, {"eval": EVAL})
-    dispatcher.NodeLink.submit = timer.wrap(SEND, saved[1])
-    dispatcher.NodeLink.receive = timer.wrap(WAIT, saved[2])
+    NodeLink.submit = timer.wrap(SEND, saved[1])
+    NodeLink.receive = timer.wrap(WAIT, saved[2])
     dispatcher.Dispatcher.__call__ = timer.wrap(ALL, saved[3])
     procs, router = [], None
     try:
@@ -98,7 +99,7 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
         wall = time.perf_counter() - t
         after = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
     finally:
-        dispatcher.mx, dispatcher.NodeLink.submit, dispatcher.NodeLink.receive, dispatcher.Dispatcher.__call__ = saved
+        dispatcher.mx, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__ = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:
