@@ -71,9 +71,11 @@ def from_float32(values: np.ndarray, code: "pb.DType") -> np.ndarray:
     return values.astype(_CODECS[code][1], copy=False)
 
 
-def from_numpy(values: np.ndarray, code: "pb.DType") -> mx.array:
-    """Wire-carrier numpy values -> ``mx.array`` of ``code``'s dtype (one copy)."""
-    array = mx.array(values)
+def from_numpy(values: np.ndarray, code: "pb.DType", staging=None, key=None) -> mx.array:
+    """Wire-carrier numpy values -> ``mx.array`` of ``code``'s dtype (one
+    copy); with a ``Staging`` (expertmesh.staging), written into ``key``'s
+    array there, under that module's rule."""
+    array = mx.array(values) if staging is None else staging.put(key, np.ascontiguousarray(values))
     return array.view(mx.bfloat16) if code == pb.BFLOAT16 else array
 
 
@@ -127,9 +129,9 @@ def all_finite(values: np.ndarray, code: "pb.DType") -> bool:
     return code == pb.INT32 or bool(np.isfinite(values).all())
 
 
-def decode(tensor: pb.Tensor, name: str = "tensor") -> mx.array:
-    """Validate a Tensor and turn it into an ``mx.array`` (one copy)."""
-    return from_numpy(decode_numpy(tensor, name), tensor.dtype)
+def decode(tensor: pb.Tensor, name: str = "tensor", staging=None, key=None) -> mx.array:
+    """Validate a Tensor and turn it into an ``mx.array`` (one copy; see ``from_numpy``)."""
+    return from_numpy(decode_numpy(tensor, name), tensor.dtype, staging, key)
 
 
 # --- data-plane framing: 4-byte little-endian length, then the message ------

@@ -21,11 +21,12 @@ from expertmesh.errors import (BusyError, ConfigMismatchError, ExpertmeshError, 
                                OwnershipError, RequestTooLargeError)
 from expertmesh.metrics import Histogram
 from expertmesh.serving import PROTOCOL_VERSION, layer_experts
+from expertmesh.staging import Staging
 from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.worker import MLXWorker
 
 from expertmesh.nodes.stages import MAX_SEQUENCES, StageStore
-from expertmesh.nodes.store import ExpertStore
+from expertmesh.nodes.store import DECODE_TOKENS, ExpertStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ class NodeCore:
         self.epoch = 0
         self._router_lock = threading.Lock()
         self.on_router_change: Callable[[], None] = lambda: None  # e.g. the data plane drops its connections
+        self._local = threading.local()  # each MLX thread's Staging: its requests run one at a time
+
+    def _staging(self) -> Staging:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = Staging()
+        return staging
 
     @property
     def state(self) -> int:
@@ -274,8 +282,8 @@ class NodeCore:
             raise InvalidRequestError("hidden contains NaN or inf")
         ids = wire.decode_numpy(e.expert_ids, "expert_ids")
         weights = wire.decode_numpy(e.weights, "weights")
-        out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights)
-        mx.eval(out)
+        out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights, self._staging())
+        mx.eval(out)  # before this thread's next request reuses its staging
         resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
         return self._counted(req, resp, e.hidden.shape[0], start)
 
@@ -285,8 +293,11 @@ class NodeCore:
             raise InvalidRequestError(f"a stage step has at most {MAX_STEP_SEQUENCES} rows")
         if stage.hidden.dtype not in _HIDDEN_DTYPES:
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        out, routing = self.stages.forward(stage.layer, wire.decode(stage.hidden, "hidden"),
-                                           list(stage.sequences), list(stage.right_padding), stage.trim)
+        small = len(stage.hidden.shape) == 3 and stage.hidden.shape[0] * stage.hidden.shape[1] <= DECODE_TOKENS
+        # the span evaluates its output before it returns: this thread's staging is free again then
+        hidden = wire.decode(stage.hidden, "hidden", *((self._staging(), "stage") if small else ()))
+        out, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences), list(stage.right_padding),
+                                           stage.trim)
         resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out), routing=routing)
         return self._counted(req, resp, out.shape[0] * out.shape[1], start)
 

@@ -25,6 +25,7 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, ModelError
 from expertmesh.models import Adapter, get_adapter
 from expertmesh.models.base import PARTS, PROJECTIONS
+from expertmesh.staging import Staging
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +204,13 @@ class ExpertStore:
         return self.forward_wire(layer, wire.to_numpy(hidden), code, ids, weights)
 
     def forward_wire(self, layer: int, hidden: np.ndarray, code: int, ids: np.ndarray,
-                     weights: np.ndarray) -> mx.array:
+                     weights: np.ndarray, staging: Staging | None = None) -> mx.array:
         """``forward`` of ``hidden`` as the wire carries it (``code``'s carrier
         values, bfloat16 as uint16 bits): a decode-sized request goes to the
         device as one buffer, its rows padded to a power of two (few shapes,
         so few compiled traces, however a batch's rows spread over nodes).
+        With ``staging``, that buffer is its array for the buffer's size: the
+        caller evaluates the result before its next call with the same staging.
 
         Raises:
             InvalidRequestError: shapes disagree, or a layer or expert is not held.
@@ -244,7 +247,7 @@ class ExpertStore:
         tok = (pair // k).astype(np.int32)
         if T > DECODE_TOKENS:
             return _combine(held.mlp, wire.from_numpy(hidden, code), mx.array(tok), mx.array(lids), mx.array(w))
-        buf, layout = _pack(hidden, code, tok, lids, w)
+        buf, layout = _pack(hidden, code, tok, lids, w, staging)
         return held.step(buf, layout, T)
 
 
@@ -252,19 +255,26 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _pack(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: np.ndarray):
+def _pack(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: np.ndarray,
+          staging: Staging | None = None):
     """The compiled step's inputs as one host-to-device copy (on the H200 each
-    array made from numpy costs ~70-90 µs, benchmarks/README.md): rows padded
-    to a power of two with zeros, pairs to a power of two by repeating the
-    first with weight 0 (it adds nothing), all in one uint32 buffer.
+    array made from numpy costs ~70-90 µs, benchmarks/README.md), written into
+    ``staging``'s array for its size when given: rows padded to a power of
+    two with zeros, pairs to a power of two by repeating the first with
+    weight 0 (it adds nothing), all in one uint32 buffer.
     Returns ``(buffer, layout)``; the output's extra rows are sliced off."""
     T, H = hidden.shape
     Tp, P = _pow2(T), tok.size
     Pp = _pow2(P)
     words = hidden.dtype.itemsize * H // 4  # 32-bit words per row (H is even in every supported family)
-    buf = np.zeros(Tp * words + 3 * Pp, np.uint32)
+    size = Tp * words + 3 * Pp
+    array, buf = staging.buffer("experts", (size,), np.uint32) if staging is not None else (None, None)
+    if buf is None:
+        array, buf = None, np.zeros(size, np.uint32)
+    else:
+        buf.fill(0)
     buf[:T * words] = np.ascontiguousarray(hidden).view(np.uint32).reshape(-1)
     ints = buf[Tp * words:].view(np.int32).reshape(3, Pp)
     ints[0, :P], ints[1, :P], ints[1, P:] = tok, lids, lids[0]  # tok of the padding: row 0
     ints[2].view(np.float32)[:P] = w
-    return mx.array(buf), (Tp, H, Pp, code)
+    return (mx.array(buf) if array is None else array), (Tp, H, Pp, code)

@@ -58,7 +58,7 @@ class RemoteBlock(nn.Module):
             if hasattr(block, name):
                 setattr(self, name, getattr(block, name))
         self.experts = RemoteExperts(layer)
-        self._route_step = compiled.for_decode(self.route)
+        self._route_step = compiled.for_dense(self.route)
 
     def route(self, x: mx.array) -> tuple[mx.array, ...]:
         """``(inds, scores)``, or ``(inds, scores, shared)`` with the block's
