@@ -93,6 +93,10 @@ def staging(r: dict, H: int) -> None:
             after(ptr)
         mx.eval(a.view(mx.bfloat16) * 2)
 
+    from expertmesh.staging import Staging
+
+    st = Staging()
+    r["stage_staging_put_us"] = timed(lambda: mx.eval(st.put(0, host).view(mx.bfloat16) * 2))
     a, ptr = persistent()
     r["stage_inplace_us"] = timed(lambda: write_and_use(a, ptr))
     out = (a.view(mx.bfloat16) * 2)

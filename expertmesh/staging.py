@@ -16,12 +16,25 @@ for which this holds, and says why where it does.
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import numpy as np
 
 # numpy dtypes the wire carries (bfloat16 travels as uint16 bits)
 _DTYPES = {np.dtype(np.uint16): mx.uint16, np.dtype(np.uint32): mx.uint32, np.dtype(np.int32): mx.int32,
            np.dtype(np.float32): mx.float32, np.dtype(np.float16): mx.float16}
+
+
+def _writable(array: mx.array, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable numpy view of an evaluated array's memory. MLX's CUDA
+    backend exports it read-only (arrays are values to MLX); the view goes
+    through its address, and ``Staging``'s rule keeps MLX from noticing."""
+    base = np.frombuffer(memoryview(array), np.uint8)
+    if base.flags.writeable:
+        return base.view(dtype).reshape(shape)
+    raw = (ctypes.c_char * base.nbytes).from_address(base.ctypes.data)
+    return np.frombuffer(raw, dtype).reshape(shape)
 
 
 class Staging:
@@ -34,8 +47,8 @@ class Staging:
         self._arrays: dict[tuple, tuple[mx.array, np.ndarray]] = {}
 
     def buffer(self, key, shape: tuple[int, ...], dtype) -> tuple[mx.array, np.ndarray]:
-        """The array for ``key`` and a writable numpy view of its memory; what
-        the view holds is whatever was written last."""
+        """The array for ``key`` and a writable numpy view of its memory
+        (``dtype`` one the wire carries); it holds what was written last."""
         dtype = np.dtype(dtype)
         k = (key, tuple(shape), dtype)
         entry = self._arrays.get(k)
@@ -44,10 +57,7 @@ class Staging:
                 self._arrays.clear()
             array = mx.array(np.zeros(shape, dtype))  # its own buffer, made once
             mx.eval(array)
-            view = np.asarray(memoryview(array))
-            if view.dtype != dtype or not view.flags.writeable:  # no in-place path here: plain arrays
-                return mx.array(np.zeros(shape, dtype)), None
-            entry = self._arrays[k] = (array, view)
+            entry = self._arrays[k] = (array, _writable(array, dtype, shape))
         return entry
 
     def put(self, key, values: np.ndarray) -> mx.array:
@@ -55,7 +65,5 @@ class Staging:
         if values.dtype not in _DTYPES:
             return mx.array(values)
         array, view = self.buffer(key, values.shape, values.dtype)
-        if view is None:
-            return mx.array(values)
         np.copyto(view, values)
         return array

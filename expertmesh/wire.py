@@ -46,6 +46,11 @@ def mlx_dtype(code: "pb.DType"):
     return _CODECS[code][0]
 
 
+def carrier(code: "pb.DType") -> np.dtype:
+    """The numpy dtype that carries ``code``'s values (uint16 for bfloat16)."""
+    return np.dtype(_CODECS[code][1])
+
+
 def to_numpy(array: mx.array) -> np.ndarray:
     """An evaluated array's memory as numpy, without an MLX op when it is
     row-contiguous (bfloat16 as uint16 bits)."""

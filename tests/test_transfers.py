@@ -1,0 +1,65 @@
+"""Host transfers of the hot path: staged input arrays (each put is what the
+next kernel reads, and what was computed from an earlier put keeps its
+value), and a layer's routed tokens read back as one packed buffer."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from expertmesh import wire
+from expertmesh.router.dispatcher import _to_host
+from expertmesh.staging import Staging
+
+
+def test_each_put_is_what_a_kernel_reads_and_earlier_results_keep_their_values():
+    staging = Staging()
+    first = staging.put(0, np.arange(8, dtype=np.float32))
+    doubled = first * 2
+    mx.eval(doubled)
+    second = staging.put(0, np.full(8, 5, np.float32))
+    assert second is first  # the same array, written again
+    assert (second + 0).tolist() == [5.0] * 8
+    assert doubled.tolist() == [2.0 * i for i in range(8)]
+
+
+def test_keys_shapes_and_dtypes_each_have_their_own_array():
+    staging = Staging(max_arrays=3)
+    a = staging.put("a", np.zeros(4, np.int32))
+    b = staging.put("b", np.ones(4, np.int32))
+    c = staging.put("a", np.ones(2, np.int32))
+    assert len({id(a), id(b), id(c)}) == 3
+    assert a.tolist() == [0] * 4 and b.tolist() == [1] * 4 and c.tolist() == [1] * 2
+    d = staging.put("a", np.full(4, 7, np.uint16))  # a fourth: the kept ones are let go, values intact
+    assert d.dtype == mx.uint16 and d.tolist() == [7] * 4 and a.tolist() == [0] * 4
+
+
+def test_dtypes_it_does_not_carry_come_back_as_plain_arrays():
+    values = np.array([True, False])
+    assert Staging().put(0, values).tolist() == [True, False]
+
+
+def test_memory_exported_read_only_is_written_through_its_address(monkeypatch):
+    """MLX's CUDA backend exports an array's memory read-only; the staged write must still land."""
+    import builtins
+
+    from expertmesh import staging as module
+
+    monkeypatch.setattr(module, "memoryview", lambda a: builtins.memoryview(a).toreadonly(), raising=False)
+    staging = Staging()
+    staging.put(0, np.zeros(4, np.float32))
+    assert (staging.put(0, np.arange(4, dtype=np.float32)) * 1).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("score_dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("H", [6, 7])  # 7 halves: rows are not whole 32-bit words in 16-bit dtypes
+def test_a_layers_tokens_read_back_packed_are_the_arrays_values(dtype, score_dtype, H):
+    x = mx.random.normal((2, 3, H), key=mx.random.key(1)).astype(dtype)
+    inds = mx.array(np.arange(2 * 3 * 4).reshape(2, 3, 4) % 11, dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(2, 3, 4), key=mx.random.key(2)).astype(score_dtype)
+    hidden, ids, weights = _to_host(x, inds, scores)
+    assert hidden.shape == (6, H) and ids.shape == (6, 4) and weights.shape == (6, 4)
+    assert ids.dtype == np.int32 and weights.dtype == np.float32
+    assert np.array_equal(hidden, wire.to_numpy(x).reshape(6, H))
+    assert ids.tolist() == np.array(inds).reshape(6, 4).tolist()
+    assert np.array_equal(weights, np.array(scores.astype(mx.float32)).reshape(6, 4))
