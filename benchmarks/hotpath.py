@@ -272,13 +272,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--parts", nargs="+", default=["basics", "node", "router", "threads"])
+    parser.add_argument("--parts", nargs="+", default=["basics", "staging", "node", "router", "threads", "ab"])
     args = parser.parse_args()
     cfg = json.loads((args.model / "config.json").read_text())
     H, I, E, K = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
     r = Printed(device=str(mx.default_device()), hidden=H, experts=E, k=K)
     parts = {"basics": lambda: device_basics(r, H), "staging": lambda: staging(r, H), "node": lambda: node_step(r, H, I, E // 2, K),
-             "router": lambda: router_layers(r, args.model), "threads": lambda: threads(r)}
+             "router": lambda: router_layers(r, args.model), "threads": lambda: threads(r),
+             "ab": lambda: r.update(ab_transfers(args.model))}
     try:
         for p in args.parts:
             try:
@@ -290,6 +291,70 @@ def main() -> None:
     finally:
         if args.json:
             args.json.write_text(json.dumps(r, indent=2))
+
+
+
+def ab_transfers(model: Path, rounds: int = 5) -> dict:
+    """The two transfer changes, each against what it replaced, in alternating
+    rounds in this one process: (1) a node's decode request (its NodeCore, the
+    layers taken in turn as a decode does) with its input staged or made
+    fresh; (2) the router's dense decode token with infinitely fast experts,
+    its layer output staged or fresh and its routed tokens read back packed or
+    as three arrays. µs, the median of each side's round medians."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import breakdown
+    from expertmesh import wire
+    from expertmesh.checkpoint import Checkpoint
+    from expertmesh.nodes import core
+    from expertmesh.router import dispatcher
+    from expertmesh.router.dense import load_dense
+    from expertmesh.staging import Staging
+
+    r = Printed()
+    # (1) the node: node_breakdown's request loop, staging on and off
+    saved = core.NodeCore._staging
+    node_rounds = {"staged": [], "fresh": []}
+    for i in range(rounds):
+        for side in ("staged", "fresh"):
+            core.NodeCore._staging = saved if side == "staged" else (lambda self: None)
+            node_rounds[side].append(breakdown.node_breakdown(model, trials=200)["node_request_us"])
+    core.NodeCore._staging = saved
+    for side, v in node_rounds.items():
+        r[f"ab_node_request_{side}_us"] = statistics.median(v)
+
+    # (2) the router's side of a layer, with the dispatcher's own transfer code
+    dense, _, adapter = load_dense(Checkpoint(model))
+    moe = len(adapter.moe_layers)
+    staging = Staging()
+
+    def three_reads(x, inds, scores):
+        H, k = x.shape[-1], inds.shape[-1]
+        mx.eval(x, inds, scores)
+        return (wire.to_numpy(x).reshape(-1, H), np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False),
+                wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k))
+
+    def stub(read, staged):
+        def call(layer, x, inds, scores):
+            hidden, _, _ = read(x, inds, scores)
+            code = wire.wire_dtype(x.dtype)
+            return wire.from_numpy(hidden, code, *((staging, layer) if staged else ())).reshape(x.shape)
+        return call
+
+    sides = {"new": stub(dispatcher._to_host, True), "staged_three_reads": stub(three_reads, True),
+             "packed_fresh": stub(dispatcher._to_host, False), "old": stub(three_reads, False)}
+    cache = make_prompt_cache(dense)
+    adapter.attach(dense, sides["old"])
+    mx.eval(dense(mx.array([[1] * 16]), cache=cache))
+    tokens = mx.array([[7]])
+    router_rounds = {s: [] for s in sides}
+    for i in range(rounds):
+        for side, call in sides.items():
+            adapter.attach(dense, call)
+            router_rounds[side].append(timed(lambda: mx.eval(dense(tokens, cache=cache)), n=30, warm=3) / moe)
+    for side, v in router_rounds.items():
+        r[f"ab_router_layer_{side}_us"] = statistics.median(v)
+    return dict(r)
 
 
 if __name__ == "__main__":
