@@ -1,12 +1,13 @@
 """Input arrays kept for reuse and written in place from the host.
 
-``mx.array(numpy)`` gives every transfer a fresh buffer. On MLX's CUDA
-backend that buffer is managed memory, and its first use by a kernel costs
-~80 µs beyond the sync: 112.6 µs to move 4 KB in and run one kernel on it,
-against 33.4 µs (one sync) for the same bytes written into an array kept for
-the purpose (``benchmarks/hotpath.py``, H200). A decoded token moves a few KB
-each way per MoE layer, several times, so the hot paths keep one array per
-(key, shape, dtype) and copy each transfer into it.
+``mx.array(numpy)`` gives every transfer a fresh buffer (managed memory,
+on MLX's CUDA backend). A node's decode request instead writes its one
+input buffer into an array kept per size and MLX thread. On the H200
+(``benchmarks/hotpath.py --parts ab``, alternating rounds in one process) a
+node's request took 805 µs staged against 835 µs fresh; a 4 KB transfer and
+one kernel took 33.4 against 112.6 µs on one machine and 26.0 against 28.1
+on another. The router does not stage: there, written in place, a layer's
+answer cost ~70 µs more than a fresh array.
 
 The rule that makes this safe: an array ``put`` under a key must have been
 consumed (evaluated, with whatever reads it) before the next ``put`` under the

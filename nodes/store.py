@@ -268,10 +268,10 @@ def _pack(hidden: np.ndarray, code: int, tok: np.ndarray, lids: np.ndarray, w: n
     Pp = _pow2(P)
     words = hidden.dtype.itemsize * H // 4  # 32-bit words per row (H is even in every supported family)
     size = Tp * words + 3 * Pp
-    array, buf = staging.buffer("experts", (size,), np.uint32) if staging is not None else (None, None)
-    if buf is None:
+    if staging is None:
         array, buf = None, np.zeros(size, np.uint32)
     else:
+        array, buf = staging.buffer("experts", (size,), np.uint32)
         buf.fill(0)
     buf[:T * words] = np.ascontiguousarray(hidden).view(np.uint32).reshape(-1)
     ints = buf[Tp * words:].view(np.int32).reshape(3, Pp)

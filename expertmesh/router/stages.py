@@ -38,9 +38,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..mlxlm import BaseCache, swap_class
-from ..staging import Staging
 from ..v1 import expertmesh_pb2 as pb
-from .dispatcher import STAGED_TOKENS
 from .link import _REQUEST_IDS, NodeLink, release_request, stage_request
 from .stats import RoutingStats
 
@@ -215,7 +213,6 @@ class StageRuntime:
         self._model: nn.Module | None = None
         # ids unique across routers a node may serve in turn
         self._ids = itertools.count(secrets.randbits(40) << 20)
-        self._staging = Staging()
 
     def track(self, cache) -> None:
         self._caches.add(cache)
@@ -285,10 +282,7 @@ class StageRuntime:
                                     sent, reply.ByteSize(), rtt)
         if not self._rebuilding:
             self._record(stage, request, T)
-        # a decode step's output goes into the span's staged array: the next span's request, or the
-        # sampling of this step, evaluates it before the span's next step writes it again
-        staged = (self._staging, stage.start) if B * T <= STAGED_TOKENS and not self._rebuilding else ()
-        return wire.decode(reply.output, "output", *staged)
+        return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
 
     def _record(self, stage: Stage, request: pb.StageRequest, T: int) -> None:
         """Note the tokens whose KV the node now holds for each row's sequence."""
