@@ -17,30 +17,22 @@ import argparse
 import json
 import socket
 import statistics
+import sys
 import threading
-import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-
-def timed(fn, n: int = 200, warm: int = 20) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mlxcosts  # noqa: E402
+from mlxcosts import Printed  # noqa: E402
 
 
-class Printed(dict):
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        print(f"{key:<44} {value:10.1f}" if isinstance(value, float) else f"{key:<44} {value}", flush=True)
+# more calls than mlxcosts.py's default: these figures are compared A against B
+timed = partial(mlxcosts.timed, n=200, warm=20)
 
 
 def device_basics(r: dict, H: int) -> None:
@@ -57,71 +49,32 @@ def device_basics(r: dict, H: int) -> None:
     r["eval_then_d2h_us"] = timed(lambda: (mx.eval(z := x * 2), bytes(memoryview(z.view(mx.uint16)))))
 
 
-def _cudart():
-    """libcudart as this process loaded it (MLX's CUDA backend links it), or None."""
-    import ctypes
-    try:
-        paths = {line.split()[-1] for line in open("/proc/self/maps") if "libcudart" in line}
-    except OSError:
-        return None
-    return ctypes.CDLL(sorted(paths)[0]) if paths else None
-
-
 def staging(r: dict, H: int) -> None:
     """Ways to get 4 KB from the host into a kernel: a fresh array each time
-    (what mx.array does), or one array written in place, with and without
-    telling CUDA where its pages should live."""
+    (what mx.array does), ``Staging.put``, and a kept array written in place
+    through its address."""
     import ctypes
-
-    host = np.random.default_rng(0).integers(0, 1 << 16, H, dtype=np.uint16)
-    r["stage_fresh_us"] = timed(lambda: mx.eval(mx.array(host).view(mx.bfloat16) * 2))
-    lib = _cudart()
-    r["cudart"] = lib is not None
-
-    class Loc(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-    def persistent():
-        a = mx.zeros((H,), mx.uint16)
-        mx.eval(a)
-        ptr = np.frombuffer(memoryview(a), np.uint16).ctypes.data
-        return a, ptr
-
-    def write_and_use(a, ptr, after=None):
-        ctypes.memmove(ptr, host.ctypes.data, host.nbytes)
-        if after:
-            after(ptr)
-        mx.eval(a.view(mx.bfloat16) * 2)
 
     from expertmesh.staging import Staging
 
+    host = np.random.default_rng(0).integers(0, 1 << 16, H, dtype=np.uint16)
+    r["stage_fresh_us"] = timed(lambda: mx.eval(mx.array(host).view(mx.bfloat16) * 2))
     st = Staging()
     r["stage_staging_put_us"] = timed(lambda: mx.eval(st.put(0, host).view(mx.bfloat16) * 2))
-    a, ptr = persistent()
-    r["stage_inplace_us"] = timed(lambda: write_and_use(a, ptr))
+    a = mx.zeros((H,), mx.uint16)
+    mx.eval(a)
+    ptr = np.frombuffer(memoryview(a), np.uint16).ctypes.data
+
+    def write_and_use():
+        ctypes.memmove(ptr, host.ctypes.data, host.nbytes)
+        mx.eval(a.view(mx.bfloat16) * 2)
+
+    r["stage_inplace_us"] = timed(write_and_use)
     out = (a.view(mx.bfloat16) * 2)
     mx.eval(out)
     ok = np.array_equal(np.frombuffer(memoryview(out.view(mx.uint16)), np.uint16),
                         np.asarray((mx.array(host).view(mx.bfloat16) * 2).view(mx.uint16)))
     r["stage_inplace_correct"] = bool(ok)
-    if lib is None:
-        return
-    try:
-        lib.cudaMemAdvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, Loc]
-        for name, advice in (("host_pref", [(3, Loc(2, 0)), (5, Loc(1, 0))]), ("readmostly", [(1, Loc(1, 0))]),
-                             ("accessed_by", [(5, Loc(1, 0))])):
-            a, ptr = persistent()
-            for adv, loc in advice:
-                r[f"advise_rc_{name}_{adv}"] = lib.cudaMemAdvise(ptr, 16384, adv, loc)
-            r[f"stage_{name}_us"] = timed(lambda: write_and_use(a, ptr))
-        lib.cudaMemPrefetchAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, Loc, ctypes.c_uint, ctypes.c_void_p]
-        a, ptr = persistent()
-        rc = []
-        r["stage_prefetch_us"] = timed(lambda: write_and_use(
-            a, ptr, lambda p: rc.append(lib.cudaMemPrefetchAsync(p, host.nbytes, Loc(1, 0), 0, None))))
-        r["prefetch_rc"] = rc[-1]
-    except Exception as e:  # noqa: BLE001
-        r["stage_error"] = repr(e)
 
 
 def node_step(r: dict, H: int, I: int, E: int, K: int) -> None:

@@ -20,9 +20,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 H, I, E, K = 2048, 768, 64, 8
 
 
-def timed(fn, n: int = 50) -> float:
-    """Median µs of ``fn()`` after a warm-up."""
-    for _ in range(10):
+def timed(fn, n: int = 50, warm: int = 10) -> float:
+    """Median µs of ``fn()`` after ``warm`` calls."""
+    for _ in range(warm):
         fn()
     times = []
     for _ in range(n):
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json")
     args = parser.parse_args()
-    r = _Printed(device=str(mx.default_device()))
+    r = Printed(device=str(mx.default_device()))
     x = mx.random.normal((1, H)).astype(mx.bfloat16)
     host = np.asarray(x.view(mx.uint16))
     mx.eval(x)
@@ -98,12 +98,12 @@ def main() -> None:
             json.dump(r, f, indent=2)
 
 
-class _Printed(dict):
+class Printed(dict):
     """Figures printed as they come, so a run cut short shows what it measured."""
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
-        print(f"{key:<40} {value:10.1f}" if isinstance(value, float) else f"{key:<40} {value}", flush=True)
+        print(f"{key:<44} {value:10.1f}" if isinstance(value, float) else f"{key:<44} {value}", flush=True)
 
 
 def _chain(a: mx.array, n: int) -> mx.array:

@@ -22,9 +22,8 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-# numpy dtypes the wire carries (bfloat16 travels as uint16 bits)
-_DTYPES = {np.dtype(np.uint16): mx.uint16, np.dtype(np.uint32): mx.uint32, np.dtype(np.int32): mx.int32,
-           np.dtype(np.float32): mx.float32, np.dtype(np.float16): mx.float16}
+# numpy dtypes put() stages: those the wire carries (bfloat16 travels as uint16 bits)
+_DTYPES = frozenset(np.dtype(t) for t in (np.uint16, np.uint32, np.int32, np.float32, np.float16))
 
 
 def _writable(array: mx.array, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
