@@ -6,8 +6,8 @@ in a ``CountedBlock`` that keeps the expert ids its gate chose, and every
 stage reply carries their token-slot counts (``StageRouting``) back to the
 router's statistics. The ids come out of the same compiled decode step as
 the block's output, already offset by layer (``layer * num_experts +
-expert``), and are joined into one array evaluated with the span's output:
-per request that is one concatenation and one ``bincount``.
+expert``), and are joined into one array, read back with the span's output
+in one buffer: per request that is two concatenations and one ``bincount``.
 """
 
 from __future__ import annotations
@@ -67,14 +67,13 @@ class CountedBlock(nn.Module):
 
 class SpanRouting:
     """The counted MoE blocks of one span: ``begin`` a request, evaluate
-    ``pending()`` with its output, then ``take()`` the counts."""
+    ``pending()`` with its output, then ``take()`` the counts of what it read back."""
 
     def __init__(self, layers: list[nn.Module], start: int, adapter: Adapter):
         """Wrap the blocks of ``layers`` (decoder layers ``start``, ``start + 1``, ...)
         in place: MoE ones counted, the others compiled for decode steps only."""
         self.num_experts = adapter.num_experts
         self.blocks: dict[int, CountedBlock] = {}
-        self._ids: mx.array | None = None
         attr = adapter.block_attr
         for i, layer in enumerate(layers):
             block = getattr(layer, attr)
@@ -85,21 +84,19 @@ class SpanRouting:
                 setattr(layer, attr, compiled.DecodeStep(block, 1))
 
     def begin(self) -> None:
-        self._ids = None
         for block in self.blocks.values():
             block.chosen.value = []
 
-    def pending(self) -> list[mx.array]:
-        """The expert ids of this request, joined, to evaluate with the span's output."""
+    def pending(self) -> mx.array | None:
+        """The expert ids of this request, joined (None when no MoE block ran), to evaluate with the span's output."""
         chosen = [a for block in self.blocks.values() for a in block.chosen.value]
-        self._ids = mx.concatenate(chosen) if chosen else None
-        return [] if self._ids is None else [self._ids]
+        return mx.concatenate(chosen) if chosen else None
 
-    def take(self) -> pb.StageRouting:
-        """Token-slots per ``layer * num_experts + expert`` since ``begin``, as the reply carries them."""
-        if self._ids is None:
+    def take(self, ids: np.ndarray | None) -> pb.StageRouting:
+        """Token-slots per ``layer * num_experts + expert`` of the evaluated
+        ``pending()`` ids, as the reply carries them."""
+        if ids is None or ids.size == 0:
             return pb.StageRouting()
-        per = np.bincount(np.asarray(self._ids))
+        per = np.bincount(ids)
         used = np.flatnonzero(per)
-        self._ids = None
         return pb.StageRouting(slots=used.tolist(), counts=per[used].tolist())

@@ -22,11 +22,12 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
-from expertmesh import compiled
+from expertmesh import compiled, wire
 from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, RequestTooLargeError
 from expertmesh.models import Adapter
@@ -51,6 +52,8 @@ class _Layers(nn.Module):
 
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
+
+    overlap = True  # each layer starts on the device once built (False: the whole span at the end, for A/B)
 
     def __init__(self, start: int, module: _Layers, routing: SpanRouting, adapter: Adapter):
         self.layers = module.layers
@@ -90,14 +93,14 @@ class _Span:
                                                           for c in batch]
             self._used[s] = time.monotonic()
 
-    def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int], trim: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, sequences: tuple[int, ...], right_padding: list[int],
+                 trim: int = 0) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """The span's output as the wire carries it (``wire.carrier`` values,
+        evaluated and read back) with its wire dtype, and the expert ids its
+        gates chose (flat, offset by layer; None when it has no MoE block)."""
         self.routing.begin()
         if not sequences:  # a one-off forward, no KV kept
-            mask = self.mask(x, None)
-            for layer in self.layers:
-                x = layer(x, mask, None)
-            mx.eval(x, self.routing.pending())
-            return x
+            return self._read(self._layers(x, self.mask(x, None), [None] * len(self.layers)), [])
         caches = self.caches(sequences)
         if trim:  # never on a batch: validated
             if trim > caches[0].offset:
@@ -107,15 +110,41 @@ class _Span:
         if right_padding:  # never with one row: nothing pads a batch of one
             for c in caches:
                 c.prepare(right_padding=right_padding)
-        mask = self.mask(x, caches[0])
-        for layer, c in zip(self.layers, caches):
-            x = layer(x, mask, c)
+        x = self._layers(x, self.mask(x, caches[0]), caches)
         if right_padding:
             for c in caches:
                 c.finalize()
-        mx.eval(x, [c.state for c in caches], self.routing.pending())
+        out = self._read(x, [c.state for c in caches])
         self._used[sequences] = time.monotonic()
+        return out
+
+    def _layers(self, x: mx.array, mask, caches: list) -> mx.array:
+        """The layers' graph on ``x``, each layer set running on the device as
+        soon as it is built, so that building the next one overlaps it (as
+        mlx-lm's generate overlaps the next token's graph with this one's)."""
+        last = len(self.layers) - 1 if self.overlap else -1
+        for i, (layer, c) in enumerate(zip(self.layers, caches)):
+            x = layer(x, mask, c)
+            if i < last:
+                mx.async_eval(x)
         return x
+
+    def _read(self, x: mx.array, states: list) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Evaluate ``x`` (with ``states``) and read it and the chosen ids back
+        in one host read: the two are packed side by side on the device
+        first, since each first read of what a kernel wrote costs far more
+        than the concatenation (~100 µs on the H200, dispatcher._to_host)."""
+        code = wire.wire_dtype(x.dtype)
+        ids = self.routing.pending()
+        n = x.size * x.dtype.size
+        if ids is None or n % 4:
+            mx.eval(x, states, *([] if ids is None else [ids]))
+            return wire.to_numpy(x), code, (None if ids is None else np.array(ids))
+        packed = mx.concatenate([x.reshape(-1).view(mx.uint32), ids.view(mx.uint32)])
+        mx.eval(packed, states)
+        host = np.frombuffer(memoryview(packed), np.uint32)
+        words = n // 4
+        return host[:words].view(wire.carrier(code)).reshape(x.shape), code, host[words:].view(np.int32)
 
     def release(self, sequences: set[int]) -> None:
         for key in [k for k in self._batches if sequences.intersection(k)]:
@@ -272,10 +301,11 @@ class StageStore:
 
     # --- serving -------------------------------------------------------------
     def forward(self, start: int, hidden: mx.array, sequences: list[int], right_padding: list[int],
-                trim: int = 0) -> tuple[mx.array, pb.StageRouting]:
+                trim: int = 0) -> tuple[np.ndarray, int, pb.StageRouting]:
         """Run the span starting at ``start`` on ``hidden`` [B, T, H] (evaluated),
         first dropping ``trim`` tokens off the end of the one sequence's KV;
-        also what its gates routed.
+        its output [B, T, H] as the wire carries it (``wire.carrier`` values)
+        with its wire dtype, and what its gates routed.
 
         Raises:
             InvalidRequestError: no such span, or rows that do not fit ``hidden``.
@@ -298,9 +328,9 @@ class StageStore:
         if trim and (B != 1 or not sequences or trim < 0):
             raise InvalidRequestError("trim needs a positive count and one row with its sequence id")
         with self._lock:
-            out = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [], trim)
+            out, code, ids = span(hidden, tuple(sequences), list(right_padding) if any(right_padding) else [], trim)
             self._lock.notify_all()
-            return out, span.routing.take()
+            return out, code, span.routing.take(ids)
 
     def release(self, sequences) -> None:
         """Free these sequences' KV caches (unknown ids are ignored)."""
