@@ -91,21 +91,27 @@ def checkpoint_bytes(model: Path) -> int:
 
 
 def gpu_memory(pids: dict[str, int]) -> dict[str, float | None] | None:
-    """GB of GPU memory each named process holds, from nvidia-smi; None
-    without it (a process it does not list, e.g. in another pid namespace: None)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
+    """GB of GPU memory each named process holds, and the GPU's total in use
+    (``"gpu"``), from nvidia-smi; None without it (a process it does not
+    list, e.g. from another pid namespace or behind MPS's server: None)."""
+    def query(*args: str) -> list[str] | None:
+        try:
+            out = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.splitlines() if out.returncode == 0 else None
+
+    if (apps := query("--query-compute-apps=pid,used_memory")) is None:
         return None
-    if out.returncode != 0:
-        return None
-    used = {}
-    for line in out.stdout.splitlines():
-        pid, _, mib = line.partition(",")
+    used: dict[int, float] = {}
+    for line in apps:
         with contextlib.suppress(ValueError):
-            used[int(pid)] = float(mib.strip().split()[0]) * 2**20 / 1e9
-    return {name: used.get(pid) for name, pid in pids.items()}
+            pid, mib = line.split(",")
+            used[int(pid)] = float(mib) * 2**20 / 1e9
+    total = query("--query-gpu=memory.used")
+    return {**{name: used.get(pid) for name, pid in pids.items()},
+            "gpu": float(total[0]) * 2**20 / 1e9 if total else None}
 
 
 def rss_gb(pid: int) -> float | None:
