@@ -56,7 +56,8 @@ def write_checkpoint(out: Path, layers: int | None = None, small: bool = False) 
 
     Weights are made in bfloat16 (as mlx-community's checkpoints are) and stay
     lazy until ``save_model`` evaluates each shard as it writes it, so the
-    peak memory is about a shard, not the model in float32.
+    peak memory is about a shard plus a few tensors in float32, not the
+    model in float32. Shards left in ``out`` by an earlier write are removed.
     """
     import mlx.core as mx
     from mlx_lm.models import qwen3_moe
@@ -65,6 +66,8 @@ def write_checkpoint(out: Path, layers: int | None = None, small: bool = False) 
     from expertmesh.layouts import SPECIAL_TOKENS
     from expertmesh.testing.tinymodel import _printable_ids, write_tokenizer
 
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
     write_tokenizer(out)
     allowed = _printable_ids(out)  # no special token among them: no EOS, no <|im_start|>
     config = {**CONFIG, **(SMALL if small else {}), "bos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
