@@ -85,8 +85,9 @@ def step(what: str) -> None:
 class Mesh:
     """Node processes and a router process on loopback."""
 
-    def __init__(self, model: Path, nodes: int, logs: Path, mode: str = "expert", draft: Path | None = None):
-        self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", "4",
+    def __init__(self, model: Path, nodes: int, logs: Path, mode: str = "expert", draft: Path | None = None,
+                 memory_gb: float = 4):
+        self.procs = [Process(["node", "--model", str(model), "--name", f"bench{i}", "--memory-gb", f"{memory_gb:g}",
                                "--no-discovery"],
                               logs / f"node{i}.log") for i in range(nodes)]
         peers = [p.address(timeout=300) for p in self.procs]
