@@ -3,7 +3,7 @@ process, each piece of an expert request and of a stage (pipeline) request
 timed alone, against what mlx-lm spends on the same layers. µs, medians of
 alternating rounds; a cProfile of each full request beside them.
 
-    python benchmarks/requestprof.py MODEL [--parts experts stage] [--json out.json] [--profile DIR]
+    python benchmarks/requestprof.py MODEL [--parts kernels experts stage] [--json out.json] [--profile DIR]
 
 MODEL: a checkpoint such as ``benchmarks/device.py`` writes (Qwen3-30B-A3B's
 widths, 4-bit, 12 layers).
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlxcosts import Printed  # noqa: E402
 
-from expertmesh import wire  # noqa: E402
+from expertmesh import fused, wire  # noqa: E402
 from expertmesh.checkpoint import Checkpoint  # noqa: E402
 from expertmesh.nodes import stages  # noqa: E402
 from expertmesh.nodes.core import NodeCore  # noqa: E402
@@ -170,8 +170,15 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
     start, end = span
     rng = np.random.default_rng(0)
 
+    plain = NodeCore("prof-unfused", ExpertStore(Checkpoint(model)), 1 << 40, worker)
+
     def run():
         node.stages.assign([span])
+        fused.configure(False)  # the same span with mlx-lm's SwitchGLU as it is, for the A/B
+        try:
+            plain.stages.assign([span])
+        finally:
+            fused.configure(True)
         prompt = wire.from_float32(rng.standard_normal((1, 16, H)).astype(np.float32), pb.BFLOAT16)
         seq = [0]
 
@@ -184,9 +191,11 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
         count = [0]
 
         def fresh_sequence():  # a new sequence every 400 steps keeps the KV short, as in a benchmark's trial
-            node.stages.release([seq[0]])
+            for n in (node, plain):
+                n.stages.release([seq[0]])
             seq[0] += 1
-            node.forward(pb.ForwardRequest.FromString(req(prompt, 1)))
+            for n in (node, plain):
+                n.forward(pb.ForwardRequest.FromString(req(prompt, 1)))
 
         def stage_request():
             count[0] += 1
@@ -197,11 +206,11 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
         dev = [mx.random.normal((1, 1, H)).astype(mx.bfloat16) for _ in range(16)]
         mx.eval(dev)
 
-        def stage_direct():
+        def stage_direct(on=node):
             count[0] += 1
             if count[0] % 400 == 0:
                 fresh_sequence()
-            node.stages.forward(start, dev[count[0] % len(dev)], [seq[0]], [])
+            on.stages.forward(start, dev[count[0] % len(dev)], [seq[0]], [])
 
         def serial(fn):  # the span evaluated once, at its end (as before the layers overlapped)
             def call():
@@ -215,7 +224,7 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
         fresh_sequence()
         put(r, {f"stage_{k}_us": v for k, v in rounds({
             "request": stage_request, "direct": stage_direct, "request_serial": serial(stage_request),
-            "direct_serial": serial(stage_direct)}).items()})
+            "direct_serial": serial(stage_direct), "direct_unfused": lambda: stage_direct(plain)}).items()})
         profiled(stage_request, 300, prof, "stage_request")
 
     worker.run(run)
@@ -261,17 +270,59 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
     r["stage_layers"] = end - start
 
 
+def kernels(r: dict, model: Path, prof: Path | None) -> None:
+    """A switch MLP's decode step, mlx-lm's SwitchGLU against the fused one,
+    with a node's share of experts and with a whole layer's: same outputs?
+    µs with a sync each, and per step when steps are queued back to back."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    cfg = json.loads((model / "config.json").read_text())
+    H, I, E, K = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
+    rng = np.random.default_rng(0)
+    for name, experts, active in (("node", E // 2, K // 2), ("layer", E, K)):
+        glu = SwitchGLU(H, I, experts)
+        nn.quantize(glu, group_size=64, bits=4)
+        glu.set_dtype(mx.bfloat16)
+        mx.eval(glu.parameters())
+        both = fused.FusedSwitchGLU(glu)
+        xs = [mx.random.normal((1, 1, H)).astype(mx.bfloat16) for _ in range(8)]
+        idx = [mx.array(rng.choice(experts, active, replace=False).reshape(1, 1, active).astype(np.int32))
+               for _ in range(8)]
+        mx.eval(xs, idx)
+        r[f"kernels_{name}_fused_equal"] = all(mx.array_equal(glu(x, i), both(x, i)).item() for x, i in zip(xs, idx))
+        turn = [0]
+
+        def call(m, wait):
+            turn[0] += 1
+            y = m(xs[turn[0] % 8], idx[turn[0] % 8])
+            (mx.eval if wait else mx.async_eval)(y)
+
+        put(r, {f"kernels_{name}_{k}_us": v for k, v in rounds({
+            "switchglu_sync": lambda: call(glu, True), "fused_sync": lambda: call(both, True)}).items()})
+        for label, m in (("switchglu", glu), ("fused", both)):
+            for _ in range(20):
+                call(m, False)
+            mx.synchronize()
+            t = time.perf_counter()
+            for _ in range(400):
+                call(m, False)
+            mx.synchronize()
+            r[f"kernels_{name}_{label}_queued_us"] = (time.perf_counter() - t) / 400 * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, help="a folder for the cProfile text of each full request")
-    parser.add_argument("--parts", nargs="+", default=["experts", "stage"], choices=["experts", "stage"])
+    parser.add_argument("--parts", nargs="+", default=["kernels", "experts", "stage"],
+                        choices=["kernels", "experts", "stage"])
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     r = Printed(device=str(mx.default_device()))
-    parts = {"experts": experts, "stage": stage}
+    parts = {"kernels": kernels, "experts": experts, "stage": stage}
     try:
         for p in args.parts:
             try:

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import infer_quant_config
 
-from expertmesh import compiled, wire
+from expertmesh import compiled, fused, wire
 from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, RequestTooLargeError
 from expertmesh.models import Adapter
@@ -273,6 +273,10 @@ class StageStore:
         module.eval()
         mx.eval(module.parameters())
         eval_private_arrays(module)
+        for layer in module.layers:  # gate and up in one gathered matmul
+            block = getattr(layer, self.adapter.block_attr)
+            if hasattr(block, "switch_mlp"):
+                block.switch_mlp = fused.fuse(block.switch_mlp)
         compiled.compile_decode_steps(module)  # norms and RoPEs
         routing = SpanRouting(module.layers, start, self.adapter)  # and the MoE (or MLP) blocks, counted
         return _Span(start, module, routing, self.adapter)

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import infer_quant_config
 
-from expertmesh import compiled, wire
+from expertmesh import compiled, fused, wire
 from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError, ModelError
 from expertmesh.models import Adapter, get_adapter
@@ -189,6 +189,7 @@ class ExpertStore:
                 params[f"{proj}.{part}"] = value
         mlp.load_weights(list(params.items()), strict=True)
         mx.eval(mlp.parameters())
+        mlp = fused.fuse(mlp)  # gate and up in one gathered matmul
         local = np.full(a.num_experts, -1, dtype=np.int32)
         local[experts] = np.arange(len(experts), dtype=np.int32)
         nbytes = sum(v.nbytes for _, v in tree_flatten(mlp.parameters()))
