@@ -29,7 +29,6 @@ from mlxcosts import Printed  # noqa: E402
 
 from expertmesh import fused, wire  # noqa: E402
 from expertmesh.checkpoint import Checkpoint  # noqa: E402
-from expertmesh.nodes import stages  # noqa: E402
 from expertmesh.nodes.core import NodeCore  # noqa: E402
 from expertmesh.nodes.store import ExpertStore, _pack  # noqa: E402
 from expertmesh.v1 import expertmesh_pb2 as pb  # noqa: E402
@@ -212,19 +211,9 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
                 fresh_sequence()
             on.stages.forward(start, dev[count[0] % len(dev)], [seq[0]], [])
 
-        def serial(fn):  # the span evaluated once, at its end (as before the layers overlapped)
-            def call():
-                stages._Span.overlap = False
-                try:
-                    fn()
-                finally:
-                    stages._Span.overlap = True
-            return call
-
         fresh_sequence()
         put(r, {f"stage_{k}_us": v for k, v in rounds({
-            "request": stage_request, "direct": stage_direct, "request_serial": serial(stage_request),
-            "direct_serial": serial(stage_direct), "direct_unfused": lambda: stage_direct(plain)}).items()})
+            "request": stage_request, "direct": stage_direct, "direct_unfused": lambda: stage_direct(plain)}).items()})
         profiled(stage_request, 300, prof, "stage_request")
 
     worker.run(run)

@@ -5,9 +5,12 @@ of whole layers runs its gates here, so each MoE block of a span is wrapped
 in a ``CountedBlock`` that keeps the expert ids its gate chose, and every
 stage reply carries their token-slot counts (``StageRouting``) back to the
 router's statistics. The ids come out of the same compiled decode step as
-the block's output, already offset by layer (``layer * num_experts +
-expert``), and are joined into one array, read back with the span's output
-in one buffer: per request that is two concatenations and one ``bincount``.
+the block's output and are joined into one array, read back with the span's
+output in one buffer; each layer's offset (``layer * num_experts``) is added
+on the host, since a constant inside a compiled step is written into its
+fused kernel's source, and on MLX's CUDA backend every layer's own constant
+was a kernel compiled anew (the first token of a 48-layer span took minutes).
+Per request: two concatenations and one ``bincount``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class _Tap(nn.Module):
 
 class CountedBlock(nn.Module):
     """A MoE block, compiled for decode steps, that notes the experts chosen
-    per call (as ``offset + expert``, flat)."""
+    per call (flat; its layer's ``offset`` is added by ``SpanRouting.take``)."""
 
     def __init__(self, block: nn.Module, offset: int):
         super().__init__()
@@ -57,7 +60,7 @@ class CountedBlock(nn.Module):
 
     def _run(self, x: mx.array) -> tuple[mx.array, mx.array]:
         y = self.block(x)
-        return y, self.block.switch_mlp.indices.value.reshape(-1).astype(mx.int32) + self.offset.value
+        return y, self.block.switch_mlp.indices.value.reshape(-1).astype(mx.int32)
 
     def __call__(self, x: mx.array) -> mx.array:
         y, indices = (self._step if x.shape[1] == 1 else self._run)(x)
@@ -74,6 +77,7 @@ class SpanRouting:
         in place: MoE ones counted, the others compiled for decode steps only."""
         self.num_experts = adapter.num_experts
         self.blocks: dict[int, CountedBlock] = {}
+        self._offsets = np.zeros(0, np.int64)  # each id's layer offset, of the last pending()
         attr = adapter.block_attr
         for i, layer in enumerate(layers):
             block = getattr(layer, attr)
@@ -89,14 +93,15 @@ class SpanRouting:
 
     def pending(self) -> mx.array | None:
         """The expert ids of this request, joined (None when no MoE block ran), to evaluate with the span's output."""
-        chosen = [a for block in self.blocks.values() for a in block.chosen.value]
-        return mx.concatenate(chosen) if chosen else None
+        chosen = [(block.offset.value, a) for block in self.blocks.values() for a in block.chosen.value]
+        self._offsets = np.repeat([o for o, _ in chosen], [a.size for _, a in chosen]).astype(np.int64)
+        return mx.concatenate([a for _, a in chosen]) if chosen else None
 
     def take(self, ids: np.ndarray | None) -> pb.StageRouting:
         """Token-slots per ``layer * num_experts + expert`` of the evaluated
         ``pending()`` ids, as the reply carries them."""
         if ids is None or ids.size == 0:
             return pb.StageRouting()
-        per = np.bincount(ids)
+        per = np.bincount(ids + self._offsets)
         used = np.flatnonzero(per)
         return pb.StageRouting(slots=used.tolist(), counts=per[used].tolist())

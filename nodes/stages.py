@@ -53,8 +53,6 @@ class _Layers(nn.Module):
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
 
-    overlap = True  # each layer starts on the device once built (False: the whole span at the end, for A/B)
-
     def __init__(self, start: int, module: _Layers, routing: SpanRouting, adapter: Adapter):
         self.layers = module.layers
         self.routing = routing  # what its gates chose, per request
@@ -119,14 +117,12 @@ class _Span:
         return out
 
     def _layers(self, x: mx.array, mask, caches: list) -> mx.array:
-        """The layers' graph on ``x``, each layer set running on the device as
-        soon as it is built, so that building the next one overlaps it (as
-        mlx-lm's generate overlaps the next token's graph with this one's)."""
-        last = len(self.layers) - 1 if self.overlap else -1
-        for i, (layer, c) in enumerate(zip(self.layers, caches)):
+        """The layers' graph on ``x``, evaluated as one: setting each layer
+        running as soon as it was built (``mx.async_eval``) measured slower on
+        the H200, 2,672 µs a 7-layer decode step against 2,554
+        (``benchmarks/requestprof.py``, stage_direct vs stage_direct_serial)."""
+        for layer, c in zip(self.layers, caches):
             x = layer(x, mask, c)
-            if i < last:
-                mx.async_eval(x)
         return x
 
     def _read(self, x: mx.array, states: list) -> tuple[np.ndarray, int, np.ndarray | None]:

@@ -213,3 +213,38 @@ def test_expert_placement_flags_on_an_all_stage_plan_are_refused_or_said(tiny, t
         assert "--replicas and --placement-stats do not apply" in caplog.text  # said, not a crash
         with Client(f"127.0.0.1:{router.port}") as client:
             assert [p.token for p in client.generate(PROMPT, max_tokens=8)] == reference_tokens(tiny, PROMPT, 8)
+
+
+_FIRST_STEP = """
+import sys
+from pathlib import Path
+import mlx.core as mx
+from expertmesh.nodes.stages import StageStore
+from expertmesh.nodes.store import ExpertStore
+from expertmesh.checkpoint import Checkpoint
+stages = StageStore(ExpertStore(Checkpoint(Path(sys.argv[1]))))
+stages.assign([(0, int(sys.argv[2]))])
+H = stages.adapter.hidden_size
+for T in (3, 1, 1):  # a prefill, then decode steps: compiled
+    stages.forward(0, mx.zeros((1, T, H)), [7], [])
+stages.close()
+"""
+
+
+def test_a_spans_first_decode_step_compiles_the_same_kernels_however_many_layers_it_has(tiny, tmp_path):
+    """A constant inside a compiled step is written into its fused kernel's
+    source: a per-layer one made every layer a kernel of its own to compile
+    (minutes before the first token of a 48-layer span on MLX's CUDA backend)."""
+    import os
+    import subprocess
+    import sys
+
+    kernels = {}
+    for layers in (1, 4):
+        cache = tmp_path / f"tmp{layers}"  # MLX keeps its compiled kernels under the temp directory
+        cache.mkdir()
+        out = subprocess.run([sys.executable, "-c", _FIRST_STEP, str(tiny), str(layers)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "TMPDIR": str(cache)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        kernels[layers] = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert kernels[1] and kernels[4] == kernels[1]
