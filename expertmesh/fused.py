@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import (QuantizedSwitchLinear, SwitchGLU, SwitchLinear, _gather_sort,
-                                         _scatter_unsort)
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+
+from .mlxlm import gather_sort, scatter_unsort
 
 _enabled = True
 
@@ -59,11 +60,11 @@ class FusedSwitchGLU(nn.Module):
         do_sort = indices.size >= 64  # as SwitchGLU: many tokens are sorted by expert first
         idx, inv_order = indices, None
         if do_sort:
-            x, idx, inv_order = _gather_sort(x, indices)
+            x, idx, inv_order = gather_sort(x, indices)
         x_gate, x_up = mx.split(self.gate_up(x, idx, sorted_indices=do_sort), 2, axis=-1)
         x = self.down_proj(self.activation(x_up, x_gate), idx, sorted_indices=do_sort)
         if do_sort:
-            x = _scatter_unsort(x, inv_order, indices.shape)
+            x = scatter_unsort(x, inv_order, indices.shape)
         return x.squeeze(-2)
 
 

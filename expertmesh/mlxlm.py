@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from mlx_lm.models.cache import _BaseCache
+from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 from mlx_lm.utils import _get_classes
 
 SUPPORTED = ((0, 32), (0, 33))  # mlx-lm >= 0.32, < 0.33 (pyproject.toml pins the same)
@@ -23,6 +24,11 @@ get_classes = _get_classes
 # The base of mlx-lm's KV caches: a stage's stand-in cache on the router must be
 # one, so that mlx-lm's batching (filter, extend, extract, trim) treats it as a cache.
 BaseCache = _BaseCache
+
+# How SwitchGLU orders many tokens by expert before its gathered matmuls and
+# back after: fused.FusedSwitchGLU runs SwitchGLU's computation with its gate
+# and up projections in one call, and must order tokens exactly as it does.
+gather_sort, scatter_unsort = _gather_sort, _scatter_unsort
 
 
 def swap_class(obj: object, cls: type) -> None:
