@@ -296,8 +296,8 @@ class NodeCore:
         small = len(stage.hidden.shape) == 3 and stage.hidden.shape[0] * stage.hidden.shape[1] <= DECODE_TOKENS
         # the span evaluates its output before it returns: this thread's staging is free again then
         hidden = wire.decode(stage.hidden, "hidden", *((self._staging(), "stage") if small else ()))
-        out, code, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences), list(stage.right_padding),
-                                           stage.trim)
+        out, code, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences),
+                                                 list(stage.right_padding), stage.trim)
         resp = pb.ForwardResponse(request_id=req.request_id, routing=routing)
         wire.encode_into(resp.output, out, code)
         return self._counted(req, resp, out.shape[0] * out.shape[1], start)

@@ -95,7 +95,8 @@ class _Span:
                  trim: int = 0) -> tuple[np.ndarray, int, np.ndarray | None]:
         """The span's output as the wire carries it (``wire.carrier`` values,
         evaluated and read back) with its wire dtype, and the expert ids its
-        gates chose (flat, offset by layer; None when it has no MoE block)."""
+        gates chose (flat, layer after layer: ``SpanRouting.take`` adds each
+        layer's offset; None when it has no MoE block)."""
         self.routing.begin()
         if not sequences:  # a one-off forward, no KV kept
             return self._read(self._layers(x, self.mask(x, None), [None] * len(self.layers)), [])
