@@ -77,7 +77,6 @@ class SpanRouting:
         in place: MoE ones counted, the others compiled for decode steps only."""
         self.num_experts = adapter.num_experts
         self.blocks: dict[int, CountedBlock] = {}
-        self._offsets = np.zeros(0, np.int64)  # each id's layer offset, of the last pending()
         attr = adapter.block_attr
         for i, layer in enumerate(layers):
             block = getattr(layer, attr)
@@ -91,10 +90,13 @@ class SpanRouting:
         for block in self.blocks.values():
             block.chosen.value = []
 
+    def _chosen(self) -> list[tuple[int, mx.array]]:
+        """(layer offset, expert ids) of each MoE block call since ``begin``, in order."""
+        return [(block.offset.value, a) for block in self.blocks.values() for a in block.chosen.value]
+
     def pending(self) -> mx.array | None:
         """The expert ids of this request, joined (None when no MoE block ran), to evaluate with the span's output."""
-        chosen = [(block.offset.value, a) for block in self.blocks.values() for a in block.chosen.value]
-        self._offsets = np.repeat([o for o, _ in chosen], [a.size for _, a in chosen]).astype(np.int64)
+        chosen = self._chosen()
         return mx.concatenate([a for _, a in chosen]) if chosen else None
 
     def take(self, ids: np.ndarray | None) -> pb.StageRouting:
@@ -102,6 +104,7 @@ class SpanRouting:
         ``pending()`` ids, as the reply carries them."""
         if ids is None or ids.size == 0:
             return pb.StageRouting()
-        per = np.bincount(ids + self._offsets)
+        chosen = self._chosen()
+        per = np.bincount(ids + np.repeat([o for o, _ in chosen], [a.size for _, a in chosen]))
         used = np.flatnonzero(per)
         return pb.StageRouting(slots=used.tolist(), counts=per[used].tolist())
