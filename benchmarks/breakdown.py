@@ -6,6 +6,7 @@ checkpoint as ``make bench`` by default. Run it twice, with and without
 ``--no-compile``, to see what compiling decode steps gives.
 
     python benchmarks/breakdown.py [--nodes 2] [--tokens 64] [--rounds 3] [--scale --layers 12] [--no-compile]
+    python benchmarks/breakdown.py --spans [...]   # an auto-mode token: its stage spans, piece by piece
 """
 
 from __future__ import annotations
@@ -126,6 +127,78 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
     }
 
 
+# what an auto-mode token's figures are called (µs per token), in the order they are printed
+SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
+    "span call, in all", "router eval before sending (the step's graph, the cache stand-in)",
+    "request (read back, encode)", "round trip (send, node, reply)", "reply to an array")
+
+
+def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto") -> dict:
+    """µs per decoded token of a router whose layers run as stage spans on
+    node processes (``mode`` auto or pipeline): each span's call timed from
+    outside, piece by piece, against the node's own time from its replies."""
+    from expertmesh.router import stages
+
+    timer = _Timer()
+    computes: list[float] = []
+    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call)
+
+    def call(self, link, request):
+        reply = saved[4](self, link, request)
+        if request.WhichOneof("op") == "stage":
+            computes.append(reply.compute_seconds)
+        return reply
+
+    stages.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
+    stages.stage_request = timer.wrap(SPAN_REQ, saved[1])
+    stages.wire = _TimedModule(saved[2], timer, {"decode": SPAN_DECODE})
+    stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[3])
+    stages.StageRuntime._call = timer.wrap(SPAN_RTT, call)
+    procs, router = [], None
+    try:
+        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
+                         logs / f"stagebreak-node{i}.log") for i in range(nodes)]
+        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0, mode=mode))
+        router.connect()
+
+        def generate() -> tuple[float, int]:
+            *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
+            return last.generation_tps, last.generation_tokens
+
+        generate()  # warm-up: compiles, caches
+        timer.clear()
+        computes.clear()
+        t = time.perf_counter()
+        runs = [generate() for _ in range(rounds)]
+        wall = time.perf_counter() - t
+    finally:
+        stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call = saved
+        if router is not None:
+            router.stop(grace=0)
+        for p in procs:
+            p.stop()
+    calls = timer.calls[SPAN_ALL]
+    if not calls:
+        raise RuntimeError(f"the router ran no stage span in {mode} mode")
+    n = sum(k for _, k in runs) + rounds  # forward passes: one per token, plus each prompt's
+    us = {name: timer.spent[name] / n * 1e6 for name in (SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE)}
+    node_us = sum(computes) / n * 1e6
+    return {
+        "decode_tps": statistics.median(tps for tps, _ in runs),
+        "ms_per_token": wall / n * 1e3,
+        "spans_per_token": calls / n,
+        "span_eval_us": us[SPAN_EVAL],
+        "span_request_us": us[SPAN_REQ],
+        "span_round_trip_us": us[SPAN_RTT],
+        "span_node_compute_us": node_us,  # as the nodes report it, summed over the spans
+        "span_wire_us": us[SPAN_RTT] - node_us,  # both ways, framing, parsing, wake-ups, beyond the nodes
+        "span_decode_us": us[SPAN_DECODE],
+        "span_other_us": us[SPAN_ALL] - us[SPAN_EVAL] - us[SPAN_REQ] - us[SPAN_RTT] - us[SPAN_DECODE],
+        "spans_us": us[SPAN_ALL],
+        "outside_spans_us": (wall - timer.spent[SPAN_ALL]) / n * 1e6,  # embedding, head, sampling, batching
+    }
+
+
 def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:
     """µs per request of a node holding 1/``share`` of every MoE layer's
     experts, its NodeCore in this process: a decode request as the dispatcher
@@ -205,6 +278,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--scale", action="store_true", help="Qwen3-30B-A3B widths, 4-bit (run.py --scale)")
+    parser.add_argument("--spans", action="store_true",
+                        help="an auto-mode token instead, whose layers run as stage spans on the nodes")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile decode steps, in the nodes and the router here (default: on)")
     args = parser.parse_args()
@@ -212,6 +287,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="expertmesh-breakdown-"))
     try:
         model = bench_model(root, args.layers, args.scale)
+        if args.spans:
+            r = stage_breakdown(model, args.nodes, args.tokens, args.rounds, root)
+            print(f"auto mode: decode {r['decode_tps']:.1f} tok/s; {r['ms_per_token']:.2f} ms per forward pass")
+            for key, value in r.items():
+                print(f"  {key:<28} {value:8.1f}")
+            return
         r = router_breakdown(model, args.nodes, args.tokens, args.rounds, root, args.compile)
         r.update(node_breakdown(model))
     finally:

@@ -1,11 +1,11 @@
 """The H200 benchmark: the mesh where compute is as fast as a Mac's.
 
-    python3 benchmarks/device.py --out results/device-YYYYMMDD.json [--layers 12] [--quick] [--stages ...]
+    python3 benchmarks/device.py --out results/device-YYYYMMDD.json [--layers 12 | --model DIR] [--quick] [--stages ...]
 
 Qwen3-30B-A3B's widths, 4-bit, ``--layers`` MoE layers; 2 node processes and a
 router process on the one GPU under CUDA's Multi-Process Service (``--no-mps``
 leaves it off). Writes ``make bench``'s keys, ``growth_gap_s[_expert]`` and an
-expert-mode ``breakdown``, rewriting the JSON after every stage (a failed stage
+expert-mode ``breakdown``, an auto-mode one (``spans``), rewriting the JSON after every stage (a failed stage
 records its error). benchmarks/README.md has the results and how to send it.
 """
 
@@ -86,8 +86,10 @@ def main() -> int:
     parser.add_argument("--no-mps", action="store_true", help="leave CUDA's Multi-Process Service off")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "expertmesh-device",
                         help="where the checkpoint is written, and found by a later run")
-    parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "auto", "expert", "pipeline"],
-                        choices=["hop", "breakdown", "auto", "expert", "pipeline"])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a checkpoint to run instead of writing one (e.g. fullsize.py write DIR --layers 12)")
+    parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "spans", "auto", "expert", "pipeline"],
+                        choices=["hop", "breakdown", "spans", "auto", "expert", "pipeline"])
     args = parser.parse_args()
     repeats, tokens = (1, 32) if args.quick else (3, 64)
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
@@ -116,9 +118,15 @@ def main() -> int:
             run.write(results, args.out, table=False)
 
         args.model_dir.mkdir(parents=True, exist_ok=True)
-        model = cached_model(args.model_dir, args.layers, not args.tiny)
+        model = args.model or cached_model(args.model_dir, args.layers, not args.tiny)
+        results["model"] = str(model)
+        if args.model:
+            import json
+
+            results["layers"] = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         stage("hop", lambda: _hop(logs, 300 if args.quick else 900))
         stage("breakdown", lambda: _breakdown(model, tokens, repeats, logs))
+        stage("spans", lambda: {"spans": _spans(model, tokens, repeats, logs)})
         from mlx_lm.utils import load_tokenizer
 
         prompt_512 = run.long_prompt(model, 512)
@@ -148,6 +156,12 @@ def _breakdown(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
     r = breakdown.router_breakdown(model, 2, tokens, rounds, logs)
     r.update(breakdown.node_breakdown(model))
     return {"breakdown": r}
+
+
+def _spans(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
+    import breakdown
+
+    return breakdown.stage_breakdown(model, 2, tokens, rounds, logs)
 
 
 if __name__ == "__main__":
