@@ -22,14 +22,9 @@ import mlx.core as mx
 
 
 def _median_us(fn, n: int = 200, warm: int = 20) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    from mlxcosts import timed
+
+    return timed(fn, n, warm)
 
 
 def measure(model: Path, start: int, end: int) -> dict:
