@@ -68,19 +68,14 @@ def expert_request(layer: int, hidden: np.ndarray, code: "pb.DType", ids: np.nda
     return request
 
 
-def stage_request(layer: int, hidden: "mx.array | pb.Tensor", sequences=(), right_padding=(),
-                  trim: int = 0) -> pb.ForwardRequest:
-    """One step of the stage span starting at ``layer``: ``hidden`` [B, T, H]
-    evaluated, or as another reply carried it (passed on as it is)."""
+def stage_request(layer: int, hidden: mx.array, sequences=(), right_padding=(), trim: int = 0) -> pb.ForwardRequest:
+    """One step of the stage span starting at ``layer`` ([B, T, H], evaluated)."""
     request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
     op = request.stage
     op.layer, op.trim = layer, trim
     op.sequences.extend(sequences)
     op.right_padding.extend(right_padding)
-    if isinstance(hidden, pb.Tensor):
-        op.hidden.CopyFrom(hidden)
-    else:
-        wire.encode_into(op.hidden, wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
+    wire.encode_into(op.hidden, wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
     return request
 
 

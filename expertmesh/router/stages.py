@@ -210,9 +210,6 @@ class StageRuntime:
         self._lost: set[int] = set()              # sequences whose KV died with a node: rebuilt before use
         self._inputs: list[list[int]] | None = None  # token ids of the forward pass under way
         self._rebuilding = False
-        # (the last span's output, the layer it ended before, its reply's tensor): what ``run`` passes
-        # on as it came when the next span starts there and is handed that very array
-        self._relay: tuple[mx.array, int, pb.Tensor] | None = None
         self._model: nn.Module | None = None
         # ids unique across routers a node may serve in turn
         self._ids = itertools.count(secrets.randbits(40) << 20)
@@ -257,21 +254,13 @@ class StageRuntime:
         if cache is not None:
             dummy = mx.zeros((B, 1, T, 1), mx.float16)
             cache.update_and_fetch(dummy, dummy)
-            state = cache.state  # nothing else reads it: evaluated (or set running) below, or its graph grows
+            state = cache.state  # nothing else reads it: evaluate here, or its graph grows every step
             request.sequences.extend(cache.sequences)
             request.right_padding.extend(cache.take_padding(T))
             request.trim = cache.take_trim()
             self._sent.update(cache.sequences)
-        relay = self._relay
-        if relay is not None and relay[0] is x and relay[1] == stage.start:
-            # the span before ended where this one starts, and its output comes straight here: its
-            # reply's bytes go on as they are, with no sync and no read-back of what they became
-            mx.async_eval(state)
-            forward = stage_request(stage.start, relay[2], request.sequences, request.right_padding, request.trim)
-        else:
-            mx.eval(x, state)
-            forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
-        self._relay = None
+        mx.eval(x, state)
+        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
         while True:
             if not self._rebuilding:
                 for s in request.sequences:
@@ -293,9 +282,7 @@ class StageRuntime:
                                     sent, reply.ByteSize(), rtt)
         if not self._rebuilding:
             self._record(stage, request, T)
-        out = wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
-        self._relay = (out, stage.end, reply.output)
-        return out
+        return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
 
     def _record(self, stage: Stage, request: pb.StageRequest, T: int) -> None:
         """Note the tokens whose KV the node now holds for each row's sequence."""
@@ -339,7 +326,6 @@ class StageRuntime:
 
     def sweep(self) -> None:
         """Release on the nodes the sequences no cache here holds any more."""
-        self._relay = None  # a step is over: nothing of it goes on
         live = {s for c in list(self._caches) for s in c.sequences}
         gone = self._sent - live
         if not gone:
