@@ -134,16 +134,13 @@ SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
 
 
 def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto") -> dict:
-    """µs per forward pass of a router whose layers run as stage spans on
+    """µs per decoded token of a router whose layers run as stage spans on
     node processes (``mode`` auto or pipeline): each span's call timed from
-    outside, piece by piece, against the node's own time from its replies.
-    Rounds alternate with a ``_norelay`` variant: each span's input evaluated
-    and read back on the router, as before spans passed on the reply before."""
+    outside, piece by piece, against the node's own time from its replies."""
     from expertmesh.router import stages
 
     timer = _Timer()
     computes: list[float] = []
-    relay = [True]
     saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call)
 
     def call(self, link, request):
@@ -152,21 +149,12 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
             computes.append(reply.compute_seconds)
         return reply
 
-    def run(self, stage, x, cache):
-        if not relay[0]:
-            self._relay = None
-        return saved[3](self, stage, x, cache)
-
     stages.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
     stages.stage_request = timer.wrap(SPAN_REQ, saved[1])
     stages.wire = _TimedModule(saved[2], timer, {"decode": SPAN_DECODE})
-    stages.StageRuntime.run = timer.wrap(SPAN_ALL, run)
+    stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[3])
     stages.StageRuntime._call = timer.wrap(SPAN_RTT, call)
     procs, router = [], None
-    variants = {"": True, "_norelay": False}
-    spent = {v: defaultdict(float) for v in variants}
-    calls, wall, runs = defaultdict(int), defaultdict(float), defaultdict(list)
-    node = defaultdict(float)
     try:
         procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
                          logs / f"stagebreak-node{i}.log") for i in range(nodes)]
@@ -177,49 +165,39 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
             *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
             return last.generation_tps, last.generation_tokens
 
-        for v, on in variants.items():  # warm-up: compiles, caches
-            relay[0] = on
-            generate()
-        for _ in range(rounds):
-            for v, on in variants.items():
-                relay[0] = on
-                timer.clear()
-                computes.clear()
-                t = time.perf_counter()
-                runs[v].append(generate())
-                wall[v] += time.perf_counter() - t
-                for name, sec in timer.spent.items():
-                    spent[v][name] += sec
-                calls[v] += timer.calls[SPAN_ALL]
-                node[v] += sum(computes)
+        generate()  # warm-up: compiles, caches
+        timer.clear()
+        computes.clear()
+        t = time.perf_counter()
+        runs = [generate() for _ in range(rounds)]
+        wall = time.perf_counter() - t
     finally:
         stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:
             p.stop()
-    out: dict = {}
-    for v in variants:
-        if not calls[v]:
-            raise RuntimeError(f"the router ran no stage span in {mode} mode")
-        n = sum(k for _, k in runs[v]) + rounds  # forward passes: one per token, plus each prompt's
-        us = {name: spent[v][name] / n * 1e6 for name in (SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE)}
-        node_us = node[v] / n * 1e6
-        out.update({
-            f"decode_tps{v}": statistics.median(tps for tps, _ in runs[v]),
-            f"ms_per_token{v}": wall[v] / n * 1e3,
-            f"spans_per_token{v}": calls[v] / n,
-            f"span_eval_us{v}": us[SPAN_EVAL],
-            f"span_request_us{v}": us[SPAN_REQ],
-            f"span_round_trip_us{v}": us[SPAN_RTT],
-            f"span_node_compute_us{v}": node_us,  # as the nodes report it, summed over the spans
-            f"span_wire_us{v}": us[SPAN_RTT] - node_us,  # both ways, framing, parsing, wake-ups, beyond the nodes
-            f"span_decode_us{v}": us[SPAN_DECODE],
-            f"span_other_us{v}": us[SPAN_ALL] - us[SPAN_EVAL] - us[SPAN_REQ] - us[SPAN_RTT] - us[SPAN_DECODE],
-            f"spans_us{v}": us[SPAN_ALL],
-            f"outside_spans_us{v}": (wall[v] - spent[v][SPAN_ALL]) / n * 1e6,  # embedding, head, sampling, batching
-        })
-    return out
+    calls = timer.calls[SPAN_ALL]
+    if not calls:
+        raise RuntimeError(f"the router ran no stage span in {mode} mode")
+    n = sum(k for _, k in runs) + rounds  # forward passes: one per token, plus each prompt's
+    us = {name: timer.spent[name] / n * 1e6 for name in (SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE)}
+    node_us = sum(computes) / n * 1e6
+    return {
+        "decode_tps": statistics.median(tps for tps, _ in runs),
+        "ms_per_token": wall / n * 1e3,
+        "spans_per_token": calls / n,
+        "span_eval_us": us[SPAN_EVAL],
+        "span_request_us": us[SPAN_REQ],
+        "span_round_trip_us": us[SPAN_RTT],
+        "span_node_compute_us": node_us,  # as the nodes report it, summed over the spans
+        "span_wire_us": us[SPAN_RTT] - node_us,  # both ways, framing, parsing, wake-ups, beyond the nodes
+        "span_decode_us": us[SPAN_DECODE],
+        "span_other_us": us[SPAN_ALL] - us[SPAN_EVAL] - us[SPAN_REQ] - us[SPAN_RTT] - us[SPAN_DECODE],
+        "spans_us": us[SPAN_ALL],
+        "outside_spans_us": (wall - timer.spent[SPAN_ALL]) / n * 1e6,  # embedding, head, sampling, batching
+    }
+
 
 def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:
     """µs per request of a node holding 1/``share`` of every MoE layer's
