@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -133,10 +134,12 @@ SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
     "request (read back, encode)", "round trip (send, node, reply)", "reply to an array")
 
 
-def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto") -> dict:
-    """µs per decoded token of a router whose layers run as stage spans on
-    node processes (``mode`` auto or pipeline): each span's call timed from
-    outside, piece by piece, against the node's own time from its replies."""
+def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto",
+                    streams: int = 1) -> dict:
+    """µs per forward pass of a router whose layers run as stage spans on
+    node processes (``mode`` auto or pipeline), ``streams`` generating at
+    once (one batch): each span's call timed from outside, piece by piece,
+    against the node's own time from its replies."""
     from expertmesh.router import stages
 
     timer = _Timer()
@@ -161,9 +164,17 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0, mode=mode))
         router.connect()
 
-        def generate() -> tuple[float, int]:
+        spans = sum(len(v) for v in router.plan.stages.values())
+
+        def one() -> int:
             *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
-            return last.generation_tps, last.generation_tokens
+            return last.generation_tokens
+
+        def generate() -> tuple[float, int]:  # aggregate tokens/s, tokens
+            t = time.perf_counter()
+            with ThreadPoolExecutor(streams) as pool:
+                made = sum(pool.map(lambda _: one(), range(streams)))
+            return made / (time.perf_counter() - t), made
 
         generate()  # warm-up: compiles, caches
         timer.clear()
@@ -180,13 +191,14 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
     calls = timer.calls[SPAN_ALL]
     if not calls:
         raise RuntimeError(f"the router ran no stage span in {mode} mode")
-    n = sum(k for _, k in runs) + rounds  # forward passes: one per token, plus each prompt's
+    n = calls / spans  # forward passes (batch steps), prompts' included
     us = {name: timer.spent[name] / n * 1e6 for name in (SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE)}
     node_us = sum(computes) / n * 1e6
     return {
-        "decode_tps": statistics.median(tps for tps, _ in runs),
-        "ms_per_token": wall / n * 1e3,
-        "spans_per_token": calls / n,
+        "streams": streams,
+        "decode_tps": statistics.median(tps for tps, _ in runs),  # in all, prompts' time included
+        "ms_per_pass": wall / n * 1e3,
+        "spans": spans,
         "span_eval_us": us[SPAN_EVAL],
         "span_request_us": us[SPAN_REQ],
         "span_round_trip_us": us[SPAN_RTT],
@@ -289,7 +301,7 @@ def main() -> None:
         model = bench_model(root, args.layers, args.scale)
         if args.spans:
             r = stage_breakdown(model, args.nodes, args.tokens, args.rounds, root)
-            print(f"auto mode: decode {r['decode_tps']:.1f} tok/s; {r['ms_per_token']:.2f} ms per forward pass")
+            print(f"auto mode: decode {r['decode_tps']:.1f} tok/s; {r['ms_per_pass']:.2f} ms per forward pass")
             for key, value in r.items():
                 print(f"  {key:<28} {value:8.1f}")
             return

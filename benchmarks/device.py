@@ -126,7 +126,8 @@ def main() -> int:
             results["layers"] = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         stage("hop", lambda: _hop(logs, 300 if args.quick else 900))
         stage("breakdown", lambda: _breakdown(model, tokens, repeats, logs))
-        stage("spans", lambda: {"spans": _spans(model, tokens, repeats, logs)})
+        stage("spans", lambda: {"spans": _spans(model, tokens, repeats, logs),
+                                "spans_8": _spans(model, tokens, repeats, logs, streams=8)})
         from mlx_lm.utils import load_tokenizer
 
         prompt_512 = run.long_prompt(model, 512)
@@ -158,10 +159,10 @@ def _breakdown(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
     return {"breakdown": r}
 
 
-def _spans(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
+def _spans(model: Path, tokens: int, rounds: int, logs: Path, streams: int = 1) -> dict:
     import breakdown
 
-    return breakdown.stage_breakdown(model, 2, tokens, rounds, logs)
+    return breakdown.stage_breakdown(model, 2, tokens, rounds, logs, streams=streams)
 
 
 if __name__ == "__main__":

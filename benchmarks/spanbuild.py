@@ -27,6 +27,48 @@ def _median_us(fn, n: int = 200, warm: int = 20) -> float:
     return timed(fn, n, warm)
 
 
+def _request_pieces(core, frames: list[bytes], caches: list, n: list[int], trials: int = 300) -> dict:
+    """Mean µs of each piece of ``core``'s stage request: parse, the hidden
+    states decoded into staging, the span's forward, the reply's output
+    encoded, the rest of the request (validation, counters), serialize."""
+    from breakdown import _Timer, _TimedModule
+
+    from expertmesh import wire
+    from expertmesh.nodes import core as core_module
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    timer = _Timer()
+    saved = core_module.wire, core.stages.forward
+    core_module.wire = _TimedModule(wire, timer, {"decode": "decode", "encode_into": "encode"})
+    core.stages.forward = timer.wrap("forward", saved[1])
+    parse = serialize = total = 0.0
+    try:
+        for i in range(trials + 20):
+            if i == 20:
+                timer.clear()
+                parse = serialize = total = 0.0
+            n[0] += 1
+            if n[0] % 300 == 0:
+                for c in caches:
+                    c.trim(c.offset - 16)
+            t0 = time.perf_counter()
+            req = pb.ForwardRequest.FromString(frames[n[0] % len(frames)])
+            t1 = time.perf_counter()
+            reply = core.forward(req)
+            t2 = time.perf_counter()
+            reply.SerializeToString()
+            t3 = time.perf_counter()
+            parse, serialize, total = parse + t1 - t0, serialize + t3 - t2, total + t3 - t0
+    finally:
+        core_module.wire, core.stages.forward = saved
+    out = {f"request_{k}_us": timer.spent[k] / trials * 1e6 for k in ("decode", "forward", "encode")}
+    out.update(request_parse_us=parse / trials * 1e6, request_serialize_us=serialize / trials * 1e6,
+               request_mean_us=total / trials * 1e6)
+    out["request_other_us"] = out["request_mean_us"] - sum(
+        out[f"request_{k}_us"] for k in ("parse", "decode", "forward", "encode", "serialize"))
+    return out
+
+
 def measure(model: Path, start: int, end: int) -> dict:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -137,6 +179,7 @@ def measure(model: Path, start: int, end: int) -> dict:
         r[f"node_read_us{tag}"] = _median_us(read)
         r[f"node_read_take_us{tag}"] = _median_us(read_take)
         r[f"node_request_us{tag}"] = worker.run(lambda: _median_us(request))
+        r.update(worker.run(lambda: _request_pieces(core, frames, caches, n)))
         print({k: round(v) for k, v in r.items() if k.endswith(tag + "_us") or k.endswith("_us" + tag)}, flush=True)
     gc.enable()
     worker.close()
