@@ -70,9 +70,21 @@ def _request_pieces(core, frames: list[bytes], caches: list, n: list[int], trial
 
 
 def measure(model: Path, start: int, end: int) -> dict:
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
+    """The node's figures on an MLX worker thread, as a node runs its span
+    (loaded, fed and evaluated on one thread); then mlx-lm's layers here."""
+    from expertmesh.worker import MLXWorker
 
+    worker = MLXWorker("spanbuild")
+    try:
+        r = worker.run(_node, model, start, end)
+    finally:
+        worker.close()
+    r.update(_mlxlm(model, start, end))
+    r["device"] = str(mx.default_device())
+    return r
+
+
+def _node(model: Path, start: int, end: int) -> dict:
     from expertmesh.checkpoint import Checkpoint
     from expertmesh.nodes.stages import StageStore
     from expertmesh.nodes.store import ExpertStore
@@ -139,11 +151,9 @@ def measure(model: Path, start: int, end: int) -> dict:
     from expertmesh import wire
     from expertmesh.nodes.core import NodeCore
     from expertmesh.v1 import expertmesh_pb2 as pb
-    from expertmesh.worker import MLXWorker
     import numpy as np
 
-    worker = MLXWorker("spanbuild")
-    core = NodeCore("spanbuild", st.store, 1 << 40, worker, st)
+    core = NodeCore("spanbuild", st.store, 1 << 40, None, st)
     rng = np.random.default_rng(0)
     frames = [pb.ForwardRequest(request_id=i + 10, stage=pb.StageRequest(
         layer=start, sequences=[1], hidden=wire.encode_numpy(
@@ -156,6 +166,16 @@ def measure(model: Path, start: int, end: int) -> dict:
             for c in caches:
                 c.trim(c.offset - 16)
         core.forward(pb.ForwardRequest.FromString(frames[n[0] % 16])).SerializeToString()
+
+    tensors = [pb.ForwardRequest.FromString(f).stage.hidden for f in frames]
+
+    def staged_input():  # the span fed as a node's request feeds it: the bytes written into this thread's staging
+        x = nxt()
+        st.forward(start, wire.decode(tensors[n[0] % 16], "hidden", core._staging(), "stage"), [1], [])
+
+    def fresh_input():  # ... or into a fresh array
+        x = nxt()
+        st.forward(start, wire.decode(tensors[n[0] % 16], "hidden"), [1], [])
 
     for gc_on in (True,):  # (False,) too: the cyclic collector measured no difference on the H200
         (gc.enable if gc_on else gc.disable)()
@@ -178,14 +198,26 @@ def measure(model: Path, start: int, end: int) -> dict:
         r[f"node_forward_us{tag}"] = _median_us(forward)
         r[f"node_read_us{tag}"] = _median_us(read)
         r[f"node_read_take_us{tag}"] = _median_us(read_take)
-        r[f"node_request_us{tag}"] = worker.run(lambda: _median_us(request))
-        r.update(worker.run(lambda: _request_pieces(core, frames, caches, n)))
+        r[f"node_forward_staged_input_us{tag}"] = _median_us(staged_input)
+        r[f"node_forward_fresh_input_us{tag}"] = _median_us(fresh_input)
+        r[f"node_request_us{tag}"] = _median_us(request)
+        r.update(_request_pieces(core, frames, caches, n))
         print({k: round(v) for k, v in r.items() if k.endswith(tag + "_us") or k.endswith("_us" + tag)}, flush=True)
     gc.enable()
-    worker.close()
     st.close()
+    return r
 
+
+def _mlxlm(model: Path, start: int, end: int) -> dict:
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    r: dict = {}
+    n = [0]
     local, _ = load(str(model))
+    H = local.args.hidden_size
+    xs = [mx.random.normal((1, 1, H)).astype(mx.bfloat16) for _ in range(16)]
+    mx.eval(xs)
     layers = local.model.layers[start:end]
     cache = make_prompt_cache(local)[start:end]
     from mlx_lm.models.base import create_attention_mask
@@ -229,7 +261,6 @@ def measure(model: Path, start: int, end: int) -> dict:
         prev[0] = y
 
     r["mlxlm_pipelined_us"] = _median_us(pipelined)
-    r["device"] = str(mx.default_device())
     return r
 
 
