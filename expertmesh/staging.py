@@ -1,13 +1,15 @@
 """Input arrays kept for reuse and written in place from the host.
 
 ``mx.array(numpy)`` gives every transfer a fresh buffer (managed memory,
-on MLX's CUDA backend). A node's decode request instead writes its one
+on MLX's CUDA backend). A node's expert request instead writes its one
 input buffer into an array kept per size and MLX thread. On the H200
 (``benchmarks/hotpath.py --parts ab``, alternating rounds in one process) a
 node's request took 805 µs staged against 835 µs fresh; a 4 KB transfer and
 one kernel took 33.4 against 112.6 µs on one machine and 26.0 against 28.1
 on another. The router does not stage: there, written in place, a layer's
-answer cost ~70 µs more than a fresh array.
+answer cost ~70 µs more than a fresh array. Nor does a stage span's request:
+a 6-layer span's step took 2,549 µs fed from staging against 2,312 fresh
+(``benchmarks/spanbuild.py``).
 
 The rule that makes this safe: an array ``put`` under a key must have been
 consumed (evaluated, with whatever reads it) before the next ``put`` under the

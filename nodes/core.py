@@ -26,7 +26,7 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.worker import MLXWorker
 
 from expertmesh.nodes.stages import MAX_SEQUENCES, StageStore
-from expertmesh.nodes.store import DECODE_TOKENS, ExpertStore
+from expertmesh.nodes.store import ExpertStore
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +293,9 @@ class NodeCore:
             raise InvalidRequestError(f"a stage step has at most {MAX_STEP_SEQUENCES} rows")
         if stage.hidden.dtype not in _HIDDEN_DTYPES:
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        small = len(stage.hidden.shape) == 3 and stage.hidden.shape[0] * stage.hidden.shape[1] <= DECODE_TOKENS
-        # the span evaluates its output before it returns: this thread's staging is free again then
-        hidden = wire.decode(stage.hidden, "hidden", *((self._staging(), "stage") if small else ()))
+        # a fresh array, not this thread's staging: on the H200 a 6-layer span's step took 2,312 µs
+        # fed a fresh one against 2,549 staged (benchmarks/spanbuild.py, results/spanbuild-20261201-s5-d-worker.json)
+        hidden = wire.decode(stage.hidden, "hidden")
         out, code, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences),
                                                  list(stage.right_padding), stage.trim)
         resp = pb.ForwardResponse(request_id=req.request_id, routing=routing)
