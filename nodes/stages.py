@@ -128,20 +128,10 @@ class _Span:
 
     def _read(self, x: mx.array, states: list) -> tuple[np.ndarray, int, np.ndarray | None]:
         """Evaluate ``x`` (with ``states``) and read it and the chosen ids back
-        in one host read: the two are packed side by side on the device
-        first, since each first read of what a kernel wrote costs far more
-        than the concatenation (~100 µs on the H200, dispatcher._to_host)."""
-        code = wire.wire_dtype(x.dtype)
+        in one host read (``wire.read_back``)."""
         ids = self.routing.pending()
-        n = x.size * x.dtype.size
-        if ids is None or n % 4:
-            mx.eval(x, states, *([] if ids is None else [ids]))
-            return wire.to_numpy(x), code, (None if ids is None else np.array(ids))
-        packed = mx.concatenate([x.reshape(-1).view(mx.uint32), ids.view(mx.uint32)])
-        mx.eval(packed, states)
-        host = np.frombuffer(memoryview(packed), np.uint32)
-        words = n // 4
-        return host[:words].view(wire.carrier(code)).reshape(x.shape), code, host[words:].view(np.int32)
+        out = wire.read_back([x] if ids is None else [x, ids], states)
+        return out[0].reshape(x.shape), wire.wire_dtype(x.dtype), (None if ids is None else out[1])
 
     def release(self, sequences: set[int]) -> None:
         for key in [k for k in self._batches if sequences.intersection(k)]:

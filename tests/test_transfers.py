@@ -63,3 +63,16 @@ def test_a_layers_tokens_read_back_packed_are_the_arrays_values(dtype, score_dty
     assert np.array_equal(hidden, wire.to_numpy(x).reshape(6, H))
     assert ids.tolist() == np.array(inds).reshape(6, 4).tolist()
     assert np.array_equal(weights, np.array(scores.astype(mx.float32)).reshape(6, 4))
+
+
+@pytest.mark.parametrize("n", [6, 7])  # 7 halves: not whole 32-bit words, read one by one
+def test_arrays_read_back_together_are_their_values(n):
+    x = mx.random.normal((n,), key=mx.random.key(3)).astype(mx.bfloat16)
+    ids = mx.array([3, 1, 4, 1, 5], dtype=mx.int32)
+    w = mx.random.uniform(shape=(2, 2), key=mx.random.key(4))
+    hidden, got_ids, weights = wire.read_back([x, ids, w])
+    assert np.array_equal(hidden, wire.to_numpy(x)) and hidden.dtype == np.uint16
+    assert got_ids.tolist() == [3, 1, 4, 1, 5] and got_ids.dtype == np.int32
+    assert np.array_equal(weights, np.array(w).reshape(-1))
+    (alone,) = wire.read_back([ids])
+    assert alone.tolist() == [3, 1, 4, 1, 5]

@@ -174,24 +174,11 @@ class Dispatcher:
 
 def _to_host(x: mx.array, inds: mx.array, scores: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A layer's (hidden [T, H] as the wire carries it, expert ids [T, k]
-    int32, weights [T, k] float32) on the host, after one evaluation, read
-    back as one buffer: the three are packed side by side on the device
-    first. On the H200 the first host read of what a kernel wrote costs
-    ~100 µs a buffer (``benchmarks/hotpath.py``: eval_then_d2h against
-    sync_trivial), far more than the one concatenation."""
+    int32, weights [T, k] float32) on the host, after one evaluation and
+    one read (``wire.read_back``)."""
     H, k = x.shape[-1], inds.shape[-1]
-    code = wire.wire_dtype(x.dtype)
-    words = H * x.dtype.size // 4
-    if words * 4 != H * x.dtype.size:  # rows not a whole number of 32-bit words: read each as it is
-        mx.eval(x, inds, scores)
-        return (wire.to_numpy(x).reshape(-1, H), np.asarray(inds).reshape(-1, k).astype(np.int32, copy=False),
-                wire.to_float32(wire.to_numpy(scores), wire.wire_dtype(scores.dtype)).reshape(-1, k))
-    packed = mx.concatenate([x.reshape(-1, H).view(mx.uint32), inds.reshape(-1, k).astype(mx.int32).view(mx.uint32),
-                             scores.reshape(-1, k).astype(mx.float32).view(mx.uint32)], axis=1)
-    mx.eval(packed)
-    host = np.frombuffer(memoryview(packed), np.uint32).reshape(-1, words + 2 * k)
-    hidden = np.ascontiguousarray(host[:, :words]).view(wire.carrier(code))
-    return hidden, host[:, words:words + k].view(np.int32), host[:, words + k:].view(np.float32)
+    hidden, ids, weights = wire.read_back([x, inds.astype(mx.int32), scores.astype(mx.float32)])
+    return hidden.reshape(-1, H), ids.reshape(-1, k), weights.reshape(-1, k)
 
 
 class _Sum:
