@@ -33,7 +33,7 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from run import PROMPT, bench_model
 
 # what the router's figures are called (µs per MoE layer), in the order they are printed
-EVAL, SEND, WAIT, ALL = ("router eval (attention, norms, gate)", "send (sendall per node)",
+EVAL, SEND, WAIT, ALL = ("router eval (attention, norms, gate; the sync and read-back)", "send (sendall per node)",
                          "wait for the node + read", "dispatcher, in all")
 
 
@@ -74,8 +74,8 @@ class _TimedModule:
 def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, compile: bool = True) -> dict:
     """µs per MoE layer of an expert-mode decode (prefill of the short prompt included)."""
     timer = _Timer()
-    saved = dispatcher.mx, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__
-    dispatcher.mx = _TimedModule(mx, timer, {"eval": EVAL})
+    saved = dispatcher._to_host, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__
+    dispatcher._to_host = timer.wrap(EVAL, saved[0])  # the layer's one evaluation, and its read-back
     NodeLink.submit = timer.wrap(SEND, saved[1])
     NodeLink.receive = timer.wrap(WAIT, saved[2])
     dispatcher.Dispatcher.__call__ = timer.wrap(ALL, saved[3])
@@ -101,7 +101,7 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
         wall = time.perf_counter() - t
         after = [link.stub.GetStats(pb.GetStatsRequest(), timeout=10) for link in router.links]
     finally:
-        dispatcher.mx, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__ = saved
+        dispatcher._to_host, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__ = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:
