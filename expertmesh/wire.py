@@ -67,17 +67,22 @@ def read_back(arrays: list[mx.array], states=()) -> list[np.ndarray]:
     device as 32-bit words first. On the H200 each first host read of what a
     kernel wrote costs ~100 µs a buffer (``benchmarks/hotpath.py``), far more
     than the one concatenation. One array, or one whose bytes are not whole
-    32-bit words, is read as it is. Every array needs a wire dtype."""
-    if len(arrays) == 1 or any(a.size * a.dtype.size % 4 for a in arrays):
+    32-bit words, is read as it is.
+
+    Raises:
+        TypeError: an array of a dtype the wire does not carry (before any work).
+    """
+    carriers = [_CODECS[wire_dtype(a.dtype)][1] for a in arrays]
+    if len(arrays) <= 1 or any(a.size * a.dtype.size % 4 for a in arrays):
         mx.eval(*arrays, states)
         return [to_numpy(a).reshape(-1) for a in arrays]
     packed = mx.concatenate([a.reshape(-1).view(mx.uint32) for a in arrays])
     mx.eval(packed, states)
     host = np.frombuffer(memoryview(packed), np.uint32)
     out, at = [], 0
-    for a in arrays:
+    for a, carrier_dtype in zip(arrays, carriers):
         words = a.size * a.dtype.size // 4
-        out.append(host[at:at + words].view(_CODECS[wire_dtype(a.dtype)][1]))
+        out.append(host[at:at + words].view(carrier_dtype))
         at += words
     return out
 

@@ -52,17 +52,19 @@ def test_memory_exported_read_only_is_written_through_its_address(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("score_dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("H", [6, 7])  # 7 halves: rows are not whole 32-bit words in 16-bit dtypes
-def test_a_layers_tokens_read_back_packed_are_the_arrays_values(dtype, score_dtype, H):
-    x = mx.random.normal((2, 3, H), key=mx.random.key(1)).astype(dtype)
-    inds = mx.array(np.arange(2 * 3 * 4).reshape(2, 3, 4) % 11, dtype=mx.uint32)
-    scores = mx.random.uniform(shape=(2, 3, 4), key=mx.random.key(2)).astype(score_dtype)
+# H 7: rows straddle 32-bit words in 16-bit dtypes; (1, 3) rows of 7 halves: the whole is not words either
+@pytest.mark.parametrize("B,T,H", [(2, 3, 6), (2, 3, 7), (1, 3, 7)])
+def test_a_layers_tokens_read_back_packed_are_the_arrays_values(dtype, score_dtype, B, T, H):
+    x = mx.random.normal((B, T, H), key=mx.random.key(1)).astype(dtype)
+    inds = mx.array(np.arange(B * T * 4).reshape(B, T, 4) % 11, dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(B, T, 4), key=mx.random.key(2)).astype(score_dtype)
     hidden, ids, weights = _to_host(x, inds, scores)
-    assert hidden.shape == (6, H) and ids.shape == (6, 4) and weights.shape == (6, 4)
+    n = B * T
+    assert hidden.shape == (n, H) and ids.shape == (n, 4) and weights.shape == (n, 4)
     assert ids.dtype == np.int32 and weights.dtype == np.float32
-    assert np.array_equal(hidden, wire.to_numpy(x).reshape(6, H))
-    assert ids.tolist() == np.array(inds).reshape(6, 4).tolist()
-    assert np.array_equal(weights, np.array(scores.astype(mx.float32)).reshape(6, 4))
+    assert np.array_equal(hidden, wire.to_numpy(x).reshape(n, H))
+    assert ids.tolist() == np.array(inds).reshape(n, 4).tolist()
+    assert np.array_equal(weights, np.array(scores.astype(mx.float32)).reshape(n, 4))
 
 
 @pytest.mark.parametrize("n", [6, 7])  # 7 halves: not whole 32-bit words, read one by one
@@ -76,3 +78,6 @@ def test_arrays_read_back_together_are_their_values(n):
     assert np.array_equal(weights, np.array(w).reshape(-1))
     (alone,) = wire.read_back([ids])
     assert alone.tolist() == [3, 1, 4, 1, 5]
+    assert wire.read_back([]) == []
+    with pytest.raises(TypeError, match="no wire encoding"):
+        wire.read_back([ids, mx.zeros((4,), mx.bool_)])

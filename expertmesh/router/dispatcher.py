@@ -174,8 +174,8 @@ class Dispatcher:
 
 def _to_host(x: mx.array, inds: mx.array, scores: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A layer's (hidden [T, H] as the wire carries it, expert ids [T, k]
-    int32, weights [T, k] float32) on the host, after one evaluation and
-    one read (``wire.read_back``)."""
+    int32, weights [T, k] float32) on the host, after one evaluation,
+    packed into one read where their sizes allow (``wire.read_back``)."""
     H, k = x.shape[-1], inds.shape[-1]
     hidden, ids, weights = wire.read_back([x, inds.astype(mx.int32), scores.astype(mx.float32)])
     return hidden.reshape(-1, H), ids.reshape(-1, k), weights.reshape(-1, k)
