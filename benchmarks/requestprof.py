@@ -158,10 +158,52 @@ def experts(r: dict, model: Path, prof: Path | None) -> None:
     node.worker.close()
 
 
-def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7)) -> None:
+def mlxlm_layers(model: Path, start: int, end: int):
+    """mlx-lm's own decoder layers ``[start, end)`` of ``model``, loaded in this
+    process, their caches holding a 16-token prompt (trimmed back to it every
+    400 steps). Returns ``step()``, one decode step's graph, unevaluated, and
+    ``pipelined()``, one step as ``generate`` runs them: set running before
+    the step before it is waited for."""
     from mlx_lm import load
+    from mlx_lm.models.base import create_attention_mask
     from mlx_lm.models.cache import make_prompt_cache
 
+    local, _ = load(str(model))
+    H = local.args.hidden_size
+    layers = local.model.layers[start:end]
+    cache = make_prompt_cache(local)[start:end]
+    h = mx.random.normal((1, 16, H)).astype(mx.bfloat16)
+    mask = create_attention_mask(h, cache[0])
+    for layer, c in zip(layers, cache):
+        h = layer(h, mask, c)
+    mx.eval(h)
+    xs = [mx.random.normal((1, 1, H)).astype(mx.bfloat16) for _ in range(16)]
+    mx.eval(xs)
+    n = [0]
+
+    def step() -> mx.array:
+        n[0] += 1
+        if n[0] % 400 == 0:
+            for c in cache:
+                c.trim(c.offset - 16)
+        h = xs[n[0] % 16]
+        for layer, c in zip(layers, cache):
+            h = layer(h, None, c)
+        return h
+
+    prev: list[mx.array] = []
+
+    def pipelined() -> None:
+        y = step()
+        mx.async_eval(y)
+        if prev:
+            mx.eval(prev.pop())
+        prev.append(y)
+
+    return step, pipelined
+
+
+def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7)) -> None:
     store = ExpertStore(Checkpoint(model))
     worker = MLXWorker("prof-stage")
     node = NodeCore("prof", store, 1 << 40, worker)
@@ -219,42 +261,8 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
     worker.run(run)
     worker.close()
     # mlx-lm: the same layers, in this process, a sync per step and pipelined
-    local, _ = load(str(model))
-    layers = local.model.layers[start:end]
-    cache = make_prompt_cache(local)[start:end]
-    from mlx_lm.models.base import create_attention_mask
-
-    x = mx.random.normal((1, 16, H)).astype(mx.bfloat16)
-    h = x
-    mask = create_attention_mask(h, cache[0])
-    for l, c in zip(layers, cache):
-        h = l(h, mask, c)
-    mx.eval(h)
-    xs = [mx.random.normal((1, 1, H)).astype(mx.bfloat16) for _ in range(16)]
-    mx.eval(xs)
-    n = [0]
-
-    def span_out():
-        n[0] += 1
-        if n[0] % 400 == 0:
-            for c in cache:
-                c.trim(c.offset - 16)
-        h = xs[n[0] % 16]
-        for l, c in zip(layers, cache):
-            h = l(h, None, c)
-        return h
-
-    put(r, {f"stage_mlxlm_{k}_us": v for k, v in rounds({"sync": lambda: mx.eval(span_out())}).items()})
-    prev = span_out()
-    mx.async_eval(prev)
-
-    def pipelined():
-        nonlocal prev
-        y = span_out()
-        mx.async_eval(y)
-        mx.eval(prev)
-        prev = y
-
+    step, pipelined = mlxlm_layers(model, start, end)
+    put(r, {f"stage_mlxlm_{k}_us": v for k, v in rounds({"sync": lambda: mx.eval(step())}).items()})
     put(r, {f"stage_mlxlm_{k}_us": v for k, v in rounds({"pipelined": pipelined}).items()})
     r["stage_layers"] = end - start
 
