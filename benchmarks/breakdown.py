@@ -71,8 +71,12 @@ class _TimedModule:
         return getattr(self._module, name)
 
 
-def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, compile: bool = True) -> dict:
-    """µs per MoE layer of an expert-mode decode (prefill of the short prompt included)."""
+def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, compile: bool = True,
+                     prompt: str = PROMPT) -> dict:
+    """µs per MoE layer of an expert-mode decode (prefill of the short prompt
+    included); with a long ``prompt`` and ``tokens`` 1, of its prefill (and
+    its first token's step), with ``ms_per_prompt`` and each figure's ms in all
+    (``*_ms_prompt``)."""
     timer = _Timer()
     saved = dispatcher._to_host, NodeLink.submit, NodeLink.receive, dispatcher.Dispatcher.__call__
     dispatcher._to_host = timer.wrap(EVAL, saved[0])  # the layer's one evaluation, and its read-back
@@ -90,7 +94,7 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
         moe_layers = len(router.adapter.moe_layers)
 
         def generate() -> float:
-            *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
+            *_, last = router.generate(prompt, options=GenerationOptions(max_tokens=tokens))
             return last.generation_tps
 
         generate()  # warm-up: compiles, caches
@@ -111,7 +115,12 @@ def router_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pa
     requests = sum(b.forward_requests - a.forward_requests for a, b in zip(before, after))
     us = {name: timer.spent[name] / layers * 1e6 for name in (EVAL, SEND, WAIT, ALL)}
     node_us = compute / requests * 1e6
+    per_prompt = {} if prompt == PROMPT else {
+        "ms_per_prompt": wall / rounds * 1e3, "node_compute_ms_prompt": compute / rounds / nodes * 1e3,
+        **{f"{key}_ms_prompt": timer.spent[name] / rounds * 1e3
+           for key, name in (("router_eval", EVAL), ("send", SEND), ("wait_and_read", WAIT), ("dispatcher", ALL))}}
     return {
+        **per_prompt,
         "decode_tps": statistics.median(tps),
         "ms_per_token": wall / (layers / moe_layers) * 1e3,
         "router_eval_us": us[EVAL],
@@ -135,11 +144,13 @@ SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
 
 
 def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto",
-                    streams: int = 1) -> dict:
+                    streams: int = 1, prompt: str = PROMPT) -> dict:
     """µs per forward pass of a router whose layers run as stage spans on
     node processes (``mode`` auto or pipeline), ``streams`` generating at
     once (one batch): each span's call timed from outside, piece by piece,
-    against the node's own time from its replies."""
+    against the node's own time from its replies. With a long ``prompt`` and
+    ``tokens`` 1, the passes are its prefill's and its first token's
+    (``ms_per_prompt``: the time of one)."""
     from expertmesh.router import stages
 
     timer = _Timer()
@@ -167,7 +178,7 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         spans = sum(len(v) for v in router.plan.stages.values())
 
         def one() -> int:
-            *_, last = router.generate(PROMPT, options=GenerationOptions(max_tokens=tokens))
+            *_, last = router.generate(prompt, options=GenerationOptions(max_tokens=tokens))
             return last.generation_tokens
 
         def generate() -> tuple[float, int]:  # aggregate tokens/s, tokens
@@ -195,6 +206,7 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
     us = {name: timer.spent[name] / n * 1e6 for name in (SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE)}
     node_us = sum(computes) / n * 1e6
     return {
+        **({} if prompt == PROMPT else {"ms_per_prompt": wall / rounds / streams * 1e3}),
         "streams": streams,
         "decode_tps": statistics.median(tps for tps, _ in runs),  # in all, prompts' time included
         "ms_per_pass": wall / n * 1e3,

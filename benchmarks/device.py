@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint to run instead of writing one (e.g. fullsize.py write DIR --layers 12)")
     parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "spans", "auto", "expert", "pipeline"],
-                        choices=["hop", "breakdown", "spans", "auto", "expert", "pipeline"])
+                        choices=["hop", "breakdown", "spans", "prefill", "auto", "expert", "pipeline"])
     args = parser.parse_args()
     repeats, tokens = (1, 32) if args.quick else (3, 64)
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
@@ -132,6 +132,7 @@ def main() -> int:
 
         prompt_512 = run.long_prompt(model, 512)
         tokens_512 = len(load_tokenizer(model).encode(prompt_512))
+        stage("prefill", lambda: _prefill(model, prompt_512, repeats, logs))
         local = run.local_generate(model)
         for mode in run.MODES:
             stage(mode, lambda mode=mode: run.compare(mode, model, local, 2, logs, tokens, prompt_512, tokens_512,
@@ -163,6 +164,14 @@ def _spans(model: Path, tokens: int, rounds: int, logs: Path, streams: int = 1) 
     import breakdown
 
     return breakdown.stage_breakdown(model, 2, tokens, rounds, logs, streams=streams)
+
+
+def _prefill(model: Path, prompt: str, rounds: int, logs: Path) -> dict:
+    """A 512-token prompt's prefill, piece by piece, in expert and auto mode."""
+    import breakdown
+
+    return {"prefill_expert": breakdown.router_breakdown(model, 2, 1, rounds, logs, prompt=prompt),
+            "prefill_auto": breakdown.stage_breakdown(model, 2, 1, rounds, logs, prompt=prompt)}
 
 
 if __name__ == "__main__":
