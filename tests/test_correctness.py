@@ -39,6 +39,19 @@ def test_greedy_tokens_match_mlx_lm_for_1_2_3_nodes(checkpoints, variant):
                 assert sorted(e for h in held for e in h[layer]) == list(range(8))
 
 
+def test_layers_whose_answers_are_added_on_the_device_give_mlx_lms_tokens(checkpoints, monkeypatch):
+    """A prompt's layers add their nodes' answers on the device (decode steps
+    on the host): here every layer does, prompt and decode alike."""
+    from expertmesh.router import dispatcher
+
+    path = checkpoints["mlx-4bit"]
+    expected = reference_tokens(path, n=16)
+    monkeypatch.setattr(dispatcher, "DEVICE_SUM_VALUES", 1)
+    with running_nodes(path, 2) as nodes, running_router(path, [n.address for n in nodes]) as router:
+        with Client(f"127.0.0.1:{router.port}") as client:
+            assert [p.token for p in client.generate(PROMPT, max_tokens=16)] == expected
+
+
 def test_logits_match_mlx_lm_within_1e_4_in_float32(checkpoints):
     path = checkpoints["hf-f32"]
     ref_model, tok = load(str(path))

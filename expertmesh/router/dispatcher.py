@@ -19,6 +19,13 @@ from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
+# a layer's answers are added on the device from this many values (a prompt's
+# rows); fewer (decode steps) are added in numpy. On the H200 a 512-token
+# layer's two answers took 7.6 ms to add in numpy, converting each to float32
+# and rounding back (benchmarks/requestprof.py --parts prefill)
+DEVICE_SUM_VALUES = 1 << 16
+
+
 class Dispatcher:
     """Sends each MoE layer's routed tokens to live nodes holding their experts.
 
@@ -72,7 +79,7 @@ class Dispatcher:
     def _layer(self, layer: int, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         shape, code = x.shape, wire.wire_dtype(x.dtype)
         hidden, ids, weights = _to_host(x, inds, scores)  # the one sync point of the layer; the rest is numpy
-        out = _Sum(hidden.shape)
+        out = (_DeviceSum if hidden.size >= DEVICE_SUM_VALUES else _Sum)(hidden.shape)
         todo = None  # the (token, slot) pairs left to compute; None: all of them
         served = None  # the node that answered each slot
         sent: list[tuple[int, int, int, float]] = []
@@ -88,9 +95,7 @@ class Dispatcher:
             todo = failed
         if self.stats is not None:
             self.stats.record_layer(layer, ids, served, sent)
-        # a fresh array, not a staged one: on the H200 staging here cost ~70 µs a
-        # layer more (hotpath.py --parts ab), where on the node it saves ~30
-        return wire.from_numpy(out.result(code), code).reshape(shape)
+        return out.array(code).reshape(shape)
 
     def _choose(self, layer: int, ids: np.ndarray, todo: np.ndarray | None,
                 turn: int) -> tuple[Snapshot, np.ndarray]:
@@ -147,10 +152,10 @@ class Dispatcher:
                     req_ids, req_weights = req_ids[rows], req_weights[rows]
             req = expert_request(layer, hidden if rows is None else hidden[rows], code, req_ids, req_weights)
             try:
-                calls.append((n, link, mine, rows, req.ByteSize(), time.perf_counter(), link.submit(req)))
+                calls.append((n, link, mine, rows, time.perf_counter(), link.submit(req)))
             except UnavailableError as e:
                 failed = self._note_failure(layer, link, e, mine, node, failed)
-        for n, link, mine, rows, nbytes, t0, pending in calls:
+        for n, link, mine, rows, t0, pending in calls:
             try:
                 resp = pending.result(timeout=self.timeout)
             except UnavailableError as e:
@@ -158,7 +163,7 @@ class Dispatcher:
                     raise
                 failed = self._note_failure(layer, link, e, mine, node, failed)
                 continue
-            sent.append((n, nbytes, resp.ByteSize(), time.perf_counter() - t0))
+            sent.append((n, pending.sent_bytes, pending.received_bytes, time.perf_counter() - t0))
             out.add(rows, wire.decode_numpy(resp.output, "output"), resp.output.dtype)
         return failed
 
@@ -209,3 +214,35 @@ class _Sum:
         if self.total is None:
             self.total = np.zeros(self.shape, np.float32) if self.whole is None else wire.to_float32(*self.whole)
         return wire.from_float32(self.total, code)
+
+    def array(self, code: int) -> mx.array:
+        """The sum as an array of ``code``'s dtype: a fresh one, not a staged
+        one (on the H200 staging here cost ~70 µs a layer more, hotpath.py
+        --parts ab, where on the node it saves ~30)."""
+        return wire.from_numpy(self.result(code), code)
+
+
+class _DeviceSum:
+    """A large layer's answers (a prompt's), added on the device as ``_Sum``
+    adds them on the host: each answer widened to float32 and added in the
+    order they came, and rounded once, so the result is the same, bit for bit.
+    Each answer is one copy to the device; nothing waits for the sum."""
+
+    __slots__ = ("shape", "parts")
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.parts: list[tuple[np.ndarray | None, mx.array]] = []
+
+    def add(self, rows: np.ndarray | None, part: np.ndarray, code: int) -> None:
+        self.parts.append((rows, wire.from_numpy(part, code)))
+
+    def array(self, code: int) -> mx.array:
+        dtype = wire.mlx_dtype(code)
+        if len(self.parts) == 1 and self.parts[0][0] is None and self.parts[0][1].shape == self.shape:
+            return self.parts[0][1].astype(dtype)
+        total = mx.zeros(self.shape, mx.float32)
+        for rows, part in self.parts:
+            part = part.astype(mx.float32)
+            total = total + part if rows is None else total.at[mx.array(rows)].add(part)
+        return total.astype(dtype)
