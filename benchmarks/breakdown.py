@@ -155,19 +155,19 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
 
     timer = _Timer()
     computes: list[float] = []
-    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call)
+    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._exchange)
 
     def call(self, link, request):
-        reply = saved[4](self, link, request)
+        out = saved[4](self, link, request)
         if request.WhichOneof("op") == "stage":
-            computes.append(reply.compute_seconds)
-        return reply
+            computes.append(out[0].compute_seconds)
+        return out
 
     stages.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
     stages.stage_request = timer.wrap(SPAN_REQ, saved[1])
     stages.wire = _TimedModule(saved[2], timer, {"decode": SPAN_DECODE})
     stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[3])
-    stages.StageRuntime._call = timer.wrap(SPAN_RTT, call)
+    stages.StageRuntime._exchange = timer.wrap(SPAN_RTT, call)
     procs, router = [], None
     try:
         procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
@@ -194,7 +194,7 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         runs = [generate() for _ in range(rounds)]
         wall = time.perf_counter() - t
     finally:
-        stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._call = saved
+        stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._exchange = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:

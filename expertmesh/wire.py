@@ -145,12 +145,13 @@ def decode_numpy(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
         raise InvalidRequestError(f"{name}: invalid shape {list(shape)}")
     _, carrier = _CODECS[tensor.dtype]
     expected = math.prod(shape) * carrier.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field is a copy of it
+    if len(data) != expected:
         raise InvalidRequestError(
-            f"{name}: {len(tensor.data)} bytes for shape {list(shape)} "
+            f"{name}: {len(data)} bytes for shape {list(shape)} "
             f"of {pb.DType.Name(tensor.dtype)} (expected {expected})"
         )
-    return np.frombuffer(tensor.data, dtype=carrier).reshape(shape)
+    return np.frombuffer(data, dtype=carrier).reshape(shape)
 
 
 def all_finite(values: np.ndarray, code: "pb.DType") -> bool:
@@ -170,9 +171,17 @@ _LEN = struct.Struct("<I")
 RECV_CHUNK = 64 << 10  # bytes a frame may have allocated beyond those received
 
 
-def send_frame(sock: socket.socket, message) -> None:
+def send_frame(sock: socket.socket, message) -> int:
+    """Send ``message`` as one frame; returns its bytes (the length prefix's
+    not counted: as ``ByteSize``, which would serialize it once more). A large
+    frame goes out in two writes rather than copied behind its prefix."""
     data = message.SerializeToString()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    if len(data) <= RECV_CHUNK:
+        sock.sendall(_LEN.pack(len(data)) + data)
+    else:
+        sock.sendall(_LEN.pack(len(data)))
+        sock.sendall(data)
+    return len(data)
 
 
 def recv_frame(sock: socket.socket, cls, max_bytes: int):
@@ -182,17 +191,22 @@ def recv_frame(sock: socket.socket, cls, max_bytes: int):
         RequestTooLargeError: the frame is longer than ``max_bytes``.
         InvalidRequestError: the bytes do not parse as ``cls``.
     """
+    return recv_frame_sized(sock, cls, max_bytes)[0]
+
+
+def recv_frame_sized(sock: socket.socket, cls, max_bytes: int):
+    """``recv_frame``, and the frame's bytes: ``(message or None, bytes)``."""
     head = recv_exact(sock, _LEN.size)
     if head is None:
-        return None
+        return None, 0
     (n,) = _LEN.unpack(head)
     if n > max_bytes:
         raise RequestTooLargeError(f"frame of {n} bytes exceeds the {max_bytes}-byte limit")
     data = recv_exact(sock, n)
     if data is None:
-        return None
+        return None, 0
     try:
-        return cls.FromString(data)
+        return cls.FromString(data), n
     except DecodeError:
         raise InvalidRequestError(f"frame is not a valid {cls.DESCRIPTOR.name}") from None
 

@@ -303,17 +303,22 @@ class NodeCore:
         return self._counted(req, resp, out.shape[0] * out.shape[1], start)
 
     def _counted(self, req: pb.ForwardRequest, resp: pb.ForwardResponse, tokens: int, start: float):
-        """``resp``, with its compute time, counted in the node's stats."""
+        """``resp``, with its compute time, counted in the node's stats (its
+        bytes are counted by the transport: ``count_bytes``)."""
         resp.compute_seconds = time.perf_counter() - start
         with self._stats_lock:
             s = self.stats
             s.forward_requests += 1
             s.forward_tokens += tokens
-            s.bytes_received += req.ByteSize()
-            s.bytes_sent += resp.ByteSize()
             s.compute_seconds += resp.compute_seconds
             self.compute.observe(resp.compute_seconds)
         return resp
+
+    def count_bytes(self, received: int, sent: int) -> None:
+        """One Forward exchange's traffic: the request's bytes and the reply's."""
+        with self._stats_lock:
+            self.stats.bytes_received += received
+            self.stats.bytes_sent += sent
 
     def snapshot(self) -> tuple[pb.NodeStats, pb.Histogram]:
         """The Forward counters and the compute-time histogram, consistently."""

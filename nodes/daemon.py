@@ -99,7 +99,8 @@ class Node:
             security=config.security,
         )
         self.dataplane = DataPlane(hosts, self.core.forward, security=config.security,
-                                   hello_wanted=self.core.held_by_router, hello_error=self.core.hello_error)
+                                   hello_wanted=self.core.held_by_router, hello_error=self.core.hello_error,
+                                   count=self.core.count_bytes)
         self.core.on_router_change = self.dataplane.drop_all
         self.core.token_required = bool(config.security.token)
         self.core.data_port = self.dataplane.port

@@ -79,10 +79,11 @@ class _Beat:
         self.lock = threading.Lock()
         self.loop = None  # the future of the connection's serving loop, on its worker
 
-    def send(self, reply: pb.ForwardResponse) -> None:
+    def send(self, reply: pb.ForwardResponse) -> int:
+        """Send ``reply``; its bytes."""
         with self.lock:
             self.current = None
-            wire.send_frame(self.conn, reply)
+            return wire.send_frame(self.conn, reply)
 
     def beat(self, now: float) -> None:
         """Say "working" when the request computing now was silent for most of a period (the ticker's call)."""
@@ -104,11 +105,13 @@ class _Beat:
 class DataPlane:
     def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES,
                  security: Security = Security(), hello_wanted: Callable[[], bool] = lambda: False,
-                 hello_error: Callable[[pb.DataPlaneHello], str] = lambda hello: ""):
+                 hello_error: Callable[[pb.DataPlaneHello], str] = lambda hello: "",
+                 count: Callable[[int, int], None] = lambda received, sent: None):
         """Listen on every one of ``hosts``, on one port (the first free one).
 
         While ``hello_wanted()`` (the node serves a router), a connection's
-        hello must also satisfy ``hello_error`` (returns why not, or "")."""
+        hello must also satisfy ``hello_error`` (returns why not, or "").
+        ``count(request bytes, reply bytes)`` hears each exchange's traffic."""
         self._listeners: list[socket.socket] = []
         self.port = 0
         for host in hosts:
@@ -116,6 +119,7 @@ class DataPlane:
             self._listeners.append(socket.create_server((host, self.port), family=family))
             self.port = self._listeners[0].getsockname()[1]
         self._handle = handle
+        self._count = count
         self._max_bytes = max_bytes
         self._security = security
         self._tls = security.server_ssl_context() if security.tls else None
@@ -317,7 +321,7 @@ class DataPlane:
         try:
             while True:
                 try:
-                    req = wire.recv_frame(conn, pb.ForwardRequest, self._max_bytes)
+                    req, size = wire.recv_frame_sized(conn, pb.ForwardRequest, self._max_bytes)
                 except ExpertmeshError as e:  # oversized or unparsable: the stream is lost
                     self._refuse(conn, pb.ForwardResponse(error_code=status_code(e).value[0], error=str(e)))
                     return
@@ -325,7 +329,7 @@ class DataPlane:
                     return
                 beat.current = (req.request_id, now := time.monotonic())
                 self._active[conn] = now
-                beat.send(self._answer(req))
+                self._count(size, beat.send(self._answer(req)))
         except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
             logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:

@@ -57,4 +57,5 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 resp = self.core.worker.run(self.core.forward, req)
             except ExpertmeshError as e:
                 context.abort(status_code(e), f"request {req.request_id}: {e}")
+            self.core.count_bytes(req.ByteSize(), resp.ByteSize())
             yield resp

@@ -210,6 +210,25 @@ def test_mutual_tls_mesh_generates_and_refuses_strangers(tls_mesh, certs, tmp_pa
         c.cluster()  # TLS does not replace the token
 
 
+def test_a_long_prompts_frames_cross_the_tls_data_plane_whole(tiny, tls_mesh, certs):
+    """A prompt's layers send frames of over 64 KiB, which go out as two
+    writes (two TLS records): the mesh still generates mlx-lm's tokens."""
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    node, router = tls_mesh
+    model, tokenizer = load(str(tiny))
+    words = 0
+    while len(tokenizer.encode(prompt := " ".join(f"word{i % 50}" for i in range(words)))) < 320:
+        words += 10
+    assert 320 * model.args.hidden_size * 4 > 64 << 10  # a layer's float32 hidden states, in one frame
+    expected = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=4)]
+    received = node.core.stats.bytes_received
+    with Client(f"127.0.0.1:{router.port}", token=TOKEN, **tls(certs, "client")) as c:
+        assert [p.token for p in c.generate(prompt, max_tokens=4)] == expected
+    assert node.core.stats.bytes_received - received > 64 << 10
+
+
 def test_pipeline_stages_run_under_the_token_and_mutual_tls(tiny, certs, tls_mesh):
     _, expert_router = tls_mesh
     with Client(f"127.0.0.1:{expert_router.port}", token=TOKEN, **tls(certs, "client")) as c:

@@ -35,6 +35,7 @@ class DataPlaneSocket:
 
     def __init__(self, sock: socket.socket, name: str):
         self.sock, self.name = sock, name
+        self.received = 0  # bytes of the last reply ``reply`` returned
 
     @classmethod
     def dial(cls, host: str, port: int, security: Security, timeout: float, name: str,
@@ -66,9 +67,9 @@ class DataPlaneSocket:
             raise
         return cls(sock, name)
 
-    def send(self, request: pb.ForwardRequest) -> None:
-        """Raises ``OSError`` when the connection is gone."""
-        wire.send_frame(self.sock, request)
+    def send(self, request: pb.ForwardRequest) -> int:
+        """Send ``request``; its bytes. Raises ``OSError`` when the connection is gone."""
+        return wire.send_frame(self.sock, request)
 
     def reply(self, request_id: int, timeout: float, request_limit: float) -> pb.ForwardResponse:
         """The reply to ``request_id`` (an error the node answered included).
@@ -84,7 +85,7 @@ class DataPlaneSocket:
             left = give_up - time.monotonic()
             try:
                 self.sock.settimeout(max(min(timeout, left), 0.001))
-                resp = wire.recv_frame(self.sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
+                resp, size = wire.recv_frame_sized(self.sock, pb.ForwardResponse, MAX_MESSAGE_BYTES)
             except socket.timeout:
                 if left < timeout:
                     raise UnavailableError(f"{self.name} was still working on a request after {request_limit:g}s "
@@ -98,6 +99,7 @@ class DataPlaneSocket:
                 continue
             if resp.request_id != request_id and not resp.error_code:
                 raise UnavailableError(f"{self.name} answered request {resp.request_id}, expected {request_id}")
+            self.received = size
             return resp
 
     def ping(self, request_id: int, timeout: float) -> float:

@@ -269,8 +269,8 @@ class StageRuntime:
             link = self.locate(stage.start)
             forward.request_id = next(_REQUEST_IDS)
             try:
-                sent, t0 = forward.ByteSize(), time.perf_counter()
-                reply = self._call(link, forward)
+                t0 = time.perf_counter()
+                reply, sent, received = self._exchange(link, forward)
                 rtt = time.perf_counter() - t0
                 break
             except UnavailableError:
@@ -279,7 +279,7 @@ class StageRuntime:
             self._move(stage, link)
         if self.stats is not None:
             self.stats.record_stage(link.name, stage.start, stage.end, B * T, reply.routing,
-                                    sent, reply.ByteSize(), rtt)
+                                    sent, received, rtt)
         if not self._rebuilding:
             self._record(stage, request, T)
         return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
@@ -322,7 +322,13 @@ class StageRuntime:
         self._lost.discard(sequence)
 
     def _call(self, link: NodeLink, request: pb.ForwardRequest) -> pb.ForwardResponse:
-        return link.submit(request).result(timeout=self.timeout)
+        return self._exchange(link, request)[0]
+
+    def _exchange(self, link: NodeLink, request: pb.ForwardRequest) -> tuple[pb.ForwardResponse, int, int]:
+        """The reply to ``request``, and the bytes of both."""
+        pending = link.submit(request)
+        reply = pending.result(timeout=self.timeout)
+        return reply, pending.sent_bytes, pending.received_bytes
 
     def sweep(self) -> None:
         """Release on the nodes the sequences no cache here holds any more."""
