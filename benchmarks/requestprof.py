@@ -5,7 +5,7 @@ alternating rounds; a cProfile of each full request beside them.
 
     python benchmarks/requestprof.py MODEL [--parts kernels experts stage prefill] [--json out.json] [--profile DIR]
 
-``prefill``: a 512-token prompt's pieces (``--prefill-tokens``), the node's
+``prefill``: a 512-token prompt's pieces (``--prefill-tokens``; in prefillprof.py), the node's
 expert and stage requests and the router's side of an expert-mode layer,
 against mlx-lm's own layer on the same tokens.
 
@@ -271,142 +271,6 @@ def stage(r: dict, model: Path, prof: Path | None, span: tuple[int, int] = (0, 7
     r["stage_layers"] = end - start
 
 
-def prefill(r: dict, model: Path, prof: Path | None, T: int = 512, span: tuple[int, int] = (0, 6)) -> None:
-    """A prompt of ``T`` tokens, piece by piece (µs, a sync each): mlx-lm's
-    layer (its attention and its MoE block alone), a node's expert request
-    for half the experts and its parts, the router's side of the layer, and
-    a stage span against mlx-lm's same layers."""
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
-
-    from expertmesh.router import dispatcher
-    from expertmesh.router.link import expert_request
-    from expertmesh.nodes.store import _combine
-
-    local, _ = load(str(model))
-    args = local.args
-    H, E, k = args.hidden_size, args.num_experts, args.num_experts_per_tok
-    layers = local.model.layers
-    moe = next(i for i, l in enumerate(layers) if hasattr(l.mlp, "switch_mlp"))
-    x = (mx.random.normal((1, T, H)) * 0.5).astype(mx.bfloat16)
-    mx.eval(x)
-    layer = layers[moe]
-
-    def mlx_layer():
-        mx.eval(layer(x, "causal", make_prompt_cache(local)[moe]))
-
-    def mlx_attention():
-        mx.eval(layer.self_attn(layer.input_layernorm(x), "causal", make_prompt_cache(local)[moe]))
-
-    normed = layer.post_attention_layernorm(x)
-    mx.eval(normed)
-
-    def mlx_moe():
-        mx.eval(layer.mlp(normed))
-
-    gates = mx.softmax(layer.mlp.gate(normed).astype(mx.float32), axis=-1)
-    inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-    scores = mx.take_along_axis(gates, inds, axis=-1)
-    mx.eval(inds, scores)
-
-    def mlx_switch():
-        mx.eval(layer.mlp.switch_mlp(normed, inds))
-
-    span_layers = layers[span[0]:span[1]]
-
-    def mlx_span():
-        cache = make_prompt_cache(local)
-        h = x
-        for l, c in zip(span_layers, cache[span[0]:span[1]]):
-            h = l(h, "causal", c)
-        mx.eval(h)
-
-    put(r, {f"prefill_mlxlm_{name}_us": v for name, v in rounds(
-        {"layer": mlx_layer, "attention": mlx_attention, "moe": mlx_moe, "switch": mlx_switch,
-         "span": mlx_span}, n=5, warm=2, repeat=3).items()})
-    del local
-
-    # the router's side of an expert-mode layer, the node holding half the experts
-    store = ExpertStore(Checkpoint(model))
-    mine = list(range(E // 2))
-    store.assign({moe: mine})
-    worker = MLXWorker("prof-prefill")
-    node = NodeCore("prof", store, 1 << 40, worker)
-    flat_x, flat_i, flat_s = x.reshape(T, H), inds.reshape(T, k), scores.reshape(T, k)
-    hidden, ids, weights = dispatcher._to_host(flat_x, flat_i, flat_s)
-    ids_mine = np.where(ids < len(mine), ids, -1).astype(np.int32)
-    w_mine = np.where(ids_mine >= 0, weights, 0.0).astype(np.float32)
-    frame = expert_request(moe, hidden, pb.BFLOAT16, ids_mine, w_mine)
-    frame.request_id = 1
-    wire_bytes = frame.SerializeToString()
-    reply = node.worker.run(lambda: node.forward(pb.ForwardRequest.FromString(wire_bytes))).SerializeToString()
-    held = store.layers[moe]
-    pair = np.flatnonzero(ids_mine.reshape(-1) >= 0)
-    tok = mx.array((pair // k).astype(np.int32))
-    lids = mx.array(held.local[ids_mine.reshape(-1)[pair]])
-    w = mx.array(w_mine.reshape(-1)[pair])
-    hid = wire.from_numpy(hidden, pb.BFLOAT16)
-    mx.eval(tok, lids, w, hid)
-    y = held.mlp(hid[tok], lids[:, None])[:, 0, :]
-    mx.eval(y)
-
-    def router_read():
-        dispatcher._to_host(flat_x, flat_i, flat_s)
-
-    def router_request():
-        expert_request(moe, hidden, pb.BFLOAT16, ids_mine, w_mine).SerializeToString()
-
-    def router_reply():
-        out = dispatcher._Sum(hidden.shape)
-        for _ in range(2):  # two nodes' answers, added
-            out.add(None, wire.decode_numpy(pb.ForwardResponse.FromString(reply).output, "output"), pb.BFLOAT16)
-        mx.eval(wire.from_numpy(out.result(pb.BFLOAT16), pb.BFLOAT16))
-
-    def node_request():
-        node.forward(pb.ForwardRequest.FromString(wire_bytes)).SerializeToString()
-
-    def node_combine():
-        mx.eval(_combine(held.mlp, hid, tok, lids, w))
-
-    def node_mlp():
-        mx.eval(held.mlp(hid[tok], lids[:, None]))
-
-    def node_scatter():
-        mx.eval(mx.zeros((T, H), dtype=mx.float32).at[tok].add(y * w[:, None]).astype(mx.bfloat16))
-
-    def run():
-        put(r, {f"prefill_{name}_us": v for name, v in rounds(
-            {"router_read": router_read, "router_request": router_request, "router_reply": router_reply,
-             "node_request": node_request, "node_combine": node_combine, "node_mlp": node_mlp,
-             "node_scatter": node_scatter}, n=5, warm=2, repeat=3).items()})
-        profiled(node_request, 5, prof, "prefill_node_request")
-
-        node.stages.assign([span])
-        seq = [100]
-
-        def stage_direct():
-            seq[0] += 1
-            node.stages.forward(span[0], x, [seq[0]], [])
-            node.stages.release([seq[0]])
-
-        sreq = pb.ForwardRequest(request_id=2, stage=pb.StageRequest(
-            layer=span[0], hidden=wire.encode_numpy(hidden.reshape(1, T, H), pb.BFLOAT16), sequences=[1]))
-
-        def stage_request():
-            seq[0] += 1
-            sreq.stage.sequences[0] = seq[0]
-            node.forward(pb.ForwardRequest.FromString(sreq.SerializeToString())).SerializeToString()
-            node.stages.release([seq[0]])
-
-        put(r, {f"prefill_stage_{name}_us": v for name, v in rounds(
-            {"direct": stage_direct, "request": stage_request}, n=5, warm=2, repeat=3).items()})
-        profiled(stage_request, 5, prof, "prefill_stage_request")
-
-    node.worker.run(run)
-    node.worker.close()
-    r["prefill_tokens"], r["prefill_node_pairs"], r["prefill_span_layers"] = T, int(pair.size), span[1] - span[0]
-
-
 def kernels(r: dict, model: Path, prof: Path | None) -> None:
     """A switch MLP's decode step, mlx-lm's SwitchGLU against the fused one,
     with a node's share of experts and with a whole layer's: same outputs?
@@ -461,7 +325,7 @@ def main() -> None:
         args.profile.mkdir(parents=True, exist_ok=True)
     r = Printed(device=str(mx.default_device()))
     parts = {"kernels": kernels, "experts": experts, "stage": stage,
-             "prefill": lambda r, m, p: prefill(r, m, p, args.prefill_tokens)}
+             "prefill": lambda r, m, p: __import__("prefillprof").prefill(r, m, p, args.prefill_tokens)}
     try:
         for p in args.parts:
             try:
