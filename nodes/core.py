@@ -285,7 +285,7 @@ class NodeCore:
         out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights, self._staging())
         mx.eval(out)  # before this thread's next request reuses its staging
         resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
-        return self._counted(req, resp, e.hidden.shape[0], start)
+        return self._counted(resp, e.hidden.shape[0], start)
 
     def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:
         stage = req.stage
@@ -300,9 +300,9 @@ class NodeCore:
                                                  list(stage.right_padding), stage.trim)
         resp = pb.ForwardResponse(request_id=req.request_id, routing=routing)
         wire.encode_into(resp.output, out, code)
-        return self._counted(req, resp, out.shape[0] * out.shape[1], start)
+        return self._counted(resp, out.shape[0] * out.shape[1], start)
 
-    def _counted(self, req: pb.ForwardRequest, resp: pb.ForwardResponse, tokens: int, start: float):
+    def _counted(self, resp: pb.ForwardResponse, tokens: int, start: float):
         """``resp``, with its compute time, counted in the node's stats (its
         bytes are counted by the transport: ``count_bytes``)."""
         resp.compute_seconds = time.perf_counter() - start

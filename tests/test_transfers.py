@@ -84,35 +84,31 @@ def test_arrays_read_back_together_are_their_values(n):
         wire.read_back([ids, mx.zeros((4,), mx.bool_)])
 
 
+def _summed(T: int, H: int, answers, code, seed: int) -> tuple[mx.array, np.ndarray]:
+    """``answers`` ((rows or None, wire dtype) each) added by ``_DeviceSum`` (evaluated) and by ``_Sum``."""
+    rng = np.random.default_rng(seed)
+    host, device = _Sum((T, H)), _DeviceSum((T, H))
+    for rows, part_code in answers:
+        n = T if rows is None else rows.size
+        values = wire.from_float32((rng.standard_normal((n, H)) * 3).astype(np.float32), part_code)
+        host.add(rows, values, part_code)
+        device.add(rows, values, part_code)
+    got = device.array(code)
+    mx.eval(got)
+    return got, wire.to_numpy(host.array(code))
+
+
 @pytest.mark.parametrize("code", [pb.BFLOAT16, pb.FLOAT16, pb.FLOAT32])
 @pytest.mark.parametrize("answers", ["one whole", "two whole", "rows each", "whole and rows", "none"])
 def test_a_layers_answers_added_on_the_device_are_the_host_sum_bit_for_bit(code, answers):
-    rng = np.random.default_rng(3)
-    T, H = 24, 64
     parts = {"one whole": [None], "two whole": [None, None], "rows each": [np.arange(0, 24, 2), np.arange(1, 24, 2)],
              "whole and rows": [None, np.array([0, 5, 7, 23])], "none": []}[answers]
-    host, device = _Sum((T, H)), _DeviceSum((T, H))
-    for rows in parts:
-        n = T if rows is None else rows.size
-        values = wire.from_float32((rng.standard_normal((n, H)) * 3).astype(np.float32), code)
-        host.add(rows, values, code)
-        device.add(rows, values, code)
-    want = wire.to_numpy(host.array(code))
-    got = device.array(code)
-    assert got.dtype == wire.mlx_dtype(code) and got.shape == (T, H)
-    mx.eval(got)
+    got, want = _summed(24, 64, [(rows, code) for rows in parts], code, seed=3)
+    assert got.dtype == wire.mlx_dtype(code) and got.shape == (24, 64)
     assert np.array_equal(wire.to_numpy(got), want)
 
 
 def test_answers_of_another_dtype_than_the_layers_add_up_the_same_on_the_device():
-    rng = np.random.default_rng(4)
-    T, H = 16, 32
-    host, device = _Sum((T, H)), _DeviceSum((T, H))
-    for rows, code in ((None, pb.FLOAT32), (np.array([1, 2, 9]), pb.FLOAT16), (None, pb.BFLOAT16)):
-        n = T if rows is None else rows.size
-        values = wire.from_float32(rng.standard_normal((n, H)).astype(np.float32), code)
-        host.add(rows, values, code)
-        device.add(rows, values, code)
-    got = device.array(pb.BFLOAT16)
-    mx.eval(got)
-    assert np.array_equal(wire.to_numpy(got), wire.to_numpy(host.array(pb.BFLOAT16)))
+    answers = [(None, pb.FLOAT32), (np.array([1, 2, 9]), pb.FLOAT16), (None, pb.BFLOAT16)]
+    got, want = _summed(16, 32, answers, pb.BFLOAT16, seed=4)
+    assert np.array_equal(wire.to_numpy(got), want)
