@@ -142,7 +142,8 @@ def test_greedy_tokens_match_mlx_lm_through_node_and_router_processes(mesh, mode
             nodes = client.cluster().nodes
     finally:
         router.stop()
-    assert router.proc.returncode == 130, "the router stops cleanly (and lets its nodes go) on SIGTERM"
+    assert router.proc.returncode == 130, \
+        f"the router stops cleanly (and lets its nodes go) on SIGTERM; its log ends:\n{router.tail()}"
     assert got == ref.tokens, f"{mesh.name}, --mode {mode}"
     assert long == ref.long_tokens, f"{mesh.name}, --mode {mode}, {LONG_TOKENS}-token prompt"
     assert len(nodes) == len(mesh.nodes)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from ..signals import StopSignals
 from . import compile_argument, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "serve some routed experts of a checkpoint"
@@ -32,6 +33,7 @@ def run(args) -> None:
                            discovery=args.discovery, interfaces=args.interface,
                            metrics_port=args.metrics_port, security=Security.from_args(args),
                            compile=args.compile))
+    stopped = False
     try:
         node.start()
         also = f" and {', '.join(node.addresses[1:])}" if node.addresses[1:] else ""
@@ -45,6 +47,11 @@ def run(args) -> None:
             renamed = f" ({node.name} was taken)" if node.instance != node.name else ""
             print(f"expertmesh node {node.name} advertised over mDNS as {node.instance}{renamed} on {interfaces}",
                   flush=True)
-        node.wait()
+        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM; one more is noted, not raised into the stop
+            stop.wait()
+            node.stop()
+            stopped = True
+        raise KeyboardInterrupt  # the command's status: stopped by a signal
     finally:
-        node.stop()
+        if not stopped:
+            node.stop()

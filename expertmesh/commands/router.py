@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ExpertmeshError
 from ..progress import Progress
+from ..signals import StopSignals
 from . import at_least_one, compile_argument, discovery_arguments, metrics_argument, port, positive, security_arguments
 
 HELP = "run the dense model and drive the nodes"
@@ -83,6 +84,7 @@ def run(args) -> None:
                           rebalance_min_tokens=args.rebalance_min_tokens, takeover=args.takeover,
                           compile=args.compile)  # checked here, before any checkpoint is read
     router = Router(config)
+    stopped = False
     try:
         if router.membership.browser:
             interfaces = ", ".join(f"{i.name} ({i.ip})" for i in router.membership.browser.mdns.interfaces)
@@ -101,16 +103,18 @@ def run(args) -> None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
         if router.metrics is not None:
             print(f"Prometheus metrics at {router.metrics.url}", flush=True)
-        try:
-            router.wait()
-        except KeyboardInterrupt:
-            _finish(router)
-            raise
+        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM; one more is noted, not raised into the stop
+            stop.wait()
+            _finish(router, stop)
+            router.stop()
+            stopped = True
+        raise KeyboardInterrupt  # the command's status: stopped by a signal
     finally:
-        router.stop()
+        if not stopped:
+            router.stop()
 
 
-def _finish(router) -> None:
+def _finish(router, stop: StopSignals) -> None:
     """First Ctrl-C (or SIGTERM): refuse new requests, let the running ones
     finish; a second one ends them with UNAVAILABLE."""
     from ..router.router import STOPPED
@@ -120,12 +124,11 @@ def _finish(router) -> None:
         return
     _say(f"shutting down; finishing {_count(running, 'request')} first, refusing new ones (Ctrl-C again ends "
          "them now)")
-    try:
-        while not router.engine.wait_drained(timeout=0.5):
-            pass
-    except KeyboardInterrupt:
-        ended = router.engine.abort(STOPPED)
-        _say(f"ended {_count(ended, 'unfinished request')}")
+    while not router.engine.wait_drained(timeout=0.1):
+        if stop.wait(0):
+            ended = router.engine.abort(STOPPED)
+            _say(f"ended {_count(ended, 'unfinished request')}")
+            return
 
 
 def _say(text: str) -> None:

@@ -43,7 +43,8 @@ class Process:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         self._address: str | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
         with open(self.log, "w") as log:
@@ -84,3 +85,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._pumping.join(timeout=10)  # its last lines are in the log
+
+    def tail(self, lines: int = 30) -> str:
+        """The last lines of its output (all of it once :meth:`stop` returned)."""
+        return "\n".join(self.log.read_text().splitlines()[-lines:])

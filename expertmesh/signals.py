@@ -1,0 +1,64 @@
+"""A server's main thread waiting for Ctrl-C or SIGTERM, without an exception
+raised into lock code.
+
+The CLI's handlers raise ``KeyboardInterrupt``, so that a signal ends whatever
+a command is doing. Raised while the main thread is inside ``threading``'s
+lock code (a ``Condition.wait``, as grpc's ``wait_for_termination`` runs), the
+exception can land between a lock's release and its re-acquire: the ``with``
+then fails with ``RuntimeError: release unlocked lock`` and the command ends
+with a traceback and status 1 instead of stopping cleanly (seen in CI). While a
+server waits here, the handlers only note the signal, through
+``signal.set_wakeup_fd`` as asyncio does, and :meth:`StopSignals.wait` returns
+it; nothing is raised asynchronously.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import time
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _noted(signum, frame) -> None:
+    """The Python-level handler while waiting: the wakeup fd already has the signal."""
+
+
+class StopSignals:
+    """``with StopSignals() as stop: stop.wait()``: in the main thread, SIGINT
+    and SIGTERM are noted rather than raised until the block ends (then the
+    handlers before it are back)."""
+
+    def __enter__(self) -> "StopSignals":
+        self._read, self._write = socket.socketpair()
+        for s in (self._read, self._write):
+            s.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, _noted) for s in STOP_SIGNALS}
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether SIGINT or SIGTERM came (since the last call), waiting up to
+        ``timeout`` seconds for one (``None``: until one comes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._read], [], [], left)
+            if not ready:
+                return False
+            try:
+                got = self._read.recv(64)
+            except BlockingIOError:
+                continue
+            if any(b in STOP_SIGNALS for b in got):
+                return True
+            # another signal that has a Python handler: keep waiting
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        self._read.close()
+        self._write.close()
