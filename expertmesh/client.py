@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -48,6 +49,65 @@ class ClusterView:
     nodes: list[NodeView] = field(default_factory=list)
 
 
+class PieceStream:
+    """The pieces of one reply, as they come (an iterator over ``Piece``).
+    The request goes to the router at the first ``next``. ``close()`` ends it
+    on the router when the pieces are no longer wanted; ``cancel()`` does so
+    from any thread, even while another waits for the next piece (which then
+    raises).
+
+    Raises (while iterating):
+        UnavailableError: the router went away, or a node is down.
+        InvalidRequestError: the router refused the request.
+    """
+
+    def __init__(self, start, address: str):
+        self._start, self.address = start, address
+        self._lock = threading.Lock()
+        self._call = None
+        self._cancelled = False
+        self._pieces = self._run()
+
+    def __iter__(self) -> "PieceStream":
+        return self
+
+    def __next__(self) -> Piece:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+        self._pieces.close()
+
+    def _run(self) -> Iterator[Piece]:
+        with self._lock:
+            if self._cancelled:
+                return
+            call = self._call = self._start()
+        got = 0
+        try:
+            for r in call:
+                got += 1
+                yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,
+                            r.generation_tokens, r.generation_tps)
+        except grpc.RpcError as e:
+            err = from_rpc_error(e, f"router {self.address}")
+            broke = str(err).startswith("cannot reach")  # not an UNAVAILABLE the router answered itself
+            if broke and (got or "Cancelling all calls" in str(err)):  # it was stopped, or the connection lost
+                raise UnavailableError(f"router {self.address} went away after {got} tokens of the reply (it was "
+                                       f"stopped or the connection broke: {e.details()}); try again once it is "
+                                       "back") from None
+            raise err from None
+        finally:
+            call.cancel()
+
+
 class Client:
     """A connection to an expertmesh router.
 
@@ -88,7 +148,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(self, prompt: str, options: GenerationOptions | None = None, **changes) -> Iterator[Piece]:
+    def generate(self, prompt: str, options: GenerationOptions | None = None, **changes) -> PieceStream:
         """Stream the completion of ``prompt``, one ``Piece`` per token.
 
         Args:
@@ -106,7 +166,7 @@ class Client:
         return self._stream(self._stub.Generate, pb.GenerateRequest(prompt=prompt, **options.to_fields()))
 
     def chat(self, messages: list[dict], options: GenerationOptions | None = None,
-             chat_template_kwargs: dict | None = None, **changes) -> Iterator[Piece]:
+             chat_template_kwargs: dict | None = None, **changes) -> PieceStream:
         """Stream the assistant's reply to a conversation, one ``Piece`` per token.
 
         The router renders ``messages`` with the checkpoint's chat template, as
@@ -137,23 +197,8 @@ class Client:
                                           param="chat_template_kwargs") from None
         return self._stream(self._stub.Chat, request)
 
-    def _stream(self, method, request) -> Iterator[Piece]:
-        call, got = method(request, timeout=self.timeout), 0
-        try:
-            for r in call:
-                got += 1
-                yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,
-                            r.generation_tokens, r.generation_tps)
-        except grpc.RpcError as e:
-            err = from_rpc_error(e, f"router {self.address}")
-            broke = str(err).startswith("cannot reach")  # not an UNAVAILABLE the router answered itself
-            if broke and (got or "Cancelling all calls" in str(err)):  # it was stopped, or the connection lost
-                raise UnavailableError(f"router {self.address} went away after {got} tokens of the reply (it was "
-                                       f"stopped or the connection broke: {e.details()}); try again once it is "
-                                       "back") from None
-            raise err from None
-        finally:
-            call.cancel()
+    def _stream(self, method, request) -> "PieceStream":
+        return PieceStream(lambda: method(request, timeout=self.timeout), self.address)
 
     def cluster(self) -> ClusterView:
         """The nodes, what each holds, and their state."""

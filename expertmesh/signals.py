@@ -9,15 +9,23 @@ then fails with ``RuntimeError: release unlocked lock`` and the command ends
 with a traceback and status 1 instead of stopping cleanly (seen in CI). While a
 server waits here, the handlers only note the signal, through
 ``signal.set_wakeup_fd`` as asyncio does, and :meth:`StopSignals.wait` returns
-it; nothing is raised asynchronously.
+it; nothing is raised asynchronously. A client command reads its reply
+through :func:`interruptible`: the stream is read on another thread, and the
+signal cancels it and raises ``KeyboardInterrupt`` at a plain point of the
+main thread's code.
 """
 
 from __future__ import annotations
 
+import queue
 import select
 import signal
 import socket
+import threading
 import time
+from typing import Iterator, TypeVar
+
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -62,3 +70,42 @@ class StopSignals:
         signal.set_wakeup_fd(self._old_fd)
         self._read.close()
         self._write.close()
+
+
+_POLL_S = 0.05  # how soon a signal is seen while no item comes
+
+
+def interruptible(stream: Iterator[T]) -> Iterator[T]:
+    """The items of ``stream`` (a reply being streamed, with ``cancel()``,
+    e.g. ``Client.generate``'s), read on a helper thread. In the main thread,
+    Ctrl-C or SIGTERM cancels the stream and raises ``KeyboardInterrupt`` here
+    (within ~50 ms), never inside grpc's lock code; the stream's own errors
+    are raised here as they came. Left early, the stream is cancelled too."""
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    done = object()
+
+    def pull() -> None:
+        try:
+            for item in stream:
+                items.put(item)
+            items.put(done)
+        except BaseException as e:  # raised in the reader's thread
+            items.put(e)
+
+    with StopSignals() as stop:
+        threading.Thread(target=pull, daemon=True, name="stream-reader").start()
+        try:
+            while True:
+                if stop.wait(0):
+                    raise KeyboardInterrupt
+                try:
+                    item = items.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # a signal, or the caller stopped reading: the router stops generating
+            stream.cancel()

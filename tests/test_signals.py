@@ -5,7 +5,9 @@ import os
 import signal
 import threading
 
-from expertmesh.signals import StopSignals
+import pytest
+
+from expertmesh.signals import StopSignals, interruptible
 
 
 def test_a_sigterm_is_reported_by_wait_and_the_old_handlers_come_back():
@@ -41,3 +43,63 @@ def test_signals_arriving_while_the_main_thread_waits_on_a_condition_raise_nothi
                 cond.wait(0.0005)
         sender.join()
         assert stop.wait(10)
+
+
+class _Reply:
+    """A stream that yields two items, then waits until it is cancelled."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self.waiting = threading.Event()
+
+    def __iter__(self):
+        yield "a"
+        yield "b"
+        self.waiting.set()
+        self.cancelled.wait(30)
+        raise RuntimeError("cancelled")  # what a cancelled grpc stream does: raise in its reader
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_ctrl_c_while_a_reply_streams_cancels_it_and_raises_keyboardinterrupt_in_the_reader():
+    reply = _Reply()
+    got = []
+    try:
+        for item in interruptible(reply):
+            got.append(item)
+            if item == "b":
+                assert reply.waiting.wait(30)
+                os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("no KeyboardInterrupt")
+    assert got == ["a", "b"]
+    assert reply.cancelled.is_set(), "the router is told to stop generating"
+
+
+def test_a_reply_read_to_its_end_or_left_early_raises_its_own_errors_and_is_cancelled_when_left():
+    assert list(interruptible(_Items(["x", "y"]))) == ["x", "y"]
+    failing = _Items(["x"], error=ValueError("refused"))
+    with pytest.raises(ValueError, match="refused"):
+        list(interruptible(failing))
+    reply = _Reply()
+    items = interruptible(reply)
+    assert next(items) == "a"
+    items.close()  # the caller walks away
+    assert reply.cancelled.is_set()
+
+
+class _Items:
+    def __init__(self, items, error=None):
+        self.items, self.error = items, error
+
+    def __iter__(self):
+        yield from self.items
+        if self.error:
+            raise self.error
+
+    def cancel(self):
+        pass

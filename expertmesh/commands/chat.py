@@ -4,6 +4,7 @@ import json
 import sys
 
 from ..errors import InvalidRequestError
+from ..signals import interruptible
 from . import add_sampling_arguments, connect, router_arguments, sampling_options
 
 HELP = "chat with the model through a router (/quit or Ctrl-D to leave)"
@@ -62,7 +63,7 @@ def _reply(client, history, options, template_kwargs) -> "str | None":
     """Stream one reply; None when it was interrupted or refused."""
     text, last = [], None
     try:
-        for piece in client.chat(history, options, chat_template_kwargs=template_kwargs):
+        for piece in interruptible(client.chat(history, options, chat_template_kwargs=template_kwargs)):
             print(piece.text, end="", flush=True)
             text.append(piece.text)
             last = piece

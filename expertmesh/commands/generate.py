@@ -2,6 +2,7 @@
 
 import sys
 
+from ..signals import interruptible
 from . import add_sampling_arguments, connect, router_arguments, sampling_options
 
 HELP = "generate text through a router"
@@ -17,7 +18,7 @@ def run(args) -> None:
     options = sampling_options(args)
     with connect(args) as client:
         last = None
-        for piece in client.generate(args.prompt, options):
+        for piece in interruptible(client.generate(args.prompt, options)):
             print(piece.text, end="", flush=True)
             last = piece
         print()
