@@ -255,7 +255,8 @@ def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int =
     saved = core.wire, core.mx, store.forward_wire
     core.wire = _TimedModule(wire, timer, {"decode_numpy": "decode", "all_finite": "decode",
                                                "from_numpy": "decode", "decode": "decode",
-                                               "encode": "encode", "encode_numpy": "encode"})
+                                               "encode": "encode", "encode_numpy": "encode",
+                                               "to_numpy": "encode", "framed_tensor": "encode"})
     core.mx = _TimedModule(mx, timer, {"eval": "eval"})
     store.forward_wire = timer.wrap("graph", store.forward_wire)
     parse, serialize, total = [], [], []

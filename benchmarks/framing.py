@@ -6,13 +6,16 @@ measures it too.
 
     python benchmarks/framing.py [--tokens 512] [--hidden 2048] [--json out.json]
 
-send: ``ByteSize`` then the prefix and message copied into one write (the
-old way), the same without ``ByteSize``, ``wire.send_frame`` (two writes
-for a large frame), and a prototype for what is next: the message
-serialized without the tensor's bytes, which follow straight from the numpy
-array as a second occurrence of their nested field (protobuf parsers merge
-the two; checked here to parse to the same message). recv: ``wire.recv_frame`` (parts joined) against one
-buffer grown in place (tried; slower here: growing it copies).
+send, each frame built as the hot path builds it and then sent: a node's
+answer with ``ByteSize`` and the prefix and message copied into one write
+(session 5's way), the same without ``ByteSize``; then a node's answer and
+the router's expert request, each ``whole`` (the tensor's bytes copied into
+the message, serialized, ``wire.send_frame``: session 6's way) and
+``framed`` (``wire.Framed``: the message serialized without the tensor's
+bytes, which follow from the array's own memory as a second occurrence of
+their nested field; checked here to parse to the same message).
+recv: ``wire.recv_frame`` (parts joined) against one buffer grown in place
+(tried; slower here: growing it copies).
 """
 
 from __future__ import annotations
@@ -41,30 +44,6 @@ def _grown(sock: socket.socket, n: int) -> bytearray:
         buf.extend(bytes(min(n - got, max(wire.RECV_CHUNK, got))))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def spliced(sock: socket.socket, message, path: tuple[int, ...], data) -> None:
-    """``message`` (its tensor's bytes left empty), then ``data`` as the bytes
-    field at ``path`` (field numbers, outermost first; the last is the bytes
-    field itself), sent from ``data``'s own memory."""
-    view = memoryview(data).cast("B")
-    size, heads = len(view), []
-    for field in reversed(path):  # length-delimited (wire type 2) headers, innermost first
-        head = _varint(field << 3 | 2) + _varint(size)
-        heads.insert(0, head)
-        size += len(head)
-    body = message.SerializeToString()
-    sock.sendall(wire._LEN.pack(len(body) + size) + body + b"".join(heads))
-    sock.sendall(view)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
@@ -73,35 +52,55 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
-    values = np.random.default_rng(0).integers(0, 1 << 16, (args.tokens, args.hidden)).astype(np.uint16)
+    import mlx.core as mx
+
+    from expertmesh.router.link import expert_request
+
+    T, H, k = args.tokens, args.hidden, 8
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 1 << 16, (T, H)).astype(np.uint16)  # bfloat16 bits
+    ids = rng.integers(0, 64, (T, k)).astype(np.int32)
+    weights = np.full((T, k), 1.0 / k, np.float32)
+    output = mx.array(values).view(mx.bfloat16)  # a node's answer, as its expert step leaves it
+    mx.eval(output)
     message = pb.ForwardResponse(request_id=1)
     wire.encode_into(message.output, values, pb.BFLOAT16)
     frame = message.SerializeToString()
     a, b = socket.socketpair()
-    bare = pb.ForwardResponse(request_id=1)
-    bare.output.shape.extend(values.shape)
-    bare.output.dtype = pb.BFLOAT16
-
-    def splice(sock, m):  # as a node would send its output: no tobytes, no protobuf copy
-        spliced(sock, bare, (2, 1), values)
-
-    check = threading.Thread(target=splice, args=(a, message))  # a reader must drain it as it goes
-    check.start()
-    assert wire.recv_frame(b, pb.ForwardResponse, 1 << 28) == message
-    check.join()
-
-    def encoded():
-        m = pb.ForwardResponse(request_id=1)
-        wire.encode_into(m.output, values, pb.BFLOAT16)
-        return m
 
     def concat(sock, m):
         data = m.SerializeToString()
         sock.sendall(wire._LEN.pack(len(data)) + data)
 
-    senders = {"send_bytesize_concat": lambda s, m: (m.ByteSize(), concat(s, m)), "send_concat": concat,
-               "send_frame": wire.send_frame, "send_spliced": splice}
+    # each sender builds its frame as the hot path does, then sends it: the
+    # router's expert request (hidden from the read-back numpy) and a node's
+    # answer (from its output array), whole (tensor bytes copied into the
+    # message, as before) and framed (wire.Framed: sent from the array's memory)
+    def request(framed: bool):
+        req = expert_request(0, values, pb.BFLOAT16, ids, weights)
+        return req if framed else wire.materialized(req)
+
+    def reply(framed: bool):
+        if framed:
+            return wire.framed_tensor(pb.ForwardResponse(request_id=1), ("output",), wire.to_numpy(output),
+                                      pb.BFLOAT16)
+        return pb.ForwardResponse(request_id=1, output=wire.encode(output))
+
+    senders = {"send_bytesize_concat": (lambda: reply(False), lambda s, m: (m.ByteSize(), concat(s, m))),
+               "send_concat": (lambda: reply(False), concat),
+               "reply_whole": (lambda: reply(False), wire.send_frame),
+               "reply_framed": (lambda: reply(True), wire.send_frame),
+               "request_whole": (lambda: request(False), wire.send_frame),
+               "request_framed": (lambda: request(True), wire.send_frame)}
     receivers = {"recv_frame": lambda s, n: wire.recv_exact(s, n), "recv_grown": _grown}
+    for framed in (False, True):  # both forms parse to the same message
+        for build, cls in ((request, pb.ForwardRequest), (reply, pb.ForwardResponse)):
+            sent = build(framed)
+            check = threading.Thread(target=wire.send_frame, args=(a, sent))
+            check.start()
+            got = wire.recv_frame(b, cls, 1 << 28)
+            check.join()
+            assert got == wire.materialized(sent)
 
     def timed(fn, other) -> float:
         th = threading.Thread(target=other)
@@ -114,12 +113,14 @@ def main() -> None:
         th.join()
         return statistics.median(ts)
 
+    def drain(cls):
+        return lambda: [wire.recv_frame(b, cls, 1 << 28) for _ in range(args.frames)]
+
     per: dict[str, list[float]] = {k: [] for k in (*senders, *receivers)}
     for _ in range(args.rounds):
-        for name, send in senders.items():
-            # the tensor encoded as a sender does (the spliced one leaves it out)
-            per[name].append(timed(lambda: send(a, message if name == "send_spliced" else encoded()), lambda: [
-                wire.recv_frame(b, pb.ForwardResponse, 1 << 28) for _ in range(args.frames)]))
+        for name, (build, send) in senders.items():
+            cls = pb.ForwardRequest if name.startswith("request") else pb.ForwardResponse
+            per[name].append(timed(lambda: send(a, build()), drain(cls)))
         for name, recv in receivers.items():
             per[name].append(timed(lambda: pb.ForwardResponse.FromString(recv(b, len(frame))),
                                    lambda: [a.sendall(frame) for _ in range(args.frames)]))

@@ -24,6 +24,15 @@ from expertmesh.v1 import expertmesh_pb2 as pb
 from expertmesh.worker import MLXWorker
 
 
+def _on_the_wire(message) -> bytes:
+    """The bytes ``wire.send_frame`` would send after the length prefix, in
+    one copy, as the socket's own copy of them would be."""
+    if isinstance(message, wire.Framed):
+        heads, view = message.tail()
+        return b"".join([message.message.SerializeToString(), heads, view])
+    return message.SerializeToString()
+
+
 def prefill(r: dict, model: Path, prof: Path | None, T: int = 512, span: tuple[int, int] = (0, 6)) -> None:
     """A prompt of ``T`` tokens, piece by piece (µs, a sync each): mlx-lm's
     layer (its attention and its MoE block alone), a node's expert request
@@ -91,8 +100,8 @@ def prefill(r: dict, model: Path, prof: Path | None, T: int = 512, span: tuple[i
     w_mine = np.where(ids_mine >= 0, weights, 0.0).astype(np.float32)
     frame = expert_request(moe, hidden, pb.BFLOAT16, ids_mine, w_mine)
     frame.request_id = 1
-    wire_bytes = frame.SerializeToString()
-    reply = node.worker.run(lambda: node.forward(pb.ForwardRequest.FromString(wire_bytes))).SerializeToString()
+    wire_bytes = _on_the_wire(frame)
+    reply = node.worker.run(lambda: _on_the_wire(node.forward_framed(pb.ForwardRequest.FromString(wire_bytes))))
     held = store.layers[moe]
     pair = np.flatnonzero(ids_mine.reshape(-1) >= 0)
     tok = mx.array((pair // k).astype(np.int32))
@@ -107,7 +116,7 @@ def prefill(r: dict, model: Path, prof: Path | None, T: int = 512, span: tuple[i
         dispatcher._to_host(flat_x, flat_i, flat_s)
 
     def router_request():
-        expert_request(moe, hidden, pb.BFLOAT16, ids_mine, w_mine).SerializeToString()
+        _on_the_wire(expert_request(moe, hidden, pb.BFLOAT16, ids_mine, w_mine))
 
     def router_reply(adder=dispatcher._DeviceSum):
         out = adder(hidden.shape)
@@ -116,7 +125,7 @@ def prefill(r: dict, model: Path, prof: Path | None, T: int = 512, span: tuple[i
         mx.eval(out.array(pb.BFLOAT16))
 
     def node_request():
-        node.forward(pb.ForwardRequest.FromString(wire_bytes)).SerializeToString()
+        _on_the_wire(node.forward_framed(pb.ForwardRequest.FromString(wire_bytes)))
 
     def node_combine():
         mx.eval(_combine(held.mlp, hid, tok, lids, w))

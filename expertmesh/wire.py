@@ -131,6 +131,92 @@ def encode_into(tensor: pb.Tensor, array: np.ndarray, dtype: "pb.DType") -> None
     tensor.dtype = dtype
 
 
+SPLICE_BYTES = 64 << 10  # a tensor from this size travels as a Framed's tail
+
+
+class Framed:
+    """A message whose one large tensor's bytes are kept out of it, to be
+    sent from the array's own memory after the rest (``send_frame``): no
+    ``tobytes`` copy and no copy into the serialized message (2 MB a
+    512-token layer's request or answer). The tail is that tensor's ``data``
+    field once more, nested as in the message; protobuf merges the two
+    occurrences of each enclosing message, so the frame parses to the same
+    message as :meth:`materialized`.
+
+    ``path``: field numbers from ``message`` down to the Tensor field."""
+
+    __slots__ = ("message", "path", "data")
+
+    def __init__(self, message, path: tuple[int, ...], data: np.ndarray):
+        self.message, self.path, self.data = message, path, data
+
+    @property
+    def request_id(self) -> int:
+        return self.message.request_id
+
+    @request_id.setter
+    def request_id(self, value: int) -> None:
+        self.message.request_id = value
+
+    def tensor(self) -> pb.Tensor:
+        """The Tensor field ``path`` names in ``message`` (data left empty)."""
+        node = self.message
+        for number in self.path:
+            node = getattr(node, node.DESCRIPTOR.fields_by_number[number].name)
+        return node
+
+    def materialized(self):
+        """``message`` with the tensor's bytes in it (the gRPC path's form)."""
+        self.tensor().data = self.data.tobytes()
+        return self.message
+
+    def tail(self) -> tuple[bytes, memoryview]:
+        """The headers of the fields that enclose the bytes (outermost
+        first), and the bytes."""
+        view = memoryview(self.data).cast("B")
+        size, heads = len(view), []
+        for number in reversed((*self.path, _TENSOR_DATA)):  # length-delimited (wire type 2), innermost first
+            head = _varint(number << 3 | 2) + _varint(size)
+            heads.insert(0, head)
+            size += len(head)
+        return b"".join(heads), view
+
+
+_TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def framed_tensor(message, path: tuple[str, ...], values: np.ndarray, dtype: "pb.DType"):
+    """``message`` with ``values`` as the Tensor at ``path`` (field names):
+    in it when small, else as a :class:`Framed` tail (``values`` must then
+    stay unchanged until it is sent)."""
+    node, numbers = message, []
+    for name in path:
+        numbers.append(node.DESCRIPTOR.fields_by_name[name].number)
+        node = getattr(node, name)
+    _, carrier_dtype = _CODECS[dtype]
+    values = np.ascontiguousarray(values, dtype=carrier_dtype)
+    if values.nbytes < SPLICE_BYTES:
+        encode_into(node, values, dtype)
+        return message
+    node.shape.extend(values.shape)
+    node.dtype = dtype
+    return Framed(message, tuple(numbers), values)
+
+
+def materialized(message):
+    """A message as gRPC sends it: a ``Framed`` one with its tensor put in."""
+    return message.materialized() if isinstance(message, Framed) else message
+
+
 def decode_numpy(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """Validate a Tensor and view its bytes as numpy (bfloat16 stays uint16).
 
@@ -172,9 +258,17 @@ RECV_CHUNK = 64 << 10  # bytes a frame may have allocated beyond those received
 
 
 def send_frame(sock: socket.socket, message) -> int:
-    """Send ``message`` as one frame; returns its bytes (the length prefix's
-    not counted: as ``ByteSize``, which would serialize it once more). A large
-    frame goes out in two writes rather than copied behind its prefix."""
+    """Send ``message`` (or a ``Framed`` one) as one frame; returns its bytes
+    (the length prefix's not counted: as ``ByteSize``, which would serialize
+    it once more). A large frame goes out in two writes rather than copied
+    behind its prefix; a ``Framed`` one's tail straight from its array."""
+    if isinstance(message, Framed):
+        body = message.message.SerializeToString()
+        heads, view = message.tail()
+        n = len(body) + len(heads) + len(view)
+        sock.sendall(_LEN.pack(n) + body + heads)
+        sock.sendall(view)
+        return n
     data = message.SerializeToString()
     if len(data) <= RECV_CHUNK:
         sock.sendall(_LEN.pack(len(data)) + data)

@@ -254,6 +254,11 @@ class NodeCore:
         Raises:
             InvalidRequestError: no operation, malformed tensors, NaN or inf, or layers/experts not held.
         """
+        return wire.materialized(self.forward_framed(req))
+
+    def forward_framed(self, req: pb.ForwardRequest) -> "pb.ForwardResponse | wire.Framed":
+        """``forward``, with a large output left as a ``wire.Framed`` tail (the
+        data plane sends it from the output's memory)."""
         start = time.perf_counter()
         op = req.WhichOneof("op")
         if op == "expert":
@@ -284,7 +289,8 @@ class NodeCore:
         weights = wire.decode_numpy(e.weights, "weights")
         out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights, self._staging())
         mx.eval(out)  # before this thread's next request reuses its staging
-        resp = pb.ForwardResponse(request_id=req.request_id, output=wire.encode(out))
+        resp = wire.framed_tensor(pb.ForwardResponse(request_id=req.request_id), ("output",), wire.to_numpy(out),
+                                  wire.wire_dtype(out.dtype))
         return self._counted(resp, e.hidden.shape[0], start)
 
     def _stage(self, req: pb.ForwardRequest, start: float) -> pb.ForwardResponse:
@@ -298,20 +304,21 @@ class NodeCore:
         hidden = wire.decode(stage.hidden, "hidden")
         out, code, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences),
                                                  list(stage.right_padding), stage.trim)
-        resp = pb.ForwardResponse(request_id=req.request_id, routing=routing)
-        wire.encode_into(resp.output, out, code)
+        resp = wire.framed_tensor(pb.ForwardResponse(request_id=req.request_id, routing=routing), ("output",),
+                                  out, code)
         return self._counted(resp, out.shape[0] * out.shape[1], start)
 
-    def _counted(self, resp: pb.ForwardResponse, tokens: int, start: float):
+    def _counted(self, resp: "pb.ForwardResponse | wire.Framed", tokens: int, start: float):
         """``resp``, with its compute time, counted in the node's stats (its
         bytes are counted by the transport: ``count_bytes``)."""
-        resp.compute_seconds = time.perf_counter() - start
+        message = resp.message if isinstance(resp, wire.Framed) else resp
+        message.compute_seconds = seconds = time.perf_counter() - start
         with self._stats_lock:
             s = self.stats
             s.forward_requests += 1
             s.forward_tokens += tokens
-            s.compute_seconds += resp.compute_seconds
-            self.compute.observe(resp.compute_seconds)
+            s.compute_seconds += seconds
+            self.compute.observe(seconds)
         return resp
 
     def count_bytes(self, received: int, sent: int) -> None:

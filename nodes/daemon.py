@@ -98,7 +98,7 @@ class Node:
             ["ExpertService"],
             security=config.security,
         )
-        self.dataplane = DataPlane(hosts, self.core.forward, security=config.security,
+        self.dataplane = DataPlane(hosts, self.core.forward_framed, security=config.security,
                                    hello_wanted=self.core.held_by_router, hello_error=self.core.hello_error,
                                    count=self.core.count_bytes)
         self.core.on_router_change = self.dataplane.drop_all

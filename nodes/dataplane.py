@@ -51,7 +51,7 @@ from expertmesh.worker import MLXWorker
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[pb.ForwardRequest], pb.ForwardResponse]
+Handler = Callable[[pb.ForwardRequest], "pb.ForwardResponse | wire.Framed"]  # a Framed one: see wire.Framed
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
 MAX_UNADMITTED = 64     # past this many connections waiting for their hello, the oldest is dropped

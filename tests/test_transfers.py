@@ -112,3 +112,46 @@ def test_answers_of_another_dtype_than_the_layers_add_up_the_same_on_the_device(
     answers = [(None, pb.FLOAT32), (np.array([1, 2, 9]), pb.FLOAT16), (None, pb.BFLOAT16)]
     got, want = _summed(16, 32, answers, pb.BFLOAT16, seed=4)
     assert np.array_equal(wire.to_numpy(got), want)
+
+
+def _sent_and_received(message) -> tuple[object, int, int]:
+    """``message`` sent with ``wire.send_frame`` over a socket pair: the
+    message the other end parses, and the byte counts of both ends."""
+    import socket
+    import threading
+
+    cls = type(message.message if isinstance(message, wire.Framed) else message)
+    a, b = socket.socketpair()
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(r=wire.recv_frame_sized(b, cls, 1 << 28)))
+    reader.start()
+    try:
+        sent = wire.send_frame(a, message)
+    finally:
+        reader.join(timeout=30)
+        a.close(), b.close()
+    parsed, received = got["r"]
+    return parsed, sent, received
+
+
+@pytest.mark.parametrize("rows", [1, 40, 600])  # 600 x 64 float32 values: over SPLICE_BYTES, a Framed tail
+def test_a_prompts_tensor_sent_from_its_own_memory_parses_to_the_whole_message(rows):
+    from expertmesh.router.link import expert_request, stage_request
+
+    rng = np.random.default_rng(rows)
+    hidden = rng.standard_normal((rows, 64)).astype(np.float32)
+    ids = rng.integers(-1, 8, (rows, 2)).astype(np.int32)
+    weights = rng.random((rows, 2)).astype(np.float32)
+    big = hidden.nbytes >= wire.SPLICE_BYTES
+    for message in (expert_request(3, hidden, pb.FLOAT32, ids, weights),
+                    stage_request(5, mx.array(hidden[None]), [11], [0], trim=2),
+                    wire.framed_tensor(pb.ForwardResponse(request_id=9, compute_seconds=0.5), ("output",),
+                                       wire.to_numpy(mx.array(hidden)), pb.FLOAT32)):
+        assert isinstance(message, wire.Framed) == big
+        parsed, sent, received = _sent_and_received(message)
+        whole = wire.materialized(message)
+        assert parsed == whole
+        assert sent == received >= whole.ByteSize()
+        op = parsed if isinstance(parsed, pb.ForwardResponse) else getattr(parsed, parsed.WhichOneof("op"))
+        got = wire.decode_numpy(op.output if op is parsed else op.hidden, "hidden")
+        assert got.reshape(hidden.shape).tobytes() == hidden.tobytes()

@@ -67,7 +67,7 @@ class DataPlaneSocket:
             raise
         return cls(sock, name)
 
-    def send(self, request: pb.ForwardRequest) -> int:
+    def send(self, request: "pb.ForwardRequest | wire.Framed") -> int:
         """Send ``request``; its bytes. Raises ``OSError`` when the connection is gone."""
         return wire.send_frame(self.sock, request)
 

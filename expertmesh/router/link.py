@@ -56,27 +56,28 @@ REQUEST_LIMIT_S = 300.0
 
 # --- the requests, one per operation, each under a new id ------------------------
 def expert_request(layer: int, hidden: np.ndarray, code: "pb.DType", ids: np.ndarray,
-                   weights: np.ndarray) -> pb.ForwardRequest:
+                   weights: np.ndarray) -> "pb.ForwardRequest | wire.Framed":
     """Tokens of one MoE layer for a node's experts (wire-carrier arrays:
-    hidden [T, H] of ``code``, ids [T, k] int32, weights [T, k] float32)."""
+    hidden [T, H] of ``code``, ids [T, k] int32, weights [T, k] float32); a
+    prompt's hidden travels as a ``wire.Framed`` tail."""
     request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
     op = request.expert
     op.layer = layer
-    wire.encode_into(op.hidden, hidden, code)
     wire.encode_into(op.expert_ids, ids, pb.INT32)
     wire.encode_into(op.weights, weights, pb.FLOAT32)
-    return request
+    return wire.framed_tensor(request, ("expert", "hidden"), hidden, code)
 
 
-def stage_request(layer: int, hidden: mx.array, sequences=(), right_padding=(), trim: int = 0) -> pb.ForwardRequest:
-    """One step of the stage span starting at ``layer`` ([B, T, H], evaluated)."""
+def stage_request(layer: int, hidden: mx.array, sequences=(), right_padding=(),
+                  trim: int = 0) -> "pb.ForwardRequest | wire.Framed":
+    """One step of the stage span starting at ``layer`` ([B, T, H], evaluated;
+    a prompt's travels as a ``wire.Framed`` tail, read from its memory)."""
     request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
     op = request.stage
     op.layer, op.trim = layer, trim
     op.sequences.extend(sequences)
     op.right_padding.extend(right_padding)
-    wire.encode_into(op.hidden, wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
-    return request
+    return wire.framed_tensor(request, ("stage", "hidden"), wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
 
 
 def release_request(sequences) -> pb.ForwardRequest:
@@ -254,7 +255,7 @@ class NodeLink:
     def down(self) -> bool:
         return self._broken is not None
 
-    def submit(self, request: pb.ForwardRequest):
+    def submit(self, request: "pb.ForwardRequest | wire.Framed"):
         """Send one request; the returned object's ``result(timeout)`` is the
         reply, or raises ``UnavailableError`` with the link failed when the node
         went silent for ``timeout`` (on either path). Its ``sent_bytes``, and
@@ -271,6 +272,7 @@ class NodeLink:
             except OSError as e:
                 raise self.fail(UnavailableError(f"{self!r} is unreachable: {e}")) from None
             return _SocketReply(self, request.request_id, sent)
+        request = wire.materialized(request)
         fut: Future = Future()
         with self._lock:
             self._pending[request.request_id] = fut
