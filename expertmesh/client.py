@@ -49,12 +49,54 @@ class ClusterView:
     nodes: list[NodeView] = field(default_factory=list)
 
 
+class _Call:
+    """A reply's gRPC call, started at the first piece asked for; shared by
+    a ``PieceStream`` and its pieces' generator (which must not hold the
+    stream: dropping the stream then ends the call at once, not at the next
+    garbage collection)."""
+
+    __slots__ = ("start", "lock", "call", "cancelled")
+
+    def __init__(self, start):
+        self.start, self.lock, self.call, self.cancelled = start, threading.Lock(), None, False
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            call = self.call
+        if call is not None:
+            call.cancel()
+
+
+def _pieces(state: _Call, address: str) -> Iterator[Piece]:
+    with state.lock:
+        if state.cancelled:
+            return
+        call = state.call = state.start()
+    got = 0
+    try:
+        for r in call:
+            got += 1
+            yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,
+                        r.generation_tokens, r.generation_tps)
+    except grpc.RpcError as e:
+        err = from_rpc_error(e, f"router {address}")
+        broke = str(err).startswith("cannot reach")  # not an UNAVAILABLE the router answered itself
+        if broke and (got or "Cancelling all calls" in str(err)):  # it was stopped, or the connection lost
+            raise UnavailableError(f"router {address} went away after {got} tokens of the reply (it was "
+                                   f"stopped or the connection broke: {e.details()}); try again once it is "
+                                   "back") from None
+        raise err from None
+    finally:
+        call.cancel()
+
+
 class PieceStream:
     """The pieces of one reply, as they come (an iterator over ``Piece``).
-    The request goes to the router at the first ``next``. ``close()`` ends it
-    on the router when the pieces are no longer wanted; ``cancel()`` does so
-    from any thread, even while another waits for the next piece (which then
-    raises).
+    The request goes to the router at the first ``next``. ``close()``, or
+    dropping the stream, ends it on the router when the pieces are no longer
+    wanted; ``cancel()`` does so from any thread, even while another waits
+    for the next piece (which then raises).
 
     Raises (while iterating):
         UnavailableError: the router went away, or a node is down.
@@ -62,11 +104,9 @@ class PieceStream:
     """
 
     def __init__(self, start, address: str):
-        self._start, self.address = start, address
-        self._lock = threading.Lock()
-        self._call = None
-        self._cancelled = False
-        self._pieces = self._run()
+        self.address = address
+        self._call = _Call(start)
+        self._pieces = _pieces(self._call, address)
 
     def __iter__(self) -> "PieceStream":
         return self
@@ -75,37 +115,11 @@ class PieceStream:
         return next(self._pieces)
 
     def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            call = self._call
-        if call is not None:
-            call.cancel()
+        self._call.cancel()
 
     def close(self) -> None:
         self.cancel()
         self._pieces.close()
-
-    def _run(self) -> Iterator[Piece]:
-        with self._lock:
-            if self._cancelled:
-                return
-            call = self._call = self._start()
-        got = 0
-        try:
-            for r in call:
-                got += 1
-                yield Piece(r.text, r.token, r.finish_reason or None, r.prompt_tokens,
-                            r.generation_tokens, r.generation_tps)
-        except grpc.RpcError as e:
-            err = from_rpc_error(e, f"router {self.address}")
-            broke = str(err).startswith("cannot reach")  # not an UNAVAILABLE the router answered itself
-            if broke and (got or "Cancelling all calls" in str(err)):  # it was stopped, or the connection lost
-                raise UnavailableError(f"router {self.address} went away after {got} tokens of the reply (it was "
-                                       f"stopped or the connection broke: {e.details()}); try again once it is "
-                                       "back") from None
-            raise err from None
-        finally:
-            call.cancel()
 
 
 class Client:

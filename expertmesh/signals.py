@@ -17,6 +17,8 @@ main thread's code.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import select
 import signal
@@ -30,28 +32,45 @@ T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _noted(signum, frame) -> None:
-    """The Python-level handler while waiting: the wakeup fd already has the signal."""
+@contextlib.contextmanager
+def _held():
+    """SIGINT and SIGTERM held back (delivered after), while handlers change."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StopSignals:
     """``with StopSignals() as stop: stop.wait()``: in the main thread, SIGINT
     and SIGTERM are noted rather than raised until the block ends (then the
-    handlers before it are back)."""
+    handlers before it are back). Each signal is reported once, in order."""
+
+    def __init__(self):
+        self._pending = 0  # signals read off the wakeup socket, not yet reported
+        self._at_once = False
 
     def __enter__(self) -> "StopSignals":
         self._read, self._write = socket.socketpair()
         for s in (self._read, self._write):
             s.setblocking(False)
-        self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, _noted) for s in STOP_SIGNALS}
+        with _held():
+            self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+            self._old = {s: signal.signal(s, self._noted) for s in STOP_SIGNALS}
         return self
 
+    def _noted(self, signum, frame) -> None:
+        """The Python-level handler: the wakeup socket already has the signal."""
+        if self._at_once:
+            os.write(2, b"expertmesh: stopped at once, before the shutdown finished\n")
+            os._exit(130)
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Whether SIGINT or SIGTERM came (since the last call), waiting up to
+        """Whether SIGINT or SIGTERM came (one not reported yet), waiting up to
         ``timeout`` seconds for one (``None``: until one comes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not self._pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self._read], [], [], left)
             if not ready:
@@ -60,16 +79,27 @@ class StopSignals:
                 got = self._read.recv(64)
             except BlockingIOError:
                 continue
-            if any(b in STOP_SIGNALS for b in got):
-                return True
-            # another signal that has a Python handler: keep waiting
+            self._pending += sum(b in STOP_SIGNALS for b in got)  # other signals' bytes: keep waiting
+        self._pending -= 1
+        return True
+
+    def end_at_once_on_the_next(self) -> None:
+        """From now on a signal ends the process at once with status 130: a
+        shutdown that hangs can be cut short. Those come already (a double
+        Ctrl-C) asked for the stop that is starting, and are dropped."""
+        while self.wait(0):
+            pass
+        self._at_once = True
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        signal.set_wakeup_fd(self._old_fd)
-        self._read.close()
-        self._write.close()
+        with _held():
+            try:
+                for s, handler in self._old.items():
+                    signal.signal(s, handler)
+            finally:
+                signal.set_wakeup_fd(self._old_fd)
+                self._read.close()
+                self._write.close()
 
 
 _POLL_S = 0.05  # how soon a signal is seen while no item comes

@@ -145,10 +145,11 @@ class Framed:
 
     ``path``: field numbers from ``message`` down to the Tensor field."""
 
-    __slots__ = ("message", "path", "data")
+    __slots__ = ("message", "path", "data", "whole")
 
     def __init__(self, message, path: tuple[int, ...], data: np.ndarray):
         self.message, self.path, self.data = message, path, data
+        self.whole = False  # the bytes are in the message (materialized): sent as it is
 
     @property
     def request_id(self) -> int:
@@ -167,7 +168,9 @@ class Framed:
 
     def materialized(self):
         """``message`` with the tensor's bytes in it (the gRPC path's form)."""
-        self.tensor().data = self.data.tobytes()
+        if not self.whole:
+            self.tensor().data = self.data.tobytes()
+            self.whole = True
         return self.message
 
     def tail(self) -> tuple[bytes, memoryview]:
@@ -262,6 +265,8 @@ def send_frame(sock: socket.socket, message) -> int:
     (the length prefix's not counted: as ``ByteSize``, which would serialize
     it once more). A large frame goes out in two writes rather than copied
     behind its prefix; a ``Framed`` one's tail straight from its array."""
+    if isinstance(message, Framed) and message.whole:  # sent on the gRPC path once: the bytes are in it
+        message = message.message
     if isinstance(message, Framed):
         body = message.message.SerializeToString()
         heads, view = message.tail()

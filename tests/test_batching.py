@@ -1,6 +1,9 @@
 """Concurrent requests share forward passes and still get their own output."""
 
+import gc
 import threading
+
+import pytest
 
 from mlx_lm import load
 from mlx_lm.generate import stream_generate
@@ -30,13 +33,22 @@ def test_concurrent_streams_share_steps_and_match_single_requests(tiny):
     assert steps < sum(len(e) for e in expected)  # streams were batched together
 
 
-def test_a_cancelled_stream_frees_its_kv_cache_and_the_node_stops_seeing_it(tiny):
+@pytest.mark.parametrize("leave", ["close", "drop"])
+def test_a_cancelled_stream_frees_its_kv_cache_and_the_node_stops_seeing_it(tiny, leave):
     with running_nodes(tiny, 1) as nodes, running_router(tiny, [n.address for n in nodes]) as router:
         scheduler, stats = router.engine.scheduler, nodes[0].core.stats
         with Client(f"127.0.0.1:{router.port}") as c:
             stream = c.generate("Once upon a time", max_tokens=400)
             next(stream)
-            stream.close()  # the client walks away
+            if leave == "close":
+                stream.close()  # the client walks away
+            else:  # or drops the stream half read: that ends it at once, not at some garbage collection
+                gc.disable()
+                try:
+                    del stream
+                    assert scheduler.kv_cache_bytes() == 0
+                finally:
+                    gc.enable()
             assert scheduler.kv_cache_bytes() == 0  # once the router's loop has nothing left to run
             rows = [stats.forward_tokens]
             for _ in range(2):

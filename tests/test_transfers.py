@@ -155,3 +155,5 @@ def test_a_prompts_tensor_sent_from_its_own_memory_parses_to_the_whole_message(r
         op = parsed if isinstance(parsed, pb.ForwardResponse) else getattr(parsed, parsed.WhichOneof("op"))
         got = wire.decode_numpy(op.output if op is parsed else op.hidden, "hidden")
         assert got.reshape(hidden.shape).tobytes() == hidden.tobytes()
+        again, sent_again, _ = _sent_and_received(message)  # sent whole once (gRPC): as it is now, bytes once
+        assert again == whole and sent_again == whole.ByteSize()

@@ -47,8 +47,9 @@ def run(args) -> None:
             renamed = f" ({node.name} was taken)" if node.instance != node.name else ""
             print(f"expertmesh node {node.name} advertised over mDNS as {node.instance}{renamed} on {interfaces}",
                   flush=True)
-        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM; one more is noted, not raised into the stop
+        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM: noted, never raised into lock code
             stop.wait()
+            stop.end_at_once_on_the_next()  # a stop that hangs: Ctrl-C once more
             node.stop()
             stopped = True
         raise KeyboardInterrupt  # the command's status: stopped by a signal

@@ -103,9 +103,10 @@ def run(args) -> None:
             print(f"OpenAI-compatible API at {router.http.url}", flush=True)
         if router.metrics is not None:
             print(f"Prometheus metrics at {router.metrics.url}", flush=True)
-        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM; one more is noted, not raised into the stop
+        with StopSignals() as stop:  # serving until Ctrl-C or SIGTERM: noted, never raised into lock code
             stop.wait()
             _finish(router, stop)
+            stop.end_at_once_on_the_next()  # a stop that hangs: Ctrl-C once more
             router.stop()
             stopped = True
         raise KeyboardInterrupt  # the command's status: stopped by a signal
