@@ -17,7 +17,6 @@ main thread's code.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import select
@@ -32,20 +31,21 @@ T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _held():
-    """SIGINT and SIGTERM held back (delivered after), while handlers change."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def _restore(handlers: list) -> None:
+    """Put back ``(signal, handler)`` pairs, each one even when a restored
+    handler raises (a pending Ctrl-C) before the next is back."""
+    if handlers:
+        try:
+            signal.signal(*handlers[0])
+        finally:
+            _restore(handlers[1:])
 
 
 class StopSignals:
     """``with StopSignals() as stop: stop.wait()``: in the main thread, SIGINT
     and SIGTERM are noted rather than raised until the block ends (then the
-    handlers before it are back). Each signal is reported once, in order."""
+    handlers before it are back). Each signal is reported once, in order.
+    A signal that came before the block raises as before it, from ``with``."""
 
     def __init__(self):
         self._pending = 0  # signals read off the wakeup socket, not yet reported
@@ -55,9 +55,14 @@ class StopSignals:
         self._read, self._write = socket.socketpair()
         for s in (self._read, self._write):
             s.setblocking(False)
-        with _held():
+        self._old_fd, self._old = None, []
+        try:
             self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-            self._old = {s: signal.signal(s, self._noted) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                self._old.append((s, signal.signal(s, self._noted)))
+        except BaseException:  # e.g. the old handler's KeyboardInterrupt, for a signal just before
+            self.__exit__()
+            raise
         return self
 
     def _noted(self, signum, frame) -> None:
@@ -87,19 +92,20 @@ class StopSignals:
         """From now on a signal ends the process at once with status 130: a
         shutdown that hangs can be cut short. Those come already (a double
         Ctrl-C) asked for the stop that is starting, and are dropped."""
+        self._at_once = True
         while self.wait(0):
             pass
-        self._at_once = True
 
     def __exit__(self, *exc) -> None:
-        with _held():
-            try:
-                for s, handler in self._old.items():
-                    signal.signal(s, handler)
-            finally:
+        """The wakeup fd first (a signal now is dropped: the block is ending),
+        then the handlers, every one even if a pending signal raises."""
+        try:
+            if self._old_fd is not None:
                 signal.set_wakeup_fd(self._old_fd)
-                self._read.close()
-                self._write.close()
+            self._read.close()
+            self._write.close()
+        finally:
+            _restore(self._old)
 
 
 _POLL_S = 0.05  # how soon a signal is seen while no item comes
@@ -110,7 +116,8 @@ def interruptible(stream: Iterator[T]) -> Iterator[T]:
     e.g. ``Client.generate``'s), read on a helper thread. In the main thread,
     Ctrl-C or SIGTERM cancels the stream and raises ``KeyboardInterrupt`` here
     (within ~50 ms), never inside grpc's lock code; the stream's own errors
-    are raised here as they came. Left early, the stream is cancelled too."""
+    are raised here as they came. Left early, the stream is cancelled too.
+    Iterate it (and let it end) in the main thread: it swaps signal handlers."""
     items: queue.SimpleQueue = queue.SimpleQueue()
     done = object()
 
