@@ -89,7 +89,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint to run instead of writing one (e.g. fullsize.py write DIR --layers 12)")
     parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "spans", "auto", "expert", "pipeline"],
-                        choices=["hop", "breakdown", "spans", "prefill", "auto", "expert", "pipeline"])
+                        choices=["hop", "breakdown", "spans", "prefill", "auto", "expert", "pipeline"],
+                        help="what to measure, in this order (results are written after each)")
     args = parser.parse_args()
     repeats, tokens = (1, 32) if args.quick else (3, 64)
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
@@ -104,15 +105,17 @@ def main() -> int:
         results["mlx"] = mx.__version__
         logs = Path(tempfile.mkdtemp(prefix="expertmesh-device-"))
 
+        results["stage_seconds"] = {}  # each stage's, for planning a call within the device's minutes
+
         def stage(name: str, fn) -> None:
-            if name not in args.stages and name != "model":
-                return
             run.step(name)
+            t0 = time.perf_counter()
             try:
                 results.update(fn() or {})
             except Exception as e:  # noqa: BLE001 recorded; the other stages still run
                 traceback.print_exc()
                 results["errors"][name] = f"{type(e).__name__}: {e}"
+            results["stage_seconds"][name] = round(time.perf_counter() - t0, 1)
             results["seconds"] = round(time.perf_counter() - run._T0, 1)
             run.add_ratios(results)
             run.write(results, args.out, table=False)
@@ -124,21 +127,38 @@ def main() -> int:
             import json
 
             results["layers"] = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-        stage("hop", lambda: _hop(logs, 300 if args.quick else 900))
-        stage("breakdown", lambda: _breakdown(model, tokens, repeats, logs))
-        stage("spans", lambda: {"spans": _spans(model, tokens, repeats, logs),
-                                "spans_8": _spans(model, tokens, repeats, logs, streams=8)})
-        from mlx_lm.utils import load_tokenizer
+        made: dict = {}  # what several stages share, made by the first that needs it
 
-        prompt_512 = run.long_prompt(model, 512)
-        tokens_512 = len(load_tokenizer(model).encode(prompt_512))
-        stage("prefill", lambda: _prefill(model, prompt_512, repeats, logs))
-        local = run.local_generate(model)
-        for mode in run.MODES:
-            stage(mode, lambda mode=mode: run.compare(mode, model, local, 2, logs, tokens, prompt_512, tokens_512,
-                                                      repeats, warm=True))
-        del local
-        stage("pipeline", lambda: {"decode_tps_pipeline": run.pipeline_tps(model, tokens, warm=1, rounds=repeats)})
+        def long_prompt() -> tuple[str, int]:
+            if "prompt" not in made:
+                from mlx_lm.utils import load_tokenizer
+
+                text = run.long_prompt(model, 512)
+                made["prompt"] = text, len(load_tokenizer(model).encode(text))
+            return made["prompt"]
+
+        def local():
+            if "local" not in made:
+                made["local"] = run.local_generate(model)
+            return made["local"]
+
+        def pipeline() -> dict:
+            made.pop("local", None)  # its model's memory: the ring pipeline's ranks load their own
+            return {"decode_tps_pipeline": run.pipeline_tps(model, tokens, warm=1, rounds=repeats)}
+
+        stages = {
+            "hop": lambda: _hop(logs, 300 if args.quick else 900),
+            "breakdown": lambda: _breakdown(model, tokens, repeats, logs),
+            "spans": lambda: {"spans": _spans(model, tokens, repeats, logs),
+                              "spans_8": _spans(model, tokens, repeats, logs, streams=8)},
+            "prefill": lambda: _prefill(model, long_prompt()[0], repeats, logs),
+            **{mode: (lambda mode=mode: run.compare(mode, model, local(), 2, logs, tokens, *long_prompt(),
+                                                    repeats, warm=True)) for mode in run.MODES},
+            "pipeline": pipeline,
+        }
+        for name in dict.fromkeys(args.stages):  # in the order asked for: the first ones fit a call that runs out
+            stage(name, stages[name])
+        made.clear()
         shutil.rmtree(logs, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - run._T0, 1)
     run.add_ratios(results)
