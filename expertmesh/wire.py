@@ -143,12 +143,13 @@ class Framed:
     occurrences of each enclosing message, so the frame parses to the same
     message as :meth:`materialized`.
 
-    ``path``: field numbers from ``message`` down to the Tensor field."""
+    ``path``: field numbers from ``message`` down to ``tensor``, the Tensor
+    field in it (its shape and dtype set, its data left empty)."""
 
-    __slots__ = ("message", "path", "data", "whole")
+    __slots__ = ("message", "path", "tensor", "data", "whole")
 
-    def __init__(self, message, path: tuple[int, ...], data: np.ndarray):
-        self.message, self.path, self.data = message, path, data
+    def __init__(self, message, path: tuple[int, ...], tensor: pb.Tensor, data: np.ndarray):
+        self.message, self.path, self.tensor, self.data = message, path, tensor, data
         self.whole = False  # the bytes are in the message (materialized): sent as it is
 
     @property
@@ -159,17 +160,10 @@ class Framed:
     def request_id(self, value: int) -> None:
         self.message.request_id = value
 
-    def tensor(self) -> pb.Tensor:
-        """The Tensor field ``path`` names in ``message`` (data left empty)."""
-        node = self.message
-        for number in self.path:
-            node = getattr(node, node.DESCRIPTOR.fields_by_number[number].name)
-        return node
-
     def materialized(self):
         """``message`` with the tensor's bytes in it (the gRPC path's form)."""
         if not self.whole:
-            self.tensor().data = self.data.tobytes()
+            self.tensor.data = self.data.tobytes()
             self.whole = True
         return self.message
 
@@ -212,7 +206,7 @@ def framed_tensor(message, path: tuple[str, ...], values: np.ndarray, dtype: "pb
         return message
     node.shape.extend(values.shape)
     node.dtype = dtype
-    return Framed(message, tuple(numbers), values)
+    return Framed(message, tuple(numbers), node, values)
 
 
 def materialized(message):

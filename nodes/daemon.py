@@ -162,6 +162,3 @@ class Node:
         self.stages.close()
         self.worker.close()
         self.wired.stop()
-
-    def wait(self) -> None:
-        self.server.wait_for_termination()

@@ -206,9 +206,6 @@ class Router:
         self.state.close()
         self.wired.stop()
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
-
     # --- serving --------------------------------------------------------------
     def generate(self, prompt: str, **kw) -> Iterator[Piece]:
         """Stream the completion of ``prompt`` (see ``Engine.generate``).

@@ -68,8 +68,7 @@ class Process:
         except queue.Empty:
             raise ExpertmeshError(f"no line like {pattern!r} after {timeout:g}s; see {self.log}") from None
         self._lines.put(None)  # later calls see the end too
-        tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise ExpertmeshError(f"process exited: {tail[0]}")
+        raise ExpertmeshError(f"process exited: {self.tail(1) or '(no output)'}")
 
     def address(self, timeout: float) -> str:
         """The HOST:PORT from its ``listening on`` line (the same on later calls)."""
@@ -89,4 +88,4 @@ class Process:
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of its output (all of it once :meth:`stop` returned)."""
-        return "\n".join(self.log.read_text().splitlines()[-lines:])
+        return "\n".join(self.log.read_text().strip().splitlines()[-lines:])
