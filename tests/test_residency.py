@@ -36,3 +36,14 @@ def test_off_apple_silicon_wiring_is_a_no_op_said_once(caplog):
     assert len(lines) == 1 and "not wired" in lines[0], lines
     assert default_budget(physical_memory()) == int(0.75 * physical_memory())
     assert mx.set_wired_limit(0) == 0  # the limit was never changed
+
+
+def test_serving_processes_turn_cuda_graphs_off_unless_the_environment_says_otherwise():
+    from expertmesh import backend
+
+    env: dict = {}
+    backend.for_serving(env)
+    assert env == {"MLX_USE_CUDA_GRAPHS": "0"}  # small evaluations that are waited for: faster without
+    kept = {"MLX_USE_CUDA_GRAPHS": "1"}
+    backend.for_serving(kept)
+    assert kept == {"MLX_USE_CUDA_GRAPHS": "1"}  # a user's own choice stands

@@ -63,6 +63,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
+    from .. import backend
+
+    backend.for_serving()  # before mlx evaluates anything here
     from ..discovery import parse_peers
     from ..router import Router, RouterConfig
     from ..security import Security
