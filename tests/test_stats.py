@@ -1,6 +1,7 @@
 """Routing statistics: what the router counts, `expertmesh stats` and its plot."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -145,14 +146,49 @@ def test_stage_routing_outside_the_span_is_not_counted():
     stats = RoutingStats([0, 1, 2, 3], num_experts=4, nodes=["a", "b"], top_k=2)
     good = pb.StageRouting(slots=[2 * 4 + 1, 3 * 4 + 0], counts=[2, 2])  # layer 2 expert 1, layer 3 expert 0
     stats.record_stage("b", 2, 4, 1, good, 100, 90, 0.003)
-    assert stats.expert_tokens[2].tolist() == [0, 2, 0, 0] and stats.node_tokens[:, 1].tolist() == [0, 0, 2, 2]
-    assert stats.layer_tokens.tolist() == [0, 0, 1, 1] and stats.requests.tolist() == [0, 1]
+    experts, _, tokens = stats.totals()
+    assert experts[2].tolist() == [0, 2, 0, 0] and stats.node_tokens[:, 1].tolist() == [0, 0, 2, 2]
+    assert tokens.tolist() == [0, 0, 1, 1] and stats.requests.tolist() == [0, 1]
     for bad in (pb.StageRouting(slots=[0], counts=[1]),            # layer 0 is not in the span
                 pb.StageRouting(slots=[9], counts=[1, 2]),         # counts do not match
                 pb.StageRouting(slots=[9], counts=[10 ** 6])):     # more slots than the tokens sent
         stats.record_stage("b", 2, 4, 1, bad, 100, 90, 0.003)
-    assert stats.expert_tokens.sum() == 4 and stats.round_trips == 4 and stats.requests[1] == 4
+    stats.record_stage("b", 2, 4, 1, good, 100, 90, 0.003)  # counted beside the bad ones, in one fold
     m = pb.RouterStats()
     stats.fill(m)
-    assert m.tokens_processed == 4 and m.balance_ratio == pytest.approx(0.5)  # one node has all of it
+    assert stats.expert_tokens.sum() == 8 and m.round_trips == 5 and m.nodes[1].requests == 5
+    assert m.tokens_processed == 5 and m.balance_ratio == pytest.approx(0.5)  # one node has all of it
     assert stats.totals()[1].sum() == 0  # stage layers are no work for the rebalancer
+
+
+def test_stage_round_trips_counted_in_batches_give_the_counts_of_one_at_a_time(caplog):
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    rng = np.random.default_rng(1)
+    moe, E = [1, 2, 4, 5], 8  # layers 0 and 3 dense
+    one, many = (RoutingStats(moe, num_experts=E, nodes=["a", "b"]) for _ in range(2))
+    one.FOLD_EVERY = 1
+    bad = 0
+    for i in range(600):  # more than FOLD_EVERY: the batch folds on its own as well as when read
+        start, end = ((0, 3), (3, 6))[i % 2]
+        node = ("a", "b", "gone")[i % 3]
+        layers = rng.choice([l for l in moe if start <= l < end], 6)
+        slots, counts = list(layers * E + rng.integers(0, E, 6)), list(rng.integers(1, 3, 6))
+        if i % 7 == 0:  # a dense layer's or another span's slot, or lengths that disagree
+            slots[0] = (0 if start == 3 else 3) * E + 1
+            bad += 1
+        elif i % 11 == 0:
+            counts.append(1)
+            bad += 1
+        for stats in (one, many):
+            stats.record_stage(node, start, end, 2, pb.StageRouting(slots=slots, counts=counts), 10, 20, 0.001)
+    with caplog.at_level(logging.WARNING, logger="expertmesh.router.stats"):
+        a, b = pb.RouterStats(), pb.RouterStats()
+        one.fill(a)
+        many.fill(b)
+    assert a == b and a.round_trips == 600
+    warned = [r for r in caplog.records if "not counted" in r.getMessage()]
+    assert len(warned) == 2 * bad  # each bad round trip said once by each
+    assert [t.tolist() for t in one.totals()] == [t.tolist() for t in many.totals()]
+    assert one.layer_tokens.tolist() == [2 * 300] * 4
+    assert many.expert_tokens.sum() > 0 and many.requests.sum() == 400  # "gone" is no node of the plan
