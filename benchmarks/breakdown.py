@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from expertmesh import compiled
+from expertmesh import compiled, wire
 from expertmesh.options import GenerationOptions
 from expertmesh.router import Router, RouterConfig
 from expertmesh.router import dispatcher
@@ -159,7 +159,8 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
 
     def call(self, link, request):
         out = saved[4](self, link, request)
-        if request.WhichOneof("op") == "stage":
+        message = request.message if isinstance(request, wire.Framed) else request  # a large one goes framed
+        if message.WhichOneof("op") == "stage":
             computes.append(out[0].compute_seconds)
         return out
 
