@@ -192,3 +192,12 @@ def test_stage_round_trips_counted_in_batches_give_the_counts_of_one_at_a_time(c
     assert [t.tolist() for t in one.totals()] == [t.tolist() for t in many.totals()]
     assert one.layer_tokens.tolist() == [2 * 300] * 4
     assert many.expert_tokens.sum() > 0 and many.requests.sum() == 400  # "gone" is no node of the plan
+
+
+def test_a_reset_keeps_which_layers_pipeline_stages_run():
+    from expertmesh.v1 import expertmesh_pb2 as pb
+
+    stats = RoutingStats([0, 1, 2], num_experts=4, nodes=["a"])
+    stats.record_stage("a", 0, 2, 1, pb.StageRouting(slots=[1], counts=[1]), 10, 10, 0.001)
+    stats.reset()  # before anything read the counts: the round trip was still waiting
+    assert stats.staged.tolist() == [True, True, False] and stats.totals()[0].sum() == 0

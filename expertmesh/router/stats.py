@@ -46,6 +46,8 @@ class RoutingStats:
     def reset(self) -> None:
         L, E, N = len(self.moe_layers), self.num_experts, len(self.nodes)
         with self._lock:
+            if getattr(self, "_waiting", None):  # which layers are staged outlives a reset
+                self._fold()
             self.expert_tokens = np.zeros((L, E), np.int64)
             self.node_tokens = np.zeros((L, N), np.int64)
             self.layer_tokens = np.zeros(L, np.int64)
@@ -124,12 +126,14 @@ class RoutingStats:
         bad = np.array([len(a) != len(c) for a, c in zip(slots, counts)])
         counts = [np.zeros(len(a), np.int64) if x else c for a, c, x in zip(slots, counts, bad)]
         starts, ends, tokens = (np.array([w[i] for w in waiting], np.int64) for i in (1, 2, 3))
+        starts = np.clip(starts, 0, L)  # the router's own spans; kept in range all the same
+        ends = np.clip(ends, starts, L)
         which = np.repeat(np.arange(len(waiting)), [len(a) for a in slots])  # the round trip of each slot
         layer, expert = np.divmod(np.concatenate(slots), E)
         count = np.concatenate(counts)
         known = (layer >= 0) & (layer < L)
         good = (known & (self._row_of[np.where(known, layer, 0)] >= 0) & (layer >= starts[which])
-                & (layer < ends[which]) & (count <= tokens[which] * E))
+                & (layer < ends[which]) & (expert < self.num_experts) & (count <= tokens[which] * self.num_experts))
         bad[which[~good]] = True
         for i in np.flatnonzero(bad):
             logger.warning("node %s reported routing outside layers %d-%d (or over %d tokens): not counted",
@@ -139,12 +143,12 @@ class RoutingStats:
         nodes = np.array([self._node.get(w[0], -1) for w in waiting])
         # every MoE layer of each span: staged, and its tokens counted
         spans = np.zeros(L + 1, np.int64)
-        np.add.at(spans, np.minimum(starts, L), tokens)
-        np.add.at(spans, np.minimum(ends, L), -tokens)
+        np.add.at(spans, starts, tokens)
+        np.add.at(spans, ends, -tokens)
         per_layer = np.cumsum(spans)[:L]
         touched = np.zeros(L + 1, np.int64)
-        np.add.at(touched, np.minimum(starts, L), 1)
-        np.add.at(touched, np.minimum(ends, L), -1)
+        np.add.at(touched, starts, 1)
+        np.add.at(touched, ends, -1)
         moe = self._row_of >= 0
         rows = self._row_of[moe]
         self.staged[rows[np.cumsum(touched)[:L][moe] > 0]] = True
