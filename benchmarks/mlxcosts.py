@@ -32,6 +32,23 @@ def timed(fn, n: int = 50, warm: int = 10) -> float:
     return statistics.median(times) * 1e6
 
 
+def rounds(fns: dict, n: int = 100, warm: int = 10, repeat: int = 5) -> dict[str, float]:
+    """µs per call of each function, the median of ``repeat`` alternating rounds' medians."""
+    for f in fns.values():
+        for _ in range(warm):
+            f()
+    per = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            v = []
+            for _ in range(n):
+                t = time.perf_counter()
+                f()
+                v.append(time.perf_counter() - t)
+            per[k].append(statistics.median(v))
+    return {k: statistics.median(v) * 1e6 for k, v in per.items()}
+
+
 def first_call(fn) -> float:
     t = time.perf_counter()
     fn()

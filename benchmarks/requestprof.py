@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlxcosts import Printed  # noqa: E402
+from mlxcosts import Printed, rounds  # noqa: E402
 
 from expertmesh import fused, wire  # noqa: E402
 from expertmesh.checkpoint import Checkpoint  # noqa: E402
@@ -37,23 +37,6 @@ from expertmesh.nodes.core import NodeCore  # noqa: E402
 from expertmesh.nodes.store import ExpertStore, _pack  # noqa: E402
 from expertmesh.v1 import expertmesh_pb2 as pb  # noqa: E402
 from expertmesh.worker import MLXWorker  # noqa: E402
-
-
-def rounds(fns: dict, n: int = 100, warm: int = 10, repeat: int = 5) -> dict[str, float]:
-    """µs per call of each function, the median of ``repeat`` alternating rounds' medians."""
-    for f in fns.values():
-        for _ in range(warm):
-            f()
-    per = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            v = []
-            for _ in range(n):
-                t = time.perf_counter()
-                f()
-                v.append(time.perf_counter() - t)
-            per[k].append(statistics.median(v))
-    return {k: statistics.median(v) * 1e6 for k, v in per.items()}
 
 
 def put(r: dict, figures: dict) -> None:

@@ -10,8 +10,8 @@ a sync. Each figure: µs, median of alternating rounds.
 
     python benchmarks/uvm.py [--json out.json]          # on the device; figures with and without CUDA graphs
 
-The driver is reached through ``libcuda.so.1`` (``cuMemAdvise_v2``,
-``cuMemPrefetchAsync_v2``); MLX's own runtime is statically linked.
+The driver is reached through ``libcuda.so.1`` (``cuMemAdvise_v2``); MLX's
+own runtime is statically linked.
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mlxcosts import rounds  # noqa: E402
+
+from expertmesh.staging import _writable  # noqa: E402  the node's own way to write into an array
 
 H = 2048
 ROUNDS, N = 5, 60
 
 # CUmem_advise and CUmemLocationType (cuda.h)
-SET_READ_MOSTLY, SET_PREFERRED_LOCATION, SET_ACCESSED_BY = 1, 3, 5
+SET_PREFERRED_LOCATION, SET_ACCESSED_BY = 3, 5
 LOC_DEVICE, LOC_HOST = 1, 2
 
 
@@ -61,32 +64,15 @@ def address(a: mx.array) -> int:
     return np.frombuffer(memoryview(a), np.uint8).ctypes.data
 
 
-def writable(a: mx.array, dtype, shape) -> np.ndarray:
-    base = np.frombuffer(memoryview(a), np.uint8)
-    raw = (ctypes.c_char * base.nbytes).from_address(base.ctypes.data)
-    return np.frombuffer(raw, dtype).reshape(shape)
-
-
 def persistent(nbytes: int) -> tuple[mx.array, np.ndarray]:
     a = mx.array(np.zeros(nbytes // 2, np.uint16))
     mx.eval(a)
-    return a, writable(a, np.uint16, (nbytes // 2,))
+    return a, _writable(a, np.uint16, (nbytes // 2,))
 
 
 def alternating(fns: dict) -> dict:
-    for f in fns.values():
-        for _ in range(10):
-            f()
-    per = {k: [] for k in fns}
-    for _ in range(ROUNDS):
-        for k, f in fns.items():
-            v = []
-            for _ in range(N):
-                t = time.perf_counter()
-                f()
-                v.append(time.perf_counter() - t)
-            per[k].append(statistics.median(v))
-    return {k: round(statistics.median(v) * 1e6, 1) for k, v in per.items()}
+    """µs per call of each of ``fns``, timed in alternating rounds (``mlxcosts.rounds``)."""
+    return {k: round(v, 1) for k, v in rounds(fns, n=N, repeat=ROUNDS).items()}
 
 
 def measure() -> dict:
