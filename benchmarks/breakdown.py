@@ -144,13 +144,14 @@ SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
 
 
 def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto",
-                    streams: int = 1, prompt: str = PROMPT) -> dict:
+                    streams: int = 1, prompt: str = PROMPT, node_args: tuple[str, ...] = ()) -> dict:
     """µs per forward pass of a router whose layers run as stage spans on
     node processes (``mode`` auto or pipeline), ``streams`` generating at
     once (one batch): each span's call timed from outside, piece by piece,
     against the node's own time from its replies. With a long ``prompt`` and
     ``tokens`` 1, the passes are its prefill's and its first token's
-    (``ms_per_prompt``: the time of one)."""
+    (``ms_per_prompt``: the time of one). ``node_args``: more flags for each
+    ``expertmesh node`` (``--no-prebuild`` for an A/B)."""
     from expertmesh.router import stages
 
     timer = _Timer()
@@ -171,8 +172,8 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
     stages.StageRuntime._exchange = timer.wrap(SPAN_RTT, call)
     procs, router = [], None
     try:
-        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
-                         logs / f"stagebreak-node{i}.log") for i in range(nodes)]
+        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery",
+                          *node_args], logs / f"stagebreak-node{i}.log") for i in range(nodes)]
         router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0, mode=mode))
         router.connect()
 
@@ -209,6 +210,7 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
     return {
         **({} if prompt == PROMPT else {"ms_per_prompt": wall / rounds / streams * 1e3}),
         "streams": streams,
+        **({"node_args": list(node_args)} if node_args else {}),
         "decode_tps": statistics.median(tps for tps, _ in runs),  # in all, prompts' time included
         "ms_per_pass": wall / n * 1e3,
         "spans": spans,

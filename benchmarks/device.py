@@ -89,7 +89,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint to run instead of writing one (e.g. fullsize.py write DIR --layers 12)")
     parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "spans", "auto", "expert", "pipeline"],
-                        choices=["hop", "breakdown", "spans", "prefill", "auto", "expert", "pipeline"],
+                        choices=["hop", "breakdown", "spans", "spans_prebuild", "prefill", "auto", "expert",
+                                 "pipeline"],
                         help="what to measure, in this order (results are written after each)")
     args = parser.parse_args()
     repeats, tokens = (1, 32) if args.quick else (3, 64)
@@ -151,6 +152,10 @@ def main() -> int:
             "breakdown": lambda: _breakdown(model, tokens, repeats, logs),
             "spans": lambda: {"spans": _spans(model, tokens, repeats, logs),
                               "spans_8": _spans(model, tokens, repeats, logs, streams=8)},
+            # the same with nodes that build nothing ahead, beside the default: an A/B in one run
+            "spans_prebuild": lambda: {"spans_ab": {
+                key: _spans(model, tokens, repeats, logs, streams=n, node_args=("--no-prebuild",) if off else ())
+                for key, n, off in (("on", 1, False), ("off", 1, True), ("off_8", 8, True), ("on_8", 8, False))}},
             "prefill": lambda: _prefill(model, long_prompt()[0], repeats, logs),
             **{mode: (lambda mode=mode: run.compare(mode, model, local(), 2, logs, tokens, *long_prompt(),
                                                     repeats, warm=True)) for mode in run.MODES},
@@ -180,10 +185,10 @@ def _breakdown(model: Path, tokens: int, rounds: int, logs: Path) -> dict:
     return {"breakdown": r}
 
 
-def _spans(model: Path, tokens: int, rounds: int, logs: Path, streams: int = 1) -> dict:
+def _spans(model: Path, tokens: int, rounds: int, logs: Path, streams: int = 1, node_args=()) -> dict:
     import breakdown
 
-    return breakdown.stage_breakdown(model, 2, tokens, rounds, logs, streams=streams)
+    return breakdown.stage_breakdown(model, 2, tokens, rounds, logs, streams=streams, node_args=tuple(node_args))
 
 
 def _prefill(model: Path, prompt: str, rounds: int, logs: Path) -> dict:

@@ -299,14 +299,28 @@ class NodeCore:
             raise InvalidRequestError(f"a stage step has at most {MAX_STEP_SEQUENCES} rows")
         if stage.hidden.dtype not in _HIDDEN_DTYPES:
             raise InvalidRequestError("hidden must be FLOAT32, FLOAT16 or BFLOAT16")
-        # a fresh array, not this thread's staging: on the H200 a 6-layer span's step took 2,312 µs
-        # fed a fresh one against 2,549 staged (benchmarks/spanbuild.py, results/spanbuild-20261201-s5-d-worker.json)
-        hidden = wire.decode(stage.hidden, "hidden")
+        # a fresh array unless the step was built ahead, not this thread's staging: on the H200 a 6-layer span's
+        # step took 2,312 µs fed a fresh one against 2,549 staged (benchmarks/spanbuild.py,
+        # results/spanbuild-20261201-s5-d-worker.json)
+        hidden = wire.decode_numpy(stage.hidden, "hidden")
         out, code, routing = self.stages.forward(stage.layer, hidden, list(stage.sequences),
-                                                 list(stage.right_padding), stage.trim)
+                                                 list(stage.right_padding), stage.trim, stage.hidden.dtype)
+        self._local.stage = stage.layer
         resp = wire.framed_tensor(pb.ForwardResponse(request_id=req.request_id, routing=routing), ("output",),
                                   out, code)
         return self._counted(resp, out.shape[0] * out.shape[1], start)
+
+    def after_reply(self) -> None:
+        """The reply to this thread's last request went out: build its span's
+        next decode step ahead (``StageStore.prebuild``), if it was a stage
+        request. Never raises: a failure here costs only the head start."""
+        start, self._local.stage = getattr(self._local, "stage", None), None
+        if start is None:
+            return
+        try:
+            self.stages.prebuild(start)
+        except Exception:  # noqa: BLE001 the step is then built when it comes
+            logger.exception("building the next decode step of the span at layer %d ahead failed", start)
 
     def _counted(self, resp: "pb.ForwardResponse | wire.Framed", tokens: int, start: float):
         """``resp``, with its compute time, counted in the node's stats (its

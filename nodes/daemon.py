@@ -49,6 +49,7 @@ class NodeConfig:
     metrics_port: int | None = None   # Prometheus /metrics on the first host; None: off, 0: a free port
     security: Security = field(default_factory=Security)  # cluster token and TLS files
     compile: bool = True              # mx.compile decode steps (off: for A/B measurements)
+    prebuild: bool = True             # build a span's next decode step ahead (off: for A/B measurements)
 
     def __post_init__(self) -> None:
         """Raises InvalidRequestError naming the field at fault."""
@@ -59,7 +60,7 @@ class NodeConfig:
               f"memory_gb must be a number above 0, not {self.memory_gb!r}")
         check(is_positive(self.kv_idle_timeout), "kv_idle_timeout",
               f"kv_idle_timeout must be a number above 0, not {self.kv_idle_timeout!r}")
-        for name in ("discovery", "compile"):
+        for name in ("discovery", "compile", "prebuild"):
             check(isinstance(getattr(self, name), bool), name, f"{name} must be True or False")
         check(all(isinstance(i, str) and i for i in self.interfaces), "interfaces",
               "interfaces must be names or addresses")
@@ -89,7 +90,7 @@ class Node:
         budget = config.memory_gb * 1e9 if config.memory_gb else default_budget(physical_memory())
         self.wired = WiredLimit(f"node {self.name}")
         self.worker = MLXWorker(f"mlx-{self.name}")
-        self.stages = StageStore(self.store, config.kv_idle_timeout)
+        self.stages = StageStore(self.store, config.kv_idle_timeout, prebuild_steps=config.prebuild)
         self.core = NodeCore(self.name, self.store, int(budget), self.worker, self.stages)
         self.servicer = ExpertServicer(self.core)
         self.server, self.port, self._health = create_server(
@@ -100,7 +101,7 @@ class Node:
         )
         self.dataplane = DataPlane(hosts, self.core.forward_framed, security=config.security,
                                    hello_wanted=self.core.held_by_router, hello_error=self.core.hello_error,
-                                   count=self.core.count_bytes)
+                                   count=self.core.count_bytes, after=self.core.after_reply)
         self.core.on_router_change = self.dataplane.drop_all
         self.core.token_required = bool(config.security.token)
         self.core.data_port = self.dataplane.port

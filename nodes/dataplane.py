@@ -10,7 +10,8 @@ Threads, four kinds: an acceptor per listening address; one ticker for the
 whole data plane (heartbeats, hello deadlines); a short-lived hello thread per
 connection not admitted yet; and an ``MLXWorker`` per admitted connection,
 which reads its requests, runs them itself (no thread hand-off on the hot
-path) and writes the replies.
+path), writes the replies, and after each does what the node wants done
+while the router is busy elsewhere (``after``: a span's next step built ahead).
 
 Admission: with TLS files a connection is TLS with client certificates; with
 a cluster token, or while a router holds the node, its first frame must be a
@@ -106,12 +107,15 @@ class DataPlane:
     def __init__(self, hosts: list[str], handle: Handler, max_bytes: int = MAX_MESSAGE_BYTES,
                  security: Security = Security(), hello_wanted: Callable[[], bool] = lambda: False,
                  hello_error: Callable[[pb.DataPlaneHello], str] = lambda hello: "",
-                 count: Callable[[int, int], None] = lambda received, sent: None):
+                 count: Callable[[int, int], None] = lambda received, sent: None,
+                 after: Callable[[], None] = lambda: None):
         """Listen on every one of ``hosts``, on one port (the first free one).
 
         While ``hello_wanted()`` (the node serves a router), a connection's
         hello must also satisfy ``hello_error`` (returns why not, or "").
-        ``count(request bytes, reply bytes)`` hears each exchange's traffic."""
+        ``count(request bytes, reply bytes)`` hears each exchange's traffic;
+        ``after()`` runs on the connection's thread once each reply is out,
+        before its next request is read (it must not raise)."""
         self._listeners: list[socket.socket] = []
         self.port = 0
         for host in hosts:
@@ -120,6 +124,7 @@ class DataPlane:
             self.port = self._listeners[0].getsockname()[1]
         self._handle = handle
         self._count = count
+        self._after = after
         self._max_bytes = max_bytes
         self._security = security
         self._tls = security.server_ssl_context() if security.tls else None
@@ -330,6 +335,7 @@ class DataPlane:
                 beat.current = (req.request_id, now := time.monotonic())
                 self._active[conn] = now
                 self._count(size, beat.send(self._answer(req)))
+                self._after()
         except OSError as e:  # peer went away, stop() shut the socket, or TLS failed
             logger.debug("data plane connection from %s ended: %s", peer, e)
         finally:

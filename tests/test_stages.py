@@ -248,3 +248,73 @@ def test_a_spans_first_decode_step_compiles_the_same_kernels_however_many_layers
         assert out.returncode == 0, out.stderr[-2000:]
         kernels[layers] = sorted(p.name for p in cache.rglob("*") if p.is_file())
     assert kernels[1] and kernels[4] == kernels[1]
+
+
+@pytest.mark.parametrize("code", [pb.FLOAT32, pb.BFLOAT16])
+def test_decode_steps_built_ahead_answer_what_steps_built_at_the_request_do(tiny, code):
+    """A span builds its rows' next decode step while it waits (``prebuild``).
+    Whatever comes instead (other rows, a trim, a prompt, a request on
+    another thread), every answer is the one a node that builds nothing
+    ahead gives, bit for bit; steady decode steps, and those after another
+    sequence's release, run as built ahead."""
+    import numpy as np
+
+    from expertmesh import wire
+    from expertmesh.checkpoint import Checkpoint
+    from expertmesh.nodes.stages import StageStore, _Span
+    from expertmesh.nodes.store import ExpertStore
+    from expertmesh.worker import MLXWorker
+
+    stores = {p: StageStore(ExpertStore(Checkpoint(tiny)), prebuild_steps=p) for p in (True, False)}
+    for s in stores.values():
+        s.assign([(0, 2)])
+    H = stores[True].adapter.hidden_size
+    rng = np.random.default_rng(0)
+    built = {True: 0, False: 0}  # graphs built while a request waited, per store
+    layers, requesting = _Span._layers, [None]
+
+    def counted(self, *args):
+        if requesting[0] is not None:
+            built[requesting[0]] += 1
+        return layers(self, *args)
+
+    def hidden(B, T):
+        return wire.from_float32(rng.standard_normal((B, T, H)).astype(np.float32), code)
+
+    # (how, rows, hidden, trim, built at the request with prebuild on)
+    script = [("here", [1], hidden(1, 3), 0, 1)] + [("here", [1], hidden(1, 1), 0, 0) for _ in range(3)]
+    script += [("here", [2], hidden(1, 2), 0, 1), ("here", [1, 2], hidden(2, 1), 0, 1)]
+    script += [("here", [1, 2], hidden(2, 1), 0, 0) for _ in range(2)]
+    script += [("here", [1], hidden(1, 1), 1, 1), ("here", [1], hidden(1, 1), 0, 0), ("release", [2], None, 0, 0)]
+    script += [("here", [1], hidden(1, 1), 0, 0), ("thread", [1], hidden(1, 1), 0, 1)]
+    script += [("here", [1], hidden(1, 1), 0, 0) for _ in range(2)]
+    _Span._layers = counted
+    try:
+        for how, rows, x, trim, _ in script:
+            answers = []
+            for prebuild, s in stores.items():
+                if how == "release":
+                    s.release(rows)
+                    continue
+                requesting[0] = prebuild
+                step = lambda: answers.append(s.forward(0, x, rows, [], trim, code))  # noqa: E731
+                if how == "here":
+                    step()
+                else:  # a thread of its own (MLX streams are per thread)
+                    other = MLXWorker("elsewhere")
+                    try:
+                        other.run(step)
+                    finally:
+                        other.close()
+                requesting[0] = None
+                s.prebuild(0)
+            if answers:
+                (a, ca, ra), (b, cb, rb) = answers
+                assert (ca, a.dtype, a.shape, ra) == (cb, b.dtype, b.shape, rb), (how, rows)
+                assert a.tobytes() == b.tobytes(), (how, rows, trim)
+    finally:
+        _Span._layers = layers
+        for s in stores.values():
+            s.close()
+    requests = [expected for how, *_, expected in script if how != "release"]
+    assert built == {False: len(requests), True: sum(requests)}

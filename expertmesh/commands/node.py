@@ -1,5 +1,6 @@
 """expertmesh node: serve some routed experts of a checkpoint."""
 
+import argparse
 from pathlib import Path
 
 from ..signals import StopSignals
@@ -21,6 +22,9 @@ def add_arguments(p) -> None:
     discovery_arguments(p, "announce this node over mDNS")
     metrics_argument(p)
     compile_argument(p)
+    p.add_argument("--prebuild", action=argparse.BooleanOptionalAction, default=True,
+                   help="pipeline stages: build a span's next decode step while waiting for it "
+                        "(default: on; off for A/B measurements)")
     security_arguments(p)
 
 
@@ -35,7 +39,7 @@ def run(args) -> None:
                            memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
                            discovery=args.discovery, interfaces=args.interface,
                            metrics_port=args.metrics_port, security=Security.from_args(args),
-                           compile=args.compile))
+                           compile=args.compile, prebuild=args.prebuild))
     stopped = False
     try:
         node.start()
