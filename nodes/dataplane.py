@@ -10,8 +10,7 @@ Threads, four kinds: an acceptor per listening address; one ticker for the
 whole data plane (heartbeats, hello deadlines); a short-lived hello thread per
 connection not admitted yet; and an ``MLXWorker`` per admitted connection,
 which reads its requests, runs them itself (no thread hand-off on the hot
-path), writes the replies, and after each does what the node wants done
-while the router is busy elsewhere (``after``: a span's next step built ahead).
+path), writes the replies, and after each runs ``after`` (a span's next step built ahead).
 
 Admission: with TLS files a connection is TLS with client certificates; with
 a cluster token, or while a router holds the node, its first frame must be a
@@ -55,11 +54,10 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[pb.ForwardRequest], "pb.ForwardResponse | wire.Framed"]  # a Framed one: see wire.Framed
 
 HELLO_TIMEOUT_S = 10.0  # a connection that has not authenticated by then is dropped
-MAX_UNADMITTED = 64     # past this many connections waiting for their hello, the oldest is dropped
-MAX_SERVED = 16         # admitted connections served at once (an MLX thread each); a router needs one or two
+MAX_UNADMITTED = 64  # past this many connections waiting for their hello, the oldest is dropped
+MAX_SERVED = 16      # admitted connections served at once (an MLX thread each); a router needs one or two
 _HELLO_BYTES = 4096
-_DRAIN_S = 1.0  # how long a refused peer's unread frames are read and dropped
-_WORKER_WAIT_S = 2.0  # how long a new connection waits for a dropped one's worker
+_DRAIN_S, _WORKER_WAIT_S = 1.0, 2.0  # reading a refused peer's unread frames; waiting for a dropped one's worker
 
 
 class _Beat:
@@ -113,9 +111,8 @@ class DataPlane:
 
         While ``hello_wanted()`` (the node serves a router), a connection's
         hello must also satisfy ``hello_error`` (returns why not, or "").
-        ``count(request bytes, reply bytes)`` hears each exchange's traffic;
-        ``after()`` runs on the connection's thread once each reply is out,
-        before its next request is read (it must not raise)."""
+        ``count(request bytes, reply bytes)`` hears each exchange's traffic; ``after()``
+        runs on the connection's thread after each reply (it must not raise)."""
         self._listeners: list[socket.socket] = []
         self.port = 0
         for host in hosts:
@@ -123,8 +120,7 @@ class DataPlane:
             self._listeners.append(socket.create_server((host, self.port), family=family))
             self.port = self._listeners[0].getsockname()[1]
         self._handle = handle
-        self._count = count
-        self._after = after
+        self._count, self._after = count, after
         self._max_bytes = max_bytes
         self._security = security
         self._tls = security.server_ssl_context() if security.tls else None
@@ -343,8 +339,7 @@ class DataPlane:
                 self._conns.discard(conn)
                 self._active.pop(conn, None)
                 self._serving.pop(conn, None)
-                keep = not self._stopping.is_set()
-                if keep:  # the next connection runs on this thread: no new one for each
+                if keep := not self._stopping.is_set():  # the next connection runs on this thread
                     self._idle_workers.append(worker)
                     self._lock.notify_all()
             conn.close()

@@ -147,7 +147,7 @@ def test_nodes_refuse_bad_stage_requests_and_keep_serving(tiny):
             node.core.forward(pb.ForwardRequest(request_id=2, stage=pb.StageRequest(layer=1, hidden=pb.Tensor(
                 data=bytes(4 * 64), shape=[1, 1, 64], dtype=pb.FLOAT32))))
         from expertmesh.errors import RequestTooLargeError
-        from expertmesh.nodes import stages
+        from expertmesh.nodes import span as stages  # where the spans keep their limit
 
         def step(sequence: int) -> pb.ForwardResponse:
             return node.core.forward(pb.ForwardRequest(request_id=3, stage=pb.StageRequest(layer=0, hidden=pb.Tensor(
@@ -261,7 +261,8 @@ def test_decode_steps_built_ahead_answer_what_steps_built_at_the_request_do(tiny
 
     from expertmesh import wire
     from expertmesh.checkpoint import Checkpoint
-    from expertmesh.nodes.stages import StageStore, _Span
+    from expertmesh.nodes.span import _Span
+    from expertmesh.nodes.stages import StageStore
     from expertmesh.nodes.store import ExpertStore
     from expertmesh.worker import MLXWorker
 
