@@ -43,7 +43,6 @@ class _Next:
     code: int            # the wire dtype of the input it expects
     view: np.ndarray     # the placeholder input's memory: the request's hidden states go here
     out: mx.array
-    ids: mx.array | None
     states: list
     saved: list[dict]    # each cache's attributes before the graph was built (evaluated): put back by ``_cancel``
     thread: int          # the thread that built it (MLX graphs stay on the thread that made them)
@@ -130,10 +129,10 @@ class _Span:
                 and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident()):
             np.copyto(nxt.view, hidden)
             nxt.saved = []  # the caches' old handles go: their memory is then updated in place, as mlx-lm's is
-            out = wire.read_back([nxt.out] if nxt.ids is None else [nxt.out, nxt.ids], nxt.states)
+            out = self._read(nxt.out, nxt.states)  # the gates' ids as prebuild's layers noted them
             self._used[sequences] = time.monotonic()
             self._last = (sequences, code)
-            return out[0].reshape(nxt.out.shape), wire.wire_dtype(nxt.out.dtype), (None if nxt.ids is None else out[1])
+            return out
         self._next = nxt
         out = self(wire.from_numpy(hidden, code), sequences, right_padding, trim)
         self._last = (sequences, code) if sequences else None
@@ -159,11 +158,9 @@ class _Span:
         try:
             out = self._layers(x, self.mask(x, caches[0]), caches)
         except Exception:
-            for c, attrs in zip(caches, saved):
-                vars(c).update(attrs)
+            _put_back(caches, saved)
             raise
-        self._next = _Next(sequences, code, view, out, self.routing.pending(), [c.state for c in caches], saved,
-                           threading.get_ident())
+        self._next = _Next(sequences, code, view, out, [c.state for c in caches], saved, threading.get_ident())
 
     def _cancel(self) -> None:
         """Drop the graph built ahead, its caches as they were before it: the
@@ -171,9 +168,8 @@ class _Span:
         changes the handle it is called on), so the old ones hold what they
         held, evaluated, and any thread may go on from them."""
         nxt, self._next = self._next, None
-        if nxt is not None and self._batches.get(nxt.sequences) is not None:
-            for c, attrs in zip(self._batches[nxt.sequences], nxt.saved):
-                vars(c).update(attrs)
+        if nxt is not None and nxt.sequences in self._batches:
+            _put_back(self._batches[nxt.sequences], nxt.saved)
 
     def _layers(self, x: mx.array, mask, caches: list) -> mx.array:
         """The layers' graph on ``x``, evaluated as one: setting each layer
@@ -220,3 +216,9 @@ class _Span:
     @property
     def sequences(self) -> set[int]:
         return set(self._loose).union(*self._batches) if self._batches else set(self._loose)
+
+
+def _put_back(caches: list, saved: list[dict]) -> None:
+    """Each cache's attributes as ``saved`` before a step was built on it."""
+    for c, attrs in zip(caches, saved):
+        vars(c).update(attrs)
