@@ -144,38 +144,47 @@ SPAN_ALL, SPAN_EVAL, SPAN_REQ, SPAN_RTT, SPAN_DECODE = (
 
 
 def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Path, mode: str = "auto",
-                    streams: int = 1, prompt: str = PROMPT, node_args: tuple[str, ...] = ()) -> dict:
+                    streams: int = 1, prompt: str = PROMPT, node_args: tuple[str, ...] = (),
+                    chains: bool = True, prefill_chunk: int | None = None) -> dict:
     """µs per forward pass of a router whose layers run as stage spans on
     node processes (``mode`` auto or pipeline), ``streams`` generating at
     once (one batch): each span's call timed from outside, piece by piece,
     against the node's own time from its replies. With a long ``prompt`` and
     ``tokens`` 1, the passes are its prefill's and its first token's
     (``ms_per_prompt``: the time of one). ``node_args``: more flags for each
-    ``expertmesh node`` (``--no-prebuild`` for an A/B)."""
-    from expertmesh.router import stages
+    ``expertmesh node`` (``--no-prebuild`` for an A/B); ``chains`` False:
+    consecutive spans relayed through the router's MLX one after the other,
+    as before router/chain.py (an A/B); ``prefill_chunk``: the router's."""
+    from expertmesh.router import chain, stages
 
     timer = _Timer()
     computes: list[float] = []
-    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._exchange)
+    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime.submit,
+             stages.StageRuntime.wait, chain.mx, chain._forward, chain.wire)
 
-    def call(self, link, request):
-        out = saved[4](self, link, request)
-        message = request.message if isinstance(request, wire.Framed) else request  # a large one goes framed
-        if message.WhichOneof("op") == "stage":
-            computes.append(out[0].compute_seconds)
-        return out
+    def wait(self, link, pending, t0):
+        reply, rtt = saved[5](self, link, pending, t0)
+        if reply is not None:
+            computes.append(reply.compute_seconds)
+        return reply, rtt
 
-    stages.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
+    decodes = {"decode": SPAN_DECODE, "decode_numpy": SPAN_DECODE, "from_numpy": SPAN_DECODE}
+    stages.mx = chain.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
     stages.stage_request = timer.wrap(SPAN_REQ, saved[1])
-    stages.wire = _TimedModule(saved[2], timer, {"decode": SPAN_DECODE})
+    chain._forward = timer.wrap(SPAN_REQ, saved[7])
+    stages.wire = chain.wire = _TimedModule(saved[2], timer, decodes)
     stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[3])
-    stages.StageRuntime._exchange = timer.wrap(SPAN_RTT, call)
+    stages.StageRuntime.submit = timer.wrap(SPAN_RTT, saved[4])
+    stages.StageRuntime.wait = timer.wrap(SPAN_RTT, wait)
     procs, router = [], None
     try:
         procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery",
                           *node_args], logs / f"stagebreak-node{i}.log") for i in range(nodes)]
-        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0, mode=mode))
+        router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0, mode=mode,
+                                     **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk})))
         router.connect()
+        if not chains:
+            router.stage_runtime._chains = {}
 
         spans = sum(len(v) for v in router.plan.stages.values())
 
@@ -196,7 +205,8 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         runs = [generate() for _ in range(rounds)]
         wall = time.perf_counter() - t
     finally:
-        stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime._exchange = saved
+        (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime.submit,
+         stages.StageRuntime.wait, chain.mx, chain._forward, chain.wire) = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:
@@ -211,6 +221,8 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         **({} if prompt == PROMPT else {"ms_per_prompt": wall / rounds / streams * 1e3}),
         "streams": streams,
         **({"node_args": list(node_args)} if node_args else {}),
+        **({} if chains else {"chains": False}),
+        **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
         "decode_tps": statistics.median(tps for tps, _ in runs),  # in all, prompts' time included
         "ms_per_pass": wall / n * 1e3,
         "spans": spans,

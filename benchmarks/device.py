@@ -89,8 +89,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint to run instead of writing one (e.g. fullsize.py write DIR --layers 12)")
     parser.add_argument("--stages", nargs="+", default=["hop", "breakdown", "spans", "auto", "expert", "pipeline"],
-                        choices=["hop", "breakdown", "spans", "spans_prebuild", "prefill", "auto", "expert",
-                                 "pipeline"],
+                        choices=["hop", "breakdown", "spans", "spans_prebuild", "chain", "prefill", "auto",
+                                 "expert", "pipeline"],
                         help="what to measure, in this order (results are written after each)")
     args = parser.parse_args()
     repeats, tokens = (1, 32) if args.quick else (3, 64)
@@ -156,6 +156,8 @@ def main() -> int:
             "spans_prebuild": lambda: {"spans_ab": {
                 key: _spans(model, tokens, repeats, logs, streams=n, node_args=("--no-prebuild",) if off else ())
                 for key, n, off in (("on", 1, False), ("off", 1, True), ("off_8", 8, True), ("on_8", 8, False))}},
+            # router/chain.py's A/B in one mesh: prompt chunk sizes, chained against relayed spans
+            "chain": lambda: {"chain_ab": _chain(model, long_prompt()[0], repeats, logs)},
             "prefill": lambda: _prefill(model, long_prompt()[0], repeats, logs),
             **{mode: (lambda mode=mode: run.compare(mode, model, local(), 2, logs, tokens, *long_prompt(),
                                                     repeats, warm=True)) for mode in run.MODES},
@@ -189,6 +191,12 @@ def _spans(model: Path, tokens: int, rounds: int, logs: Path, streams: int = 1, 
     import breakdown
 
     return breakdown.stage_breakdown(model, 2, tokens, rounds, logs, streams=streams, node_args=tuple(node_args))
+
+
+def _chain(model: Path, prompt: str, rounds: int, logs: Path) -> dict:
+    import chainab
+
+    return chainab.measure(model, logs, prompt, rounds=rounds)
 
 
 def _prefill(model: Path, prompt: str, rounds: int, logs: Path) -> dict:

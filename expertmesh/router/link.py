@@ -72,12 +72,19 @@ def stage_request(layer: int, hidden: mx.array, sequences=(), right_padding=(),
                   trim: int = 0) -> "pb.ForwardRequest | wire.Framed":
     """One step of the stage span starting at ``layer`` ([B, T, H], evaluated;
     a prompt's travels as a ``wire.Framed`` tail, read from its memory)."""
+    return stage_request_numpy(layer, wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype), sequences,
+                               right_padding, trim)
+
+
+def stage_request_numpy(layer: int, hidden: np.ndarray, code: "pb.DType", sequences=(), right_padding=(),
+                        trim: int = 0) -> "pb.ForwardRequest | wire.Framed":
+    """``stage_request`` of hidden states as the wire carries them (``code``'s carrier values)."""
     request = pb.ForwardRequest(request_id=next(_REQUEST_IDS))
     op = request.stage
     op.layer, op.trim = layer, trim
     op.sequences.extend(sequences)
     op.right_padding.extend(right_padding)
-    return wire.framed_tensor(request, ("stage", "hidden"), wire.to_numpy(hidden), wire.wire_dtype(hidden.dtype))
+    return wire.framed_tensor(request, ("stage", "hidden"), hidden, code)
 
 
 def release_request(sequences) -> pb.ForwardRequest:

@@ -86,6 +86,7 @@ class Router:
             self.state = ClusterState(self.checkpoint.identity, config.assign_timeout,
                                       lambda spans: adapter.span_bytes(self.checkpoint.tensors, spans))
             self.model, self.tokenizer, self.adapter = load_dense(self.checkpoint)
+            self.stage_runtime: StageRuntime | None = None  # the spans' runtime, once any are up
             draft = load_draft(config.draft_model, self.tokenizer, config.num_draft_tokens) if config.draft_model else None
             self.engine = Engine(self.model, self.tokenizer, self.checkpoint.config, config.default_max_tokens, draft,
                                  max_batch=config.max_batch, max_waiting=config.max_waiting)
@@ -167,8 +168,10 @@ class Router:
         node's loading as "NAME layers A-B"), then swap them into the model for stand-ins."""
         self.state.bring_up_stages(self.plan.stages, progress)
         runtime = StageRuntime([s for spans in self.plan.stages.values() for s in spans], self.config.forward_timeout,
-                               lambda start: self.state.snapshot.stage_link(start), self.state.relocate, self.routing)
+                               lambda start: self.state.snapshot.stage_link(start), self.state.relocate, self.routing,
+                               self.config.prefill_chunk)
         self.worker.run(runtime.install, self.model)
+        self.stage_runtime = runtime
         self.engine.scheduler.on_step = runtime.sweep
 
     def start(self) -> "Router":

@@ -22,7 +22,7 @@ the next request.
 
 from __future__ import annotations
 
-import copy
+import inspect
 import itertools
 import logging
 import secrets
@@ -33,124 +33,18 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import KVCache
 
 from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
-from ..mlxlm import BaseCache, swap_class
+from ..mlxlm import swap_class
 from ..v1 import expertmesh_pb2 as pb
+from .chain import run_chain
 from .link import _REQUEST_IDS, NodeLink, release_request, stage_request
+from .stagecache import StageCache, _Inside
 from .stats import RoutingStats
 
 logger = logging.getLogger(__name__)
-
-
-class StageCache(KVCache):
-    """One sequence's cache slot for a stage span (what ``make_cache`` gives)."""
-
-    def __init__(self, runtime: "StageRuntime", sequence: int | None):
-        """``sequence`` None: a one-off forward, the node keeps no KV."""
-        super().__init__()
-        self.runtime, self.sequences = runtime, [] if sequence is None else [sequence]
-        self._trim = 0
-        runtime.track(self)
-
-    def trim(self, n: int) -> int:
-        n = super().trim(n)
-        self._trim += n
-        return n
-
-    def take_trim(self) -> int:
-        """Tokens trimmed here since the last request: the node drops them too."""
-        n, self._trim = self._trim, 0
-        return n
-
-    @classmethod
-    def merge(cls, caches):
-        return StageBatchCache.adopt(BatchKVCache.merge(caches), caches[0].runtime,
-                                     [s for c in caches for s in c.sequences])
-
-    def take_padding(self, n: int) -> list[int]:
-        return []
-
-
-class StageBatchCache(BatchKVCache):
-    """A batch's cache slot for a stage span: the layout of a ``BatchKVCache``
-    plus the sequence id of every row, following every structural change."""
-
-    @classmethod
-    def adopt(cls, batch: BatchKVCache, runtime: "StageRuntime", sequences: list[int]) -> "StageBatchCache":
-        self = cls.__new__(cls)
-        self.__dict__.update(batch.__dict__)
-        self.runtime, self.sequences, self._remaining = runtime, list(sequences), None
-        runtime.track(self)
-        return self
-
-    def __deepcopy__(self, memo):
-        new = self.__class__.__new__(self.__class__)
-        new.__dict__.update({k: v if k == "runtime" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        new.runtime.track(new)
-        return new
-
-    def filter(self, batch_indices):
-        super().filter(batch_indices)
-        self.sequences = [self.sequences[i] for i in batch_indices]
-        if self._remaining is not None:
-            self._remaining = [self._remaining[i] for i in batch_indices]
-
-    def extend(self, other):
-        super().extend(other)
-        self.sequences += other.sequences
-        if self._remaining is not None or other._remaining is not None:
-            raise RuntimeError("cannot extend a stage cache in the middle of a padded prompt")
-
-    def take_trim(self) -> int:
-        return 0  # BatchGenerator never trims
-
-    def extract(self, idx):
-        cache = StageCache(self.runtime, self.sequences[idx])
-        if self.keys is not None:
-            cache.state = super().extract(idx).state
-        return cache
-
-    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
-        super().prepare(left_padding=left_padding, lengths=lengths, right_padding=right_padding)
-        if right_padding is not None and max(right_padding) > 0:
-            self._remaining = list(lengths)
-
-    def finalize(self):
-        super().finalize()
-        self._remaining = None
-
-    def take_padding(self, n: int) -> list[int]:
-        """Pad tokens at the end of each row of the next ``n`` input tokens of
-        a right-padded prompt (a long one arrives in several chunks)."""
-        if self._remaining is None:
-            return []
-        real = [min(r, n) for r in self._remaining]
-        self._remaining = [r - k for r, k in zip(self._remaining, real)]
-        return [n - k for k in real]
-
-
-class _Inside(BaseCache):
-    """Cache slot of a layer inside a span after its first: nothing kept here."""
-
-    @classmethod
-    def merge(cls, caches):
-        return cls()
-
-    def extend(self, other): pass
-    def filter(self, batch_indices): pass
-    def prepare(self, **kwargs): pass
-    def finalize(self): pass
-    def extract(self, idx): return _Inside()
-    def empty(self): return True
-    def is_trimmable(self): return True
-    def trim(self, n): return n
-
-    @property
-    def nbytes(self):
-        return 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,8 +91,9 @@ class StageRuntime:
     REBUILD_CHUNK = 512  # prefix tokens per request when rebuilding a sequence's KV
 
     def __init__(self, spans: list[tuple[int, int]], timeout: float, locate: Locate,
-                 relocate: Relocate | None = None, stats: RoutingStats | None = None):
+                 relocate: Relocate | None = None, stats: RoutingStats | None = None, prefill_chunk: int = 0):
         self.stages = [Stage(a, b) for a, b in sorted(spans)]
+        self.prefill_chunk = prefill_chunk  # a prompt's tokens a row per pipelined chunk of a chain (0: one piece)
         self.locate = locate
         self.timeout = timeout
         self.relocate = relocate
@@ -209,6 +104,9 @@ class StageRuntime:
         self._span_of: dict[int, Stage] = {}      # sequence -> its span
         self._lost: set[int] = set()              # sequences whose KV died with a node: rebuilt before use
         self._inputs: list[list[int]] | None = None  # token ids of the forward pass under way
+        self._pass_caches: list | None = None        # the cache list of the forward pass under way
+        self._chains: dict[Stage, list[Stage]] = {}  # first span -> the spans that follow it layer after layer
+        self._ran: set[Stage] = set()                # spans a chain ran in the pass under way
         self._rebuilding = False
         self._model: nn.Module | None = None
         # ids unique across routers a node may serve in turn
@@ -230,11 +128,16 @@ class StageRuntime:
                 layers[i] = Passthrough()
         model.make_cache = lambda: self._make_caches(lambda stage: StageCache(self, next(self._ids)))
         base, runtime = type(model), self
+        at = _cache_argument(base)
+        self._chains = _chains(self.stages) if at is not None else {}
 
         class Tapped(base):
             def __call__(self, inputs, *args, **kwargs):
                 if not runtime._rebuilding:
                     runtime._inputs = inputs.tolist()
+                    runtime._pass_caches = kwargs["cache"] if "cache" in kwargs else \
+                        args[at] if len(args) > at else None
+                    runtime._ran.clear()
                 return base.__call__(self, inputs, *args, **kwargs)
 
         Tapped.__name__ = Tapped.__qualname__ = base.__name__
@@ -249,42 +152,87 @@ class StageRuntime:
         return caches
 
     def run(self, stage: Stage, x: mx.array, cache) -> mx.array:
+        if stage in self._ran:  # the chain of an earlier span ran this one in this pass
+            self._ran.discard(stage)
+            return x
+        chain = self._chains.get(stage)
+        if chain is not None and not self._rebuilding:
+            out = run_chain(self, chain, x, self._pass_caches)
+            self._ran.update(chain[1:])
+            return out
         B, T, _ = x.shape
+        request, state = self.prepare(cache, B, T)
+        mx.eval(x, state)
+        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
+        reply = self.send(stage, forward, request, B, T)
+        return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
+
+    def prepare(self, cache, B: int, T: int) -> tuple[pb.StageRequest, list]:
+        """The next ``T`` tokens of a span's request (its rows' sequences,
+        padding and trim), and the cache stand-in's state to evaluate."""
         request, state = pb.StageRequest(), []
         if cache is not None:
             dummy = mx.zeros((B, 1, T, 1), mx.float16)
             cache.update_and_fetch(dummy, dummy)
-            state = cache.state  # nothing else reads it: evaluate here, or its graph grows every step
+            state = cache.state  # nothing else reads it: evaluate it, or its graph grows every step
             request.sequences.extend(cache.sequences)
             request.right_padding.extend(cache.take_padding(T))
             request.trim = cache.take_trim()
             self._sent.update(cache.sequences)
-        mx.eval(x, state)
-        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
+        return request, state
+
+    def send(self, stage: Stage, forward, request: pb.StageRequest, B: int, T: int, at: int = 0):
+        """The reply to ``forward`` (``request``'s ``T`` tokens a row, from the
+        pass's token ``at``), its span moved to a live node when its node
+        fails, and counted (``done``)."""
         while True:
-            if not self._rebuilding:
-                for s in request.sequences:
-                    if s in self._lost:
-                        self._rebuild(stage, s)
-            link = self.locate(stage.start)
-            forward.request_id = next(_REQUEST_IDS)
-            try:
-                t0 = time.perf_counter()
-                reply, sent, received = self._exchange(link, forward)
-                rtt = time.perf_counter() - t0
+            self.restore(stage, request)
+            link, pending, t0 = self.submit(stage, forward)
+            reply, rtt = self.wait(link, pending, t0)
+            if reply is not None:
                 break
-            except UnavailableError:
-                if not link.down or self.relocate is None:  # the node itself refused: no failover helps
-                    raise
             self._move(stage, link)
+        self.done(stage, link, pending, request, reply, rtt, B, T, at)
+        return reply
+
+    def restore(self, stage: Stage, request: pb.StageRequest) -> None:
+        """Rebuild, on the span's node, the KV of the rows' sequences lost with a node."""
+        if not self._rebuilding:
+            for s in request.sequences:
+                if s in self._lost:
+                    self._rebuild(stage, s)
+
+    def submit(self, stage: Stage, forward):
+        """(link, pending reply or the ``UnavailableError`` sending raised, the time it went)."""
+        link = self.locate(stage.start)
+        forward.request_id = next(_REQUEST_IDS)
+        t0 = time.perf_counter()
+        try:
+            return link, link.submit(forward), t0
+        except UnavailableError as e:
+            return link, e, t0
+
+    def wait(self, link: NodeLink, pending, t0: float):
+        """(reply, round trip); (None, 0) when the node failed and its span can move."""
+        try:
+            if isinstance(pending, UnavailableError):
+                raise pending
+            reply = pending.result(timeout=self.timeout)
+            return reply, time.perf_counter() - t0
+        except UnavailableError:
+            if not link.down or self.relocate is None:  # the node itself refused: no failover helps
+                raise
+            return None, 0.0
+
+    def done(self, stage: Stage, link: NodeLink, pending, request: pb.StageRequest, reply, rtt: float,
+             B: int, T: int, at: int) -> None:
         if self.stats is not None:
             self.stats.record_stage(link.name, stage.start, stage.end, B * T, reply.routing,
-                                    sent, received, rtt)
+                                    pending.sent_bytes, pending.received_bytes, rtt)
         if not self._rebuilding:
-            self._record(stage, request, T)
-        return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
+            self._record(stage, request, T, at)
 
-    def _record(self, stage: Stage, request: pb.StageRequest, T: int) -> None:
+    def _record(self, stage: Stage, request: pb.StageRequest, T: int, at: int = 0) -> None:
         """Note the tokens whose KV the node now holds for each row's sequence."""
         for row, s in enumerate(request.sequences):
             tokens = self._history.setdefault(s, [])
@@ -292,7 +240,7 @@ class StageRuntime:
             if request.trim:
                 del tokens[len(tokens) - request.trim:]
             pad = request.right_padding[row] if request.right_padding else 0
-            tokens.extend(self._inputs[row][:T - pad])
+            tokens.extend(self._inputs[row][at:at + T - pad])
 
     def _move(self, stage: Stage, dead: NodeLink) -> None:
         """Load the span onto a live node; the KV of every sequence it served is lost."""
@@ -322,13 +270,7 @@ class StageRuntime:
         self._lost.discard(sequence)
 
     def _call(self, link: NodeLink, request: pb.ForwardRequest) -> pb.ForwardResponse:
-        return self._exchange(link, request)[0]
-
-    def _exchange(self, link: NodeLink, request: pb.ForwardRequest) -> tuple[pb.ForwardResponse, int, int]:
-        """The reply to ``request``, and the bytes of both."""
-        pending = link.submit(request)
-        reply = pending.result(timeout=self.timeout)
-        return reply, pending.sent_bytes, pending.received_bytes
+        return link.submit(request).result(timeout=self.timeout)
 
     def sweep(self) -> None:
         """Release on the nodes the sequences no cache here holds any more."""
@@ -346,3 +288,23 @@ class StageRuntime:
                 self._call(link, release_request(gone))
             except ExpertmeshError as e:  # the node's idle timeout frees them instead
                 logger.warning("could not release %d sequences on %r: %s", len(gone), link, e)
+
+
+def _chains(stages: list[Stage]) -> dict[Stage, list[Stage]]:
+    """First span of each run of spans that follow each other layer after
+    layer (two or more) -> that run: a chain (``chain.run_chain``)."""
+    runs: list[list[Stage]] = []
+    for stage in stages:
+        if runs and runs[-1][-1].end == stage.start:
+            runs[-1].append(stage)
+        else:
+            runs.append([stage])
+    return {run[0]: run for run in runs if len(run) > 1}
+
+
+def _cache_argument(model_class) -> int | None:
+    """Position of ``cache`` among the model's call arguments after the
+    inputs; None when it takes none (no chains then: the spans' caches are
+    not known before each span is reached)."""
+    names = list(inspect.signature(model_class.__call__).parameters)[2:]
+    return names.index("cache") if "cache" in names else None

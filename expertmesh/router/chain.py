@@ -1,0 +1,121 @@
+"""A forward pass through spans that follow each other layer after layer: a chain.
+
+When the model reaches the first span of a chain, ``StageRuntime`` runs the
+whole chain here, and the later spans' stand-ins pass its output on:
+
+- The cache stand-ins of every span are updated first and evaluated with
+  the hidden states in one ``mx.eval``, so the router syncs with its device
+  once a pass, not once a span.
+- Each span's reply goes on to the next span's node as the wire carried it
+  (numpy over the reply's bytes): no ``mx.array``, eval or read-back on the
+  router between two spans. Only the chain's last reply becomes an array.
+- A prompt of more than ``StageRuntime.prefill_chunk`` tokens a row goes in
+  chunks, pipelined in lockstep: at step ``t`` the chain's span ``s`` runs
+  chunk ``t - s``. Every request of a step is sent before any reply of it
+  is read, so while a later span's node runs one chunk, an earlier span's
+  node runs the next. With S spans and k chunks a prompt takes k + S - 1
+  steps of a chunk's time, against k * S one after the other.
+
+Failover is ``StageRuntime.send``'s: a step's replies are all read first,
+then each request whose node failed is sent again once its span has moved
+and its sequences' KV is rebuilt (no reply of the step is still unread on
+any link then, since a rebuild sends requests of its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .. import wire
+from ..errors import UnavailableError
+from ..v1 import expertmesh_pb2 as pb
+from .link import stage_request_numpy
+
+
+@dataclass(eq=False)
+class _Piece:
+    """One chunk of one span's request in the pass."""
+
+    stage: "Stage"
+    s: int                    # the span's place in the chain
+    j: int                    # the chunk's place in the pass
+    request: pb.StageRequest  # the rows' sequences, this chunk's right padding, the trim (first chunk)
+    at: int                   # the chunk's first token in the pass
+    tokens: int               # its tokens a row
+    hidden: np.ndarray | None = field(default=None, repr=False)  # its input, as the wire carries it
+    code: int = 0             # that input's wire dtype
+
+
+def chunks(T: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of ``T`` tokens, ``size`` at most and as
+    even as can be; one chunk when ``size`` is 0 or ``T`` fits it."""
+    if size <= 0 or T <= size:
+        return [(0, T)]
+    k = -(-T // size)
+    step = -(-T // k)
+    return [(a, min(a + step, T)) for a in range(0, T, step)]
+
+
+def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: list | None) -> mx.array:
+    """The output of ``chain``'s spans on ``x`` [B, T, H] (``caches``: the
+    pass's cache list, None for a one-off forward)."""
+    B, T, H = x.shape
+    keeps_kv = caches is not None and caches[chain[0].start] is not None  # a chunk's KV is there for the next
+    bounds = chunks(T, rt.prefill_chunk if keeps_kv else 0)
+    pieces, states = [], []
+    for s, stage in enumerate(chain):
+        cache = None if caches is None else caches[stage.start]
+        row, state = [], []
+        for j, (a, b) in enumerate(bounds):
+            request, state = rt.prepare(cache, B, b - a)
+            row.append(_Piece(stage, s, j, request, a, b - a))
+        pieces.append(row)
+        states += state  # the stand-in's state after all its chunks
+    mx.eval(x, states)
+    hidden, code = wire.to_numpy(x), wire.wire_dtype(x.dtype)
+    for piece, (a, b) in zip(pieces[0], bounds):
+        piece.hidden, piece.code = hidden[:, a:b], code
+    S, k = len(chain), len(bounds)
+    for step in range(S + k - 1):
+        work = [pieces[s][step - s] for s in range(S) if 0 <= step - s < k]
+        for piece in work:  # KV lost with a node is rebuilt while nothing of the pass is in flight
+            rt.restore(piece.stage, piece.request)
+        forwards = [_forward(piece) for piece in work]
+        sent = [rt.submit(piece.stage, forward) for piece, forward in zip(work, forwards)]
+        failed = []
+        for piece, forward, (link, pending, t0) in zip(work, forwards, sent):
+            reply, rtt = rt.wait(link, pending, t0)
+            if reply is None:
+                failed.append((piece, forward, link))
+                continue
+            rt.done(piece.stage, link, pending, piece.request, reply, rtt, B, piece.tokens, piece.at)
+            _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
+        for piece, forward, link in failed:
+            rt._move(piece.stage, link)
+            reply = rt.send(piece.stage, forward, piece.request, B, piece.tokens, piece.at)
+            _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
+    last = [piece.hidden for piece in pieces[-1]]  # _pass_on leaves the chain's output there
+    codes = {piece.code for piece in pieces[-1]}
+    if len(codes) > 1:
+        raise UnavailableError(f"layers {chain[-1].start}-{chain[-1].end - 1} answered a prompt's chunks in "
+                               f"{len(codes)} dtypes")
+    return wire.from_numpy(last[0] if k == 1 else np.concatenate(last, axis=1), codes.pop())
+
+
+def _forward(piece: _Piece):
+    r = piece.request
+    return stage_request_numpy(piece.stage.start, piece.hidden, piece.code, r.sequences, r.right_padding, r.trim)
+
+
+def _pass_on(pieces: list[list[_Piece]], piece: _Piece, reply: pb.ForwardResponse, shape: tuple, link) -> None:
+    """The reply's output as the next span's input (or, after the last span,
+    in place of this piece's input: the chain's output)."""
+    out = wire.decode_numpy(reply.output, "output")
+    if out.shape != shape:
+        raise UnavailableError(f"{link!r} answered layers {piece.stage.start}-{piece.stage.end - 1} with shape "
+                               f"{list(out.shape)}, expected {list(shape)}")
+    target = pieces[piece.s + 1][piece.j] if piece.s + 1 < len(pieces) else piece
+    target.hidden, target.code = out, reply.output.dtype
