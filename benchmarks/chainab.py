@@ -7,7 +7,7 @@ alternating round by round so that each sees the same machine:
   the wire carried it, one eval a pass) and relayed through the router's MLX
   one span after the other, as before the chain.
 
-    python benchmarks/chainab.py MODEL [--chunks 0 64 128 256] [--rounds 3] [--json OUT]
+    python benchmarks/chainab.py MODEL [--chunks 0 64 128 256] [--rounds 3] [--pin] [--json OUT]
 
 A router in this process over 2 ``expertmesh node`` processes on loopback
 (``--no-discovery``). Medians over the rounds; the first round only warms.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,10 @@ sys.path.insert(0, str(HERE))
 
 
 def measure(model: Path, logs: Path, prompt: str, chunks=(0, 64, 128, 256), rounds: int = 3, tokens: int = 64,
-            nodes: int = 2) -> dict:
+            nodes: int = 2, pin: bool = False) -> dict:
+    """``pin``: each node process on a CPU of its own (``sched_setaffinity``,
+    which the process inherits), as nodes on machines of their own compute
+    side by side; the router keeps every CPU."""
     from expertmesh.options import GenerationOptions
     from expertmesh.router import Router, RouterConfig
     from expertmesh.testing.process import Process
@@ -36,8 +40,15 @@ def measure(model: Path, logs: Path, prompt: str, chunks=(0, 64, 128, 256), roun
 
     procs, router = [], None
     try:
-        procs = [Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40", "--no-discovery"],
-                         logs / f"chainab-node{i}.log") for i in range(nodes)]
+        cpus = sorted(os.sched_getaffinity(0))
+        for i in range(nodes):
+            if pin:
+                os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+            try:
+                procs.append(Process(["node", "--model", str(model), "--name", f"n{i}", "--memory-gb", "40",
+                                      "--no-discovery"], logs / f"chainab-node{i}.log"))
+            finally:
+                os.sched_setaffinity(0, cpus)
         router = Router(RouterConfig(model=model, peers=[p.address(timeout=300) for p in procs], port=0,
                                      mode="auto"))
         router.connect()
@@ -73,7 +84,7 @@ def measure(model: Path, logs: Path, prompt: str, chunks=(0, 64, 128, 256), roun
             router.stop(grace=0)
         for p in procs:
             p.stop()
-    return {"spans": [list(s) for s in spans], "rounds": rounds,
+    return {"spans": [list(s) for s in spans], "rounds": rounds, **({"pinned": True} if pin else {}),
             "prefill_first_token_ms": {str(c): statistics.median(v[1:]) for c, v in prefill.items()},
             "decode_tps": {k: statistics.median(v[1:]) for k, v in decode.items()}}
 
@@ -85,12 +96,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--pin", action="store_true", help="each node on a CPU of its own")
     args = p.parse_args()
     import run
 
     with tempfile.TemporaryDirectory(prefix="expertmesh-chainab-") as logs:
         r = measure(args.model, Path(logs), run.long_prompt(args.model, args.prompt_tokens), args.chunks,
-                    args.rounds)
+                    args.rounds, pin=args.pin)
     r["command"] = " ".join(["benchmarks/chainab.py", *sys.argv[1:]])
     print(json.dumps(r, indent=1))
     if args.json:

@@ -11,6 +11,7 @@ import pytest
 
 from expertmesh import Client
 from expertmesh.builtin import model_dir
+from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import link as links
 from expertmesh.router.chain import chunks
 
@@ -103,6 +104,29 @@ def test_a_prompt_through_three_stage_nodes_gives_mlx_lm_s_logits_and_tokens(ref
     # decode steps: one token a row, each node in turn
     steps = [n for event, _, _, n in traffic[len(prompt_traffic):] if event == "send"]
     assert steps.count(1) >= 3 * (TOKENS - 1)
+
+
+@pytest.mark.parametrize("far", ["127.0.0.2", "127.0.0.1"])
+def test_by_default_a_long_prompt_goes_in_chunks_only_between_nodes_on_two_hosts(tiny, traffic, far):
+    """Nodes of one host share its GPU, where chunks only add work; nodes of
+    two hosts (here two loopback addresses) run them side by side."""
+    prompt = " ".join([PROMPT] * 12)
+    expected = reference_tokens(tiny, prompt, 8)
+    nodes = [Node(NodeConfig(model=tiny, name=name, host=host, memory_gb=1.0)).start()
+             for name, host in (("near", "127.0.0.1"), ("far", far))]
+    try:
+        with running_router(tiny, [n.address for n in nodes], mode="pipeline") as router, \
+                Client(f"127.0.0.1:{router.port}") as client:
+            assert [p.token for p in client.generate(prompt, max_tokens=8)] == expected
+    finally:
+        for node in nodes:
+            node.stop(grace=0)
+    pieces = [n for event, node, _, n in traffic if event == "send" and node == "far" and n > 1]  # the prompt's
+    assert sum(pieces) > 128
+    if far == "127.0.0.1":  # one host: the prompt in one piece, one node after the other
+        assert len(pieces) == 1 and most_at_once(traffic) == 1
+    else:
+        assert len(pieces) == -(-sum(pieces) // 128) and max(pieces) <= 128 and most_at_once(traffic) == 2
 
 
 def test_a_stage_node_killed_in_the_middle_of_a_chunked_prompt_loses_no_token(tiny, tmp_path, caplog, monkeypatch):

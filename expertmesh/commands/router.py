@@ -59,7 +59,8 @@ def add_arguments(p) -> None:
                    help="tokens the draft model proposes per pass (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                    help="a prompt's tokens per chunk through consecutive pipeline stages: while one stage's node "
-                        "runs a chunk, the stage before runs the next (default 128; 0: whole prompts)")
+                        "runs a chunk, the stage before runs the next (default: 128 where those nodes run on "
+                        "other hosts, whole prompts where they share one; 0: whole prompts)")
     p.add_argument("--takeover", action="store_true",
                    help="take nodes that serve another router (a node serves one router at a time; "
                         "the other router's requests then fail)")
@@ -89,7 +90,7 @@ def run(args) -> None:
                           rebalance_interval=args.rebalance_interval,
                           rebalance_min_tokens=args.rebalance_min_tokens, takeover=args.takeover,
                           compile=args.compile,  # checked here, before any checkpoint is read
-                          **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
+                          prefill_chunk=args.prefill_chunk)
     router = Router(config)
     stopped = False
     try:

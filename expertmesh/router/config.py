@@ -11,9 +11,6 @@ from .link import REQUEST_LIMIT_S
 from .validation import validate
 
 
-PREFILL_CHUNK = 128  # a prompt's tokens a row per chunk pipelined through consecutive spans (router/chain.py)
-
-
 @dataclass
 class RouterConfig:
     model: Path                                    # checkpoint directory
@@ -45,7 +42,8 @@ class RouterConfig:
     rebalance_min_tokens: int = 256                # tokens through the model since the last change before acting
     takeover: bool = False                         # take nodes that serve another router (it then stops using them)
     compile: bool = True                           # mx.compile decode steps (off: for A/B measurements)
-    prefill_chunk: int = PREFILL_CHUNK             # a prompt's tokens a row per chunk pipelined through consecutive spans; 0: none
+    prefill_chunk: int | None = None               # a prompt's tokens a row per chunk pipelined through consecutive
+                                                   # spans; 0: none; None: 128 where they run on other hosts (chain.py)
 
     def __post_init__(self) -> None:
         validate(self)  # InvalidRequestError naming the field

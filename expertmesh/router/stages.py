@@ -91,9 +91,9 @@ class StageRuntime:
     REBUILD_CHUNK = 512  # prefix tokens per request when rebuilding a sequence's KV
 
     def __init__(self, spans: list[tuple[int, int]], timeout: float, locate: Locate,
-                 relocate: Relocate | None = None, stats: RoutingStats | None = None, prefill_chunk: int = 0):
+                 relocate: Relocate | None = None, stats: RoutingStats | None = None, prefill_chunk: int | None = 0):
         self.stages = [Stage(a, b) for a, b in sorted(spans)]
-        self.prefill_chunk = prefill_chunk  # a prompt's tokens a row per pipelined chunk of a chain (0: one piece)
+        self.prefill_chunk = prefill_chunk  # a prompt's tokens a row per chunk of a chain (0: none; None: chain.py's rule)
         self.locate = locate
         self.timeout = timeout
         self.relocate = relocate

@@ -46,7 +46,7 @@ def validate(config) -> None:
           "--request-limit must be at least --forward-timeout")
     check(type(config.num_draft_tokens) is int and config.num_draft_tokens >= 1, "num_draft_tokens",
           "--num-draft-tokens must be at least 1")
-    check(type(config.prefill_chunk) is int and config.prefill_chunk >= 0, "prefill_chunk",
-          "--prefill-chunk must be 0 (off) or more tokens")
+    check(config.prefill_chunk is None or (type(config.prefill_chunk) is int and config.prefill_chunk >= 0),
+          "prefill_chunk", "--prefill-chunk must be 0 (off) or more tokens")
     for name in ("discovery", "takeover", "compile"):
         check(type(getattr(config, name)) is bool, name, f"{name} must be True or False")
