@@ -83,10 +83,12 @@ def test_a_cancelled_request_releases_its_kv(tiny):
             assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
 
 
-def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny, prefill_chunk):
     """Prompts of different lengths, right-padded in one prefill and cut into
-    4-token chunks, then decoded as one batch: what mlx-lm's own BatchGenerator
-    computes on the whole model."""
+    4-token chunks (and those, through the router's chain, into pieces of 2),
+    then decoded as one batch: what mlx-lm's own BatchGenerator computes on
+    the whole model."""
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
@@ -104,7 +106,8 @@ def test_prompts_padded_and_chunked_together_match_mlx_lm_batching(tiny):
         return [out[u] for u in uids]
 
     expected = run(ref_model)
-    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline") as router:
+    with running_nodes(tiny, 2) as nodes, running_router(tiny, [n.address for n in nodes], mode="pipeline",
+                                                         prefill_chunk=prefill_chunk) as router:
         assert router.worker.run(run, router.model) == expected
         router.worker.run(router.engine.scheduler.on_step)
         assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
