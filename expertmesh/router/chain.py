@@ -16,14 +16,18 @@ whole chain here, and the later spans' stand-ins pass its output on:
   node runs the next. With S spans and k chunks a prompt takes k + S - 1
   steps of a chunk's time, against k * S one after the other.
 
-Failover is ``StageRuntime.send``'s: a step's replies are all read first,
-then each request whose node failed is sent again once its span has moved
-and its sequences' KV is rebuilt (no reply of the step is still unread on
-any link then, since a rebuild sends requests of its own).
+A step sends one request a node at a time (``_one_a_link``). Failover is
+``StageRuntime.send``'s: a step's replies are all read first, then each
+request whose node failed is sent again once its span has moved and its
+sequences' KV is rebuilt (no reply of the step is still unread on any link
+then, since a rebuild sends requests of its own). A piece's round trip, in
+the router's stats, runs from its send to its reply's read, so in a prompt's
+step it includes reading the replies read before it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -58,22 +62,34 @@ def chunks(T: int, size: int) -> list[tuple[int, int]]:
     if size <= 0 or T <= size:
         return [(0, T)]
     k = -(-T // size)
-    step = -(-T // k)
-    return [(a, min(a + step, T)) for a in range(0, T, step)]
+    ends = [T * (i + 1) // k for i in range(k)]  # sizes differ by one token at most
+    return list(zip([0] + ends[:-1], ends))
 
 
 def chunk_size(rt: "StageRuntime", chain: list["Stage"]) -> int:
     """Tokens a row per chunk of a prompt through ``chain``: the router's
-    ``prefill_chunk`` when it names one, else ``PREFILL_CHUNK`` when two of
-    the chain's nodes run on other hosts and none when all run on one. Nodes
-    on one host share its GPU, and there chunks only add work: on one H200 a
-    512-token prompt through 2 nodes took 147 ms whole, 148 / 158 / 177 ms in
-    chunks of 256 / 128 / 64 (benchmarks/README.md). On compute of their own
-    the nodes run chunks side by side (2 CPUs: 529 ms whole, 286 in chunks of 128)."""
+    ``prefill_chunk`` when it names one; else ``PREFILL_CHUNK`` when the
+    chain's nodes are at two or more host addresses (``localhost``,
+    127.0.0.1 and ::1 counting as one; names are not resolved), and none
+    when they all share one. Nodes on one host share its GPU, and there
+    chunks only add work: on one H200 a 512-token prompt through 2 nodes took
+    147 ms whole, 148 / 158 / 177 ms in chunks of 256 / 128 / 64
+    (benchmarks/README.md). On compute of their own the nodes run chunks
+    side by side (2 CPUs: 529 ms whole, 286 in chunks of 128)."""
     if rt.prefill_chunk is not None:
         return rt.prefill_chunk
-    hosts = {split_address(rt.locate(stage.start).address)[0] for stage in chain}
+    hosts = {_host(split_address(rt.locate(stage.start).address)[0]) for stage in chain}
     return PREFILL_CHUNK if len(hosts) > 1 else 0
+
+
+def _host(host: str) -> str:
+    """``host`` as ``chunk_size`` compares it: ``localhost``, 127.0.0.1 and
+    ::1 are one; any other address or name is its own."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # a name
+        return "127.0.0.1" if host.lower() == "localhost" else host.lower()
+    return "127.0.0.1" if ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")) else str(ip)
 
 
 def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: list | None) -> mx.array:
@@ -98,28 +114,51 @@ def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: lis
     S, k = len(chain), len(bounds)
     for step in range(S + k - 1):
         work = [pieces[s][step - s] for s in range(S) if 0 <= step - s < k]
-        for piece in work:  # KV lost with a node is rebuilt while nothing of the pass is in flight
-            rt.restore(piece.stage, piece.request)
-        forwards = [_forward(piece) for piece in work]
-        sent = [rt.submit(piece.stage, forward) for piece, forward in zip(work, forwards)]
-        failed = []
-        for piece, forward, (link, pending, t0) in zip(work, forwards, sent):
-            reply, rtt = rt.wait(link, pending, t0)
-            if reply is None:
-                failed.append((piece, forward, link))
-                continue
-            rt.done(piece.stage, link, pending, piece.request, reply, rtt, B, piece.tokens, piece.at)
-            _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
-        for piece, forward, link in failed:
-            rt._move(piece.stage, link)
-            reply = rt.send(piece.stage, forward, piece.request, B, piece.tokens, piece.at)
-            _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
+        while work:
+            while rt.lost([piece.request for piece in work]):  # a rebuild may lose another node: until none is
+                for piece in work:  # rebuilt while nothing of the pass is in flight
+                    rt.restore(piece.stage, piece.request)
+            now, work = _one_a_link(rt, work)
+            _exchange(rt, pieces, now, B, H)
     last = [piece.hidden for piece in pieces[-1]]  # _pass_on leaves the chain's output there
     codes = {piece.code for piece in pieces[-1]}
     if len(codes) > 1:
         raise UnavailableError(f"layers {chain[-1].start}-{chain[-1].end - 1} answered a prompt's chunks in "
                                f"{len(codes)} dtypes")
     return wire.from_numpy(last[0] if k == 1 else np.concatenate(last, axis=1), codes.pop())
+
+
+def _one_a_link(rt: "StageRuntime", work: list[_Piece]) -> tuple[list[_Piece], list[_Piece]]:
+    """(the first piece of ``work`` for each node, the others): a node runs
+    one connection's requests one by one, and writes each reply before it
+    reads the next request, so a second large request sent before the
+    first reply is read would block both sides (after a failover one node
+    may hold two spans of a chain)."""
+    now, later, seen = [], [], set()
+    for piece in work:
+        link = id(rt.locate(piece.stage.start))
+        (later if link in seen else now).append(piece)
+        seen.add(link)
+    return now, later
+
+
+def _exchange(rt: "StageRuntime", pieces: list[list[_Piece]], now: list[_Piece], B: int, H: int) -> None:
+    """Send every piece of ``now``, then read every reply; then send again,
+    one by one, each whose node failed, once its span has moved."""
+    forwards = [_forward(piece) for piece in now]
+    sent = [rt.submit(piece.stage, forward) for piece, forward in zip(now, forwards)]
+    failed = []
+    for piece, forward, (link, pending, t0) in zip(now, forwards, sent):
+        reply, rtt = rt.wait(link, pending, t0)
+        if reply is None:
+            failed.append((piece, forward, link))
+            continue
+        rt.done(piece.stage, link, pending, piece.request, reply, rtt, B, piece.tokens, piece.at)
+        _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
+    for piece, forward, link in failed:
+        rt.moved(piece.stage, link)
+        reply = rt.send(piece.stage, forward, piece.request, B, piece.tokens, piece.at)
+        _pass_on(pieces, piece, reply, (B, piece.tokens, H), rt.locate(piece.stage.start))
 
 
 def _forward(piece: _Piece):

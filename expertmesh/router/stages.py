@@ -91,7 +91,7 @@ class StageRuntime:
     REBUILD_CHUNK = 512  # prefix tokens per request when rebuilding a sequence's KV
 
     def __init__(self, spans: list[tuple[int, int]], timeout: float, locate: Locate,
-                 relocate: Relocate | None = None, stats: RoutingStats | None = None, prefill_chunk: int | None = 0):
+                 relocate: Relocate | None = None, stats: RoutingStats | None = None, prefill_chunk: int | None = None):
         self.stages = [Stage(a, b) for a, b in sorted(spans)]
         self.prefill_chunk = prefill_chunk  # a prompt's tokens a row per chunk of a chain (0: none; None: chain.py's rule)
         self.locate = locate
@@ -133,12 +133,17 @@ class StageRuntime:
 
         class Tapped(base):
             def __call__(self, inputs, *args, **kwargs):
-                if not runtime._rebuilding:
-                    runtime._inputs = inputs.tolist()
-                    runtime._pass_caches = kwargs["cache"] if "cache" in kwargs else \
-                        args[at] if len(args) > at else None
+                if runtime._rebuilding:  # a rebuild inside a pass: the pass's own state stays as it is
+                    return base.__call__(self, inputs, *args, **kwargs)
+                runtime._inputs = inputs.tolist()
+                runtime._pass_caches = kwargs["cache"] if "cache" in kwargs else \
+                    args[at] if len(args) > at else None
+                runtime._ran.clear()
+                try:
+                    return base.__call__(self, inputs, *args, **kwargs)
+                finally:  # no cache list kept alive past its pass: ``sweep`` releases what none holds
+                    runtime._pass_caches = None
                     runtime._ran.clear()
-                return base.__call__(self, inputs, *args, **kwargs)
 
         Tapped.__name__ = Tapped.__qualname__ = base.__name__
         swap_class(model, Tapped)
@@ -191,9 +196,18 @@ class StageRuntime:
             reply, rtt = self.wait(link, pending, t0)
             if reply is not None:
                 break
-            self._move(stage, link)
+            self.moved(stage, link)
         self.done(stage, link, pending, request, reply, rtt, B, T, at)
         return reply
+
+    def lost(self, requests: list[pb.StageRequest]) -> bool:
+        """Whether a sequence of these requests lost its KV with a node (``restore`` rebuilds it)."""
+        return not self._rebuilding and any(s in self._lost for r in requests for s in r.sequences)
+
+    def moved(self, stage: Stage, dead: NodeLink) -> None:
+        """``_move`` the span off ``dead``, unless a rebuild has moved it already."""
+        if self.locate(stage.start) is dead:
+            self._move(stage, dead)
 
     def restore(self, stage: Stage, request: pb.StageRequest) -> None:
         """Rebuild, on the span's node, the KV of the rows' sequences lost with a node."""
@@ -217,6 +231,8 @@ class StageRuntime:
         try:
             if isinstance(pending, UnavailableError):
                 raise pending
+            if link.down and self.relocate is not None:  # failed while an earlier reply was read: no second wait
+                return None, 0.0
             reply = pending.result(timeout=self.timeout)
             return reply, time.perf_counter() - t0
         except UnavailableError:
