@@ -84,8 +84,10 @@ def test_slow_clients_are_cut_off_and_past_the_cap_new_ones_get_503_while_others
         dripping = threading.Thread(target=drip)
         dripping.start()
         try:
-            whole = api(server).completions.create(model="any", prompt=PROMPT, max_tokens=24)
+            with api(server) as client:  # closed here, not whenever it is collected: its keep-alive
+                whole = client.completions.create(model="any", prompt=PROMPT, max_tokens=24)  # holds a slot
             assert whole.choices[0].text == reference  # served beside them
+            wait_for(lambda: server._httpd.slots._value == 1, 5, "the served client's slot comes back")
             idle = connect("idle")
             wait_for(lambda: server._httpd.slots._value == 0, 5, "the third connection holds the last slot")
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as fifth:
