@@ -159,22 +159,20 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
 
     timer = _Timer()
     computes: list[float] = []
-    saved = (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime.submit,
-             stages.StageRuntime.wait, chain.mx, chain._forward, chain.wire)
+    saved = (stages.StageRuntime.run, stages.StageRuntime.submit, stages.StageRuntime.wait, chain.mx,
+             chain._forward, chain.wire)
 
     def wait(self, link, pending, t0):
-        reply, rtt = saved[5](self, link, pending, t0)
+        reply, rtt = saved[2](self, link, pending, t0)
         if reply is not None:
             computes.append(reply.compute_seconds)
         return reply, rtt
 
-    decodes = {"decode": SPAN_DECODE, "decode_numpy": SPAN_DECODE, "from_numpy": SPAN_DECODE}
-    stages.mx = chain.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
-    stages.stage_request = timer.wrap(SPAN_REQ, saved[1])
-    chain._forward = timer.wrap(SPAN_REQ, saved[7])
-    stages.wire = chain.wire = _TimedModule(saved[2], timer, decodes)
-    stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[3])
-    stages.StageRuntime.submit = timer.wrap(SPAN_RTT, saved[4])
+    chain.mx = _TimedModule(mx, timer, {"eval": SPAN_EVAL})
+    chain._forward = timer.wrap(SPAN_REQ, saved[4])
+    chain.wire = _TimedModule(saved[5], timer, {"decode_numpy": SPAN_DECODE, "from_numpy": SPAN_DECODE})
+    stages.StageRuntime.run = timer.wrap(SPAN_ALL, saved[0])
+    stages.StageRuntime.submit = timer.wrap(SPAN_RTT, saved[1])
     stages.StageRuntime.wait = timer.wrap(SPAN_RTT, wait)
     procs, router = [], None
     try:
@@ -205,8 +203,8 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         runs = [generate() for _ in range(rounds)]
         wall = time.perf_counter() - t
     finally:
-        (stages.mx, stages.stage_request, stages.wire, stages.StageRuntime.run, stages.StageRuntime.submit,
-         stages.StageRuntime.wait, chain.mx, chain._forward, chain.wire) = saved
+        (stages.StageRuntime.run, stages.StageRuntime.submit, stages.StageRuntime.wait, chain.mx,
+         chain._forward, chain.wire) = saved
         if router is not None:
             router.stop(grace=0)
         for p in procs:

@@ -1,7 +1,8 @@
 """A forward pass through spans that follow each other layer after layer: a chain.
 
 When the model reaches the first span of a chain, ``StageRuntime`` runs the
-whole chain here, and the later spans' stand-ins pass its output on:
+whole chain here, and the later spans' stand-ins pass its output on (a span
+with no neighbour, or one rebuilding KV, runs here as a chain of one):
 
 - The cache stand-ins of every span are updated first and evaluated with
   the hidden states in one ``mx.eval``, so the router syncs with its device
@@ -10,8 +11,8 @@ whole chain here, and the later spans' stand-ins pass its output on:
   (numpy over the reply's bytes): no ``mx.array``, eval or read-back on the
   router between two spans. Only the chain's last reply becomes an array.
 - A prompt longer than a chunk (``chunk_size``: 128 tokens a row where the
-  chain's nodes are on other hosts) goes in chunks, pipelined in lockstep: at step ``t`` the chain's span ``s`` runs
-  chunk ``t - s``. Every request of a step is sent before any reply of it
+  chain's nodes are on other hosts) goes in chunks, pipelined in lockstep:
+  at step ``t`` the chain's span ``s`` runs chunk ``t - s``. Every request of a step is sent before any reply of it
   is read, so while a later span's node runs one chunk, an earlier span's
   node runs the next. With S spans and k chunks a prompt takes k + S - 1
   steps of a chunk's time, against k * S one after the other.
@@ -92,15 +93,15 @@ def _host(host: str) -> str:
     return "127.0.0.1" if ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")) else str(ip)
 
 
-def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: list | None) -> mx.array:
-    """The output of ``chain``'s spans on ``x`` [B, T, H] (``caches``: the
-    pass's cache list, None for a one-off forward)."""
+def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: list) -> mx.array:
+    """The output of ``chain``'s spans on ``x`` [B, T, H] (``caches``: each
+    span's cache slot, None in a one-off forward). A span alone is a chain
+    of one, with no chunks: they pay only where two nodes overlap."""
     B, T, H = x.shape
-    keeps_kv = caches is not None and caches[chain[0].start] is not None  # a chunk's KV is there for the next
-    bounds = chunks(T, chunk_size(rt, chain) if keeps_kv and T > 1 else 0)
+    keeps_kv = caches[0] is not None  # a chunk's KV is there for the next
+    bounds = chunks(T, chunk_size(rt, chain) if keeps_kv and T > 1 and len(chain) > 1 else 0)
     pieces, states = [], []
-    for s, stage in enumerate(chain):
-        cache = None if caches is None else caches[stage.start]
+    for s, (stage, cache) in enumerate(zip(chain, caches)):
         row, state = [], []
         for j, (a, b) in enumerate(bounds):
             request, state = rt.prepare(cache, B, b - a)

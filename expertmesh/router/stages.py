@@ -35,12 +35,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from .. import wire
 from ..errors import ExpertmeshError, UnavailableError
 from ..mlxlm import swap_class
 from ..v1 import expertmesh_pb2 as pb
 from .chain import run_chain
-from .link import _REQUEST_IDS, NodeLink, release_request, stage_request
+from .link import _REQUEST_IDS, NodeLink, release_request
 from .stagecache import StageCache, _Inside
 from .stats import RoutingStats
 
@@ -160,17 +159,12 @@ class StageRuntime:
         if stage in self._ran:  # the chain of an earlier span ran this one in this pass
             self._ran.discard(stage)
             return x
-        chain = self._chains.get(stage)
-        if chain is not None and not self._rebuilding:
-            out = run_chain(self, chain, x, self._pass_caches)
-            self._ran.update(chain[1:])
-            return out
-        B, T, _ = x.shape
-        request, state = self.prepare(cache, B, T)
-        mx.eval(x, state)
-        forward = stage_request(stage.start, x, request.sequences, request.right_padding, request.trim)
-        reply = self.send(stage, forward, request, B, T)
-        return wire.decode(reply.output, "output")  # fresh, as the dispatcher's answers (see there)
+        if self._rebuilding or stage not in self._chains:  # a span alone: a chain of one
+            return run_chain(self, [stage], x, [cache])
+        chain, caches = self._chains[stage], self._pass_caches
+        out = run_chain(self, chain, x, [cache] + [None if caches is None else caches[s.start] for s in chain[1:]])
+        self._ran.update(chain[1:])
+        return out
 
     def prepare(self, cache, B: int, T: int) -> tuple[pb.StageRequest, list]:
         """The next ``T`` tokens of a span's request (its rows' sequences,
