@@ -288,8 +288,9 @@ class NodeCore:
         ids = wire.decode_numpy(e.expert_ids, "expert_ids")
         weights = wire.decode_numpy(e.weights, "weights")
         out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights, self._staging())
-        mx.eval(out)  # before this thread's next request reuses its staging
-        resp = wire.framed_tensor(pb.ForwardResponse(request_id=req.request_id), ("output",), wire.to_numpy(out),
+        # evaluated before this thread's next request reuses its staging; the read is sent before its next one
+        host = wire.read_back([out])[0].reshape(out.shape)
+        resp = wire.framed_tensor(pb.ForwardResponse(request_id=req.request_id), ("output",), host,
                                   wire.wire_dtype(out.dtype))
         return self._counted(resp, e.hidden.shape[0], start)
 

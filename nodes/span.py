@@ -134,7 +134,7 @@ class _Span:
             self._last = (sequences, code)
             return out
         self._next = nxt
-        out = self(wire.from_numpy(hidden, code), sequences, right_padding, trim)
+        out = self(wire.to_device(hidden, code), sequences, right_padding, trim)
         self._last = (sequences, code) if sequences else None
         return out
 

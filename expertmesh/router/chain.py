@@ -108,8 +108,7 @@ def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: lis
             row.append(_Piece(stage, s, j, request, a, b - a))
         pieces.append(row)
         states += state  # the stand-in's state after all its chunks
-    mx.eval(x, states)
-    hidden, code = wire.to_numpy(x), wire.wire_dtype(x.dtype)
+    hidden, code = wire.read_back([x], states)[0].reshape(x.shape), wire.wire_dtype(x.dtype)
     for piece, (a, b) in zip(pieces[0], bounds):
         piece.hidden, piece.code = hidden[:, a:b], code
     S, k = len(chain), len(bounds)
@@ -117,6 +116,7 @@ def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: lis
         work = [pieces[s][step - s] for s in range(S) if 0 <= step - s < k]
         while work:
             while rt.lost([piece.request for piece in work]):  # a rebuild may lose another node: until none is
+                _detach(pieces[0])  # a rebuild reads back on this thread, over what read_back gave
                 for piece in work:  # rebuilt while nothing of the pass is in flight
                     rt.restore(piece.stage, piece.request)
             now, work = _one_a_link(rt, work)
@@ -126,7 +126,14 @@ def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: lis
     if len(codes) > 1:
         raise UnavailableError(f"layers {chain[-1].start}-{chain[-1].end - 1} answered a prompt's chunks in "
                                f"{len(codes)} dtypes")
-    return wire.from_numpy(last[0] if k == 1 else np.concatenate(last, axis=1), codes.pop())
+    return wire.to_device(last[0] if k == 1 else np.concatenate(last, axis=1), codes.pop())
+
+
+def _detach(pieces: list[_Piece]) -> None:
+    """The first span's inputs as copies of their own, not views of this thread's read buffer."""
+    for piece in pieces:
+        if piece.hidden is not None and not piece.hidden.flags.owndata:
+            piece.hidden = np.array(piece.hidden)
 
 
 def _one_a_link(rt: "StageRuntime", work: list[_Piece]) -> tuple[list[_Piece], list[_Piece]]:

@@ -216,10 +216,10 @@ class _Sum:
         return wire.from_float32(self.total, code)
 
     def array(self, code: int) -> mx.array:
-        """The sum as an array of ``code``'s dtype: a fresh one, not a staged
-        one (on the H200 staging here cost ~70 µs a layer more, hotpath.py
-        --parts ab, where on the node it saves ~30)."""
-        return wire.from_numpy(self.result(code), code)
+        """The sum as an array of ``code``'s dtype: a new one (``wire.to_device``),
+        not a staged one (on the H200 staging here cost ~70 µs a layer more,
+        hotpath.py --parts ab, where on the node it saves ~30)."""
+        return wire.to_device(self.result(code), code)
 
 
 class _DeviceSum:
@@ -235,7 +235,7 @@ class _DeviceSum:
         self.parts: list[tuple[np.ndarray | None, mx.array]] = []
 
     def add(self, rows: np.ndarray | None, part: np.ndarray, code: int) -> None:
-        self.parts.append((rows, wire.from_numpy(part, code)))
+        self.parts.append((rows, wire.to_device(part, code)))
 
     def array(self, code: int) -> mx.array:
         dtype = wire.mlx_dtype(code)
