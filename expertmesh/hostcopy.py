@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 ENV = "EXPERTMESH_PINNED"
 _FIRST_BYTES = 1 << 16
 _THREADS = 256
+_POISON = 0x7FC07FC0  # NaN as float32, and as both halves' bfloat16
 
 # the buffer's device address comes in as two 32-bit words (addr), so one kernel serves every buffer
 _ADDRESS = "(static_cast<unsigned long long>(addr[1]) << 32) | addr[0]"
@@ -84,11 +85,20 @@ class _Driver:
         return host.value, dev.value
 
 
+class _Emulated:
+    """``EXPERTMESH_PINNED=emulate``: the same buffers and the same rule on
+    any backend, the copies made by MLX and numpy, so that the CPU tests hold
+    every caller to the rule (a view kept too long reads the next values)."""
+
+
 class _Buffer:
     """A page-locked buffer, and its device address as the kernels take it."""
 
-    def __init__(self, driver: _Driver, nbytes: int):
+    def __init__(self, driver: "_Driver | _Emulated", nbytes: int):
         self.nbytes = nbytes
+        if isinstance(driver, _Emulated):
+            self.words, self.address = np.zeros(nbytes // 4, np.uint32), None
+            return
         host, dev = driver.host_alloc(nbytes)  # kept for the process's life: a thread's buffers are few
         self.words = np.frombuffer((ctypes.c_uint32 * (nbytes // 4)).from_address(host), np.uint32)
         self.address = mx.array([dev & 0xFFFFFFFF, dev >> 32], dtype=mx.uint32)
@@ -117,7 +127,7 @@ class _State(threading.local):
 
 
 _lock = threading.Lock()
-_driver: _Driver | None = None
+_driver: "_Driver | _Emulated | None" = None
 _checked = False
 _local = _State()
 
@@ -125,7 +135,8 @@ _local = _State()
 def available() -> bool:
     """Whether this process reads and writes through pinned memory: MLX's
     default device is a CUDA GPU, the driver gave the memory, and
-    ``EXPERTMESH_PINNED`` is not ``0``. Decided once per process."""
+    ``EXPERTMESH_PINNED`` is not ``0`` (or it is ``emulate``: see
+    ``_Emulated``). Decided once per process."""
     global _checked, _driver
     if _checked:
         return _driver is not None
@@ -136,10 +147,22 @@ def available() -> bool:
     return _driver is not None
 
 
-def _probe() -> _Driver | None:
-    if os.environ.get(ENV, "1") == "0":
+def _reset() -> None:
+    """Decide again at the next ``available()`` (for tests that change ``EXPERTMESH_PINNED``)."""
+    global _checked, _driver
+    with _lock:
+        _checked, _driver = False, None
+        _local.reads = _local.writes = None
+
+
+def _probe() -> "_Driver | _Emulated | None":
+    setting = os.environ.get(ENV, "1")
+    if setting == "0":
         logger.info("host copies through pinned memory: off (%s=0)", ENV)
         return None
+    if setting == "emulate":
+        logger.info("host copies through pinned memory: emulated (%s=emulate)", ENV)
+        return _Emulated()
     try:
         cuda = getattr(mx, "cuda", None)
         if mx.default_device().type != mx.DeviceType.gpu or cuda is None or not cuda.is_available():
@@ -175,6 +198,11 @@ def _buffer(nbytes: int, to_host: bool) -> _Buffer:
 
 def _read_into(buffer: _Buffer, words: mx.array, states=()) -> np.ndarray:
     n = words.size
+    if buffer.address is None:  # emulated: what a view kept from an earlier read shows is NaN now, or these
+        mx.eval(words, states)
+        buffer.words.fill(_POISON)
+        buffer.words[:n] = np.frombuffer(memoryview(words), np.uint32)
+        return buffer.words[:n]
     done = _kernel(True)(inputs=[words, buffer.address], output_shapes=[(1,)], output_dtypes=[mx.uint32],
                          grid=(max(n, 1), 1, 1), threadgroup=(_THREADS, 1, 1))[0]
     mx.eval(done, states)
@@ -184,6 +212,10 @@ def _read_into(buffer: _Buffer, words: mx.array, states=()) -> np.ndarray:
 def _write_from(buffer: _Buffer, words: np.ndarray) -> mx.array:
     n = words.size
     buffer.words[:n] = words
+    if buffer.address is None:  # emulated
+        out = mx.array(buffer.words[:n])
+        mx.eval(out)
+        return out
     out = _kernel(False)(inputs=[mx.array(n, dtype=mx.uint32), buffer.address], output_shapes=[(n,)],
                          output_dtypes=[mx.uint32], grid=(max(n, 1), 1, 1), threadgroup=(_THREADS, 1, 1))[0]
     mx.eval(out)  # the buffer is free again once this returns

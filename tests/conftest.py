@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from expertmesh import hostcopy
 from expertmesh.nodes import Node, NodeConfig
 from expertmesh.router import Router, RouterConfig
 from expertmesh.testing.process import Process, cli_args
@@ -29,6 +30,21 @@ VARIANTS = {
     "mlx-4bit": dict(layout="mlx", quantize={"bits": 4, "group_size": 64}),
     "sparse-step": dict(layout="hf", config_overrides={"decoder_sparse_step": 2, "mlp_only_layers": [1]}),
 }
+
+
+@pytest.fixture(params=["mlx", "buffers"])
+def host_copies(request, monkeypatch) -> str:
+    """A test that uses this runs twice: with MLX's own host reads and writes,
+    and through ``expertmesh.hostcopy``'s one buffer per thread, emulated on
+    the CPU (``EXPERTMESH_PINNED=emulate``, node processes too), so that every
+    caller is held to the CUDA path's rule: what a read gives is good until
+    the thread's next read, and a view kept longer reads other values."""
+    if request.param == "buffers":
+        monkeypatch.setenv(hostcopy.ENV, "emulate")
+    hostcopy._reset()
+    assert hostcopy.available() == (request.param == "buffers")
+    yield request.param
+    hostcopy._reset()  # decided again, after monkeypatch puts the environment back
 
 
 @pytest.fixture(scope="session")

@@ -121,7 +121,7 @@ def test_greedy_text_reads_like_its_corpus(reference, prompt):
 
 
 @pytest.mark.parametrize("mode", ["expert", "pipeline", "auto"])
-def test_the_mesh_decodes_mlx_lm_s_greedy_tokens_in_every_mode(reference, mode):
+def test_the_mesh_decodes_mlx_lm_s_greedy_tokens_in_every_mode(reference, mode, host_copies):
     model = model_dir()
     with running_nodes(model, 2) as nodes, running_router(model, [n.address for n in nodes], mode=mode) as router:
         with Client(f"127.0.0.1:{router.port}") as client:

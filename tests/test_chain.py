@@ -78,7 +78,8 @@ def test_chunks_cover_the_prompt_evenly_within_the_size():
 
 
 @pytest.mark.parametrize("chunk", [3, 0])
-def test_a_prompt_through_three_stage_nodes_gives_mlx_lm_s_logits_and_tokens(reference, traffic, chunk):
+def test_a_prompt_through_three_stage_nodes_gives_mlx_lm_s_logits_and_tokens(reference, traffic, chunk,
+                                                                             host_copies):
     """On the trained model (near-ties between logits, so a wrong token shows):
     chunks of 3 tokens pipelined through 3 nodes, against whole prompts."""
     model = model_dir()
@@ -143,7 +144,7 @@ def test_by_default_a_long_prompt_goes_in_chunks_only_between_nodes_on_two_hosts
 
 
 def test_a_stage_node_killed_in_the_middle_of_a_chunked_prompt_loses_no_token(tiny, tmp_path, caplog, monkeypatch,
-                                                                             traffic):
+                                                                             traffic, host_copies):
     caplog.set_level(logging.WARNING, "expertmesh.router.stages")
     expected = reference_tokens(tiny, PROMPT, TOKENS)
     with node_processes(tiny, 3, tmp_path) as nodes, \

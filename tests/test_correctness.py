@@ -39,7 +39,7 @@ def test_greedy_tokens_match_mlx_lm_for_1_2_3_nodes(checkpoints, variant):
                 assert sorted(e for h in held for e in h[layer]) == list(range(8))
 
 
-def test_layers_whose_answers_are_added_on_the_device_give_mlx_lms_tokens(checkpoints, monkeypatch):
+def test_layers_whose_answers_are_added_on_the_device_give_mlx_lms_tokens(checkpoints, monkeypatch, host_copies):
     """A prompt's layers add their nodes' answers on the device (decode steps
     on the host): here every layer does, prompt and decode alike."""
     from expertmesh.router import dispatcher

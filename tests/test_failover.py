@@ -51,7 +51,7 @@ def test_a_node_that_dies_or_hangs_mid_generation_moves_to_replicas_with_one_ret
         assert router.dispatcher.retries == retries
 
 
-def test_without_replicas_lost_experts_are_re_planned_onto_live_nodes(tiny, tmp_path):
+def test_without_replicas_lost_experts_are_re_planned_onto_live_nodes(tiny, tmp_path, host_copies):
     with node_processes(tiny, 3, tmp_path) as nodes, running_router(tiny, [address for _, address in nodes]) as router:
         lost = router.placement.experts_of("n1")
         assert generate(router, nodes[1][0], signal.SIGKILL) == expected(tiny)

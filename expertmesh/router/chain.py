@@ -116,7 +116,7 @@ def run_chain(rt: "StageRuntime", chain: list["Stage"], x: mx.array, caches: lis
         work = [pieces[s][step - s] for s in range(S) if 0 <= step - s < k]
         while work:
             while rt.lost([piece.request for piece in work]):  # a rebuild may lose another node: until none is
-                _detach(pieces[0])  # a rebuild reads back on this thread, over what read_back gave
+                _detach(pieces[0])  # the rebuild reads back on this thread, over what read_back gave
                 for piece in work:  # rebuilt while nothing of the pass is in flight
                     rt.restore(piece.stage, piece.request)
             now, work = _one_a_link(rt, work)
@@ -159,13 +159,15 @@ def _exchange(rt: "StageRuntime", pieces: list[list[_Piece]], now: list[_Piece],
     for piece, forward, (link, pending, t0) in zip(now, forwards, sent):
         reply, rtt = rt.wait(link, pending, t0)
         if reply is None:
-            failed.append((piece, forward, link))
+            failed.append((piece, link))
             continue
         rt.done(piece.stage, link, pending, piece.request, reply, rtt, B, piece.tokens, piece.at)
         _pass_on(pieces, piece, reply, (B, piece.tokens, H), link)
-    for piece, forward, link in failed:
+    if failed:
+        _detach(pieces[0])  # the rebuild in rt.send reads back on this thread, over what read_back gave
+    for piece, link in failed:
         rt.moved(piece.stage, link)
-        reply = rt.send(piece.stage, forward, piece.request, B, piece.tokens, piece.at)
+        reply = rt.send(piece.stage, _forward(piece), piece.request, B, piece.tokens, piece.at)
         _pass_on(pieces, piece, reply, (B, piece.tokens, H), rt.locate(piece.stage.start))
 
 
