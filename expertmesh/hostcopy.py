@@ -203,10 +203,28 @@ def _read_into(buffer: _Buffer, words: mx.array, states=()) -> np.ndarray:
         buffer.words.fill(_POISON)
         buffer.words[:n] = np.frombuffer(memoryview(words), np.uint32)
         return buffer.words[:n]
-    done = _kernel(True)(inputs=[words, buffer.address], output_shapes=[(1,)], output_dtypes=[mx.uint32],
-                         grid=(max(n, 1), 1, 1), threadgroup=(_THREADS, 1, 1))[0]
-    mx.eval(done, states)
+    mx.eval(copy_to(buffer, words), states)
     return buffer.words[:n]
+
+
+def copy_to(buffer: _Buffer, words: mx.array) -> mx.array:
+    """The kernel that copies the 1-D uint32 ``words`` into the start of
+    ``buffer`` (a :func:`pinned` one), not evaluated: its (1,) output is done
+    when they are there."""
+    n = words.size
+    return _kernel(True)(inputs=[words, buffer.address], output_shapes=[(1,)], output_dtypes=[mx.uint32],
+                         grid=(max(n, 1), 1, 1), threadgroup=(_THREADS, 1, 1))[0]
+
+
+def on_cuda() -> bool:
+    """Whether the pinned path is the real one (MLX's CUDA backend), not off or emulated."""
+    return available() and isinstance(_driver, _Driver)
+
+
+def pinned(nbytes: int) -> _Buffer:
+    """A page-locked buffer of its own (whole 32-bit words; kept for the
+    process's life), for callers with kernels of their own. CUDA only (:func:`on_cuda`)."""
+    return _Buffer(_driver, -(-nbytes // 4) * 4)
 
 
 def _write_from(buffer: _Buffer, words: np.ndarray) -> mx.array:

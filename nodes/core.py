@@ -192,6 +192,7 @@ class NodeCore:
         try:
             self.state = pb.LOADING
             layers_total = len(wanted)
+            self.stages.halt()  # the GPU loads nothing behind a stage step waiting for its request
             yield from self._loading(lambda progress: self.store.assign(wanted, progress), layers_total)
             self.state = pb.READY
             yield pb.AssignProgress(loaded_bytes=self.store.nbytes, total_bytes=self.store.nbytes,
@@ -287,6 +288,7 @@ class NodeCore:
             raise InvalidRequestError("hidden contains NaN or inf")
         ids = wire.decode_numpy(e.expert_ids, "expert_ids")
         weights = wire.decode_numpy(e.weights, "weights")
+        self.stages.halt()  # nothing of this runs behind a stage step waiting for its request
         out = self.store.forward_wire(e.layer, hidden, e.hidden.dtype, ids, weights, self._staging())
         # evaluated before this thread's next request reuses its staging; the read is sent before its next one
         host = wire.read_back([out])[0].reshape(out.shape)

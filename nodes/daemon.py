@@ -50,6 +50,9 @@ class NodeConfig:
     security: Security = field(default_factory=Security)  # cluster token and TLS files
     compile: bool = True              # mx.compile decode steps (off: for A/B measurements)
     prebuild: bool = True             # build a span's next decode step ahead (off: for A/B measurements)
+    # and set it running behind a gate, on CUDA: for a node with its process to itself (the CLI's default), since
+    # other MLX work of the process would wait behind the gate (a router or node beside it in one process)
+    prelaunch: bool = False
 
     def __post_init__(self) -> None:
         """Raises InvalidRequestError naming the field at fault."""
@@ -60,7 +63,7 @@ class NodeConfig:
               f"memory_gb must be a number above 0, not {self.memory_gb!r}")
         check(is_positive(self.kv_idle_timeout), "kv_idle_timeout",
               f"kv_idle_timeout must be a number above 0, not {self.kv_idle_timeout!r}")
-        for name in ("discovery", "compile", "prebuild"):
+        for name in ("discovery", "compile", "prebuild", "prelaunch"):
             check(isinstance(getattr(self, name), bool), name, f"{name} must be True or False")
         check(all(isinstance(i, str) and i for i in self.interfaces), "interfaces",
               "interfaces must be names or addresses")
@@ -90,7 +93,8 @@ class Node:
         budget = config.memory_gb * 1e9 if config.memory_gb else default_budget(physical_memory())
         self.wired = WiredLimit(f"node {self.name}")
         self.worker = MLXWorker(f"mlx-{self.name}")
-        self.stages = StageStore(self.store, config.kv_idle_timeout, prebuild_steps=config.prebuild)
+        self.stages = StageStore(self.store, config.kv_idle_timeout, prebuild_steps=config.prebuild,
+                                 prelaunch_steps=config.prelaunch)
         self.core = NodeCore(self.name, self.store, int(budget), self.worker, self.stages)
         self.servicer = ExpertServicer(self.core)
         self.server, self.port, self._health = create_server(

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from expertmesh import wire
 from expertmesh.errors import InvalidRequestError, RequestTooLargeError
 from expertmesh.models import Adapter
+from expertmesh.nodes import prelaunch
 from expertmesh.nodes.routing import SpanRouting
 from expertmesh.staging import Staging
 from expertmesh.v1 import expertmesh_pb2 as pb
@@ -46,6 +47,9 @@ class _Next:
     states: list
     saved: list[dict]    # each cache's attributes before the graph was built (evaluated): put back by ``_cancel``
     thread: int          # the thread that built it (MLX graphs stay on the thread that made them)
+    step: int = 0        # set running behind a gate (``prelaunch``): its step number; 0: only built
+    done: mx.array | None = None          # its output's copy into the gate's buffer
+    words: tuple[int, int, int] = (0, 0, 0)  # that output's 32-bit words: hidden states, ids; the ids' dtype code
 
 
 class _Span:
@@ -64,6 +68,7 @@ class _Span:
         self._last: tuple[tuple[int, ...], int] | None = None  # (rows, wire dtype) of the last request from the wire
         self._next: _Next | None = None
         self._placeholders = Staging(max_arrays=8)
+        self._gate = prelaunch.Gate() if prelaunch.available() else None
 
     def caches(self, sequences: tuple[int, ...]) -> list:
         if sequences in self._batches:
@@ -125,6 +130,14 @@ class _Span:
         """``__call__`` on hidden states as the wire carries them (``code``'s
         carrier values), through the graph built ahead when it is this step's."""
         nxt, self._next = self._next, None
+        if (nxt is not None and nxt.step and nxt.sequences == sequences and nxt.code == code and not trim
+                and not right_padding and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident()):
+            out = self._launched(nxt, hidden)
+            if out is not None:
+                self._used[sequences] = time.monotonic()
+                self._last = (sequences, code)
+                return out
+            nxt = None  # its gate gave up before the request came: run it now
         if (nxt is not None and nxt.sequences == sequences and nxt.code == code and not trim and not right_padding
                 and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident()):
             np.copyto(nxt.view, hidden)
@@ -138,15 +151,19 @@ class _Span:
         self._last = (sequences, code) if sequences else None
         return out
 
-    def prebuild(self) -> None:
+    def prebuild(self, launch: bool = False) -> None:
         """Build the next decode step of the rows the last wire request named
-        (one new position each), on a placeholder input; nothing runs yet."""
+        (one new position each), on a placeholder input; nothing runs yet.
+        With ``launch`` (and a gate, and mlx-lm's plain KV caches), set it
+        running behind the gate instead (``prelaunch``)."""
         if self._last is None or self._next is not None:
             return
         sequences, code = self._last
         caches = self._batches.get(sequences)
         if caches is None:
             return
+        if launch and self._gate is not None and all(type(c) in (KVCache, BatchKVCache) for c in caches):
+            return self._prelaunch(sequences, code, caches)
         array, view = self._placeholders.buffer("next", (len(sequences), 1, self.hidden_size), wire.carrier(code))
         x = array.view(mx.bfloat16) if code == pb.BFLOAT16 else array  # as wire.from_numpy gives it
         saved = [dict(vars(c)) for c in caches]
@@ -154,13 +171,59 @@ class _Span:
             for name in ("keys", "values"):
                 if isinstance(getattr(c, name, None), mx.array):
                     setattr(c, name, getattr(c, name).reshape(getattr(c, name).shape))
+        out = self._step(x, caches, saved)
+        self._next = _Next(sequences, code, view, out, [c.state for c in caches], saved, threading.get_ident())
+
+    def _step(self, x: mx.array, caches: list, saved: list[dict]) -> mx.array:
+        """A decode step's graph on ``x``, its routing noted; on failure the caches as ``saved``."""
         self.routing.begin()
         try:
-            out = self._layers(x, self.mask(x, caches[0]), caches)
+            return self._layers(x, self.mask(x, caches[0]), caches)
         except Exception:
             _put_back(caches, saved)
             raise
-        self._next = _Next(sequences, code, view, out, [c.state for c in caches], saved, threading.get_ident())
+
+    def _prelaunch(self, sequences: tuple[int, ...], code: int, caches: list) -> None:
+        """``prebuild``'s step, set running behind the span's gate. The caches'
+        arrays are not kept aside (their memory is then updated in place, as
+        mlx-lm's is): a step let go keeps them, and gets its other attributes
+        (the offsets) put back."""
+        B, H = len(sequences), self.hidden_size
+        carrier = wire.carrier(code)
+        step, words = self._gate.open_input(B * H * carrier.itemsize // 4)
+        x = words.view(wire.mlx_dtype(code)).reshape(B, 1, H)
+        saved = [{k: v for k, v in vars(c).items() if k not in ("keys", "values")} for c in caches]
+        out = self._step(x, caches, saved)
+        ids = self.routing.pending()
+        flat = [out.reshape(-1).view(mx.uint32)] + ([] if ids is None else [ids.astype(mx.int32).reshape(-1)
+                                                                               .view(mx.uint32)])
+        done = self._gate.output(flat[0] if len(flat) == 1 else mx.concatenate(flat))
+        if self._gate.running:
+            mx.async_eval(done, [c.state for c in caches])
+        shape = np.broadcast_to(np.zeros((), carrier), (B, 1, H))  # the input's shape, as ``view`` gives it
+        self._next = _Next(sequences, code, shape, out, [], saved, threading.get_ident(), step, done,
+                           (out.size * out.dtype.size // 4, 0 if ids is None else ids.size, wire.wire_dtype(out.dtype)))
+
+    def _launched(self, nxt: _Next, hidden: np.ndarray) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+        """The request's input into the gate, and the step's output (as ``_read``
+        gives it); None when the gate had given up first (the step then ran
+        on an old input: its offsets are put back)."""
+        self._gate.open(nxt.step, np.ascontiguousarray(hidden))
+        mx.eval(nxt.done, [] if self._gate.running else [c.state for c in self._batches.get(nxt.sequences, [])])
+        if not self._gate.went(nxt.step):
+            if nxt.sequences in self._batches:
+                _put_back(self._batches[nxt.sequences], nxt.saved)
+            return None
+        hidden_words, id_count, out_code = nxt.words
+        host = self._gate.result(hidden_words + id_count)
+        out = host[:hidden_words].view(wire.carrier(out_code)).reshape(nxt.view.shape)
+        return out, out_code, (host[hidden_words:].view(np.int32) if nxt.words[1] else None)
+
+    def halt(self) -> None:
+        """Let a step set running ahead go (``prelaunch``): nothing else runs
+        on the GPU before it. A step only built stays, for its request."""
+        if self._next is not None and self._next.step:
+            self._cancel()
 
     def _cancel(self) -> None:
         """Drop the graph built ahead, its caches as they were before it: the
@@ -168,6 +231,8 @@ class _Span:
         changes the handle it is called on), so the old ones hold what they
         held, evaluated, and any thread may go on from them."""
         nxt, self._next = self._next, None
+        if nxt is not None and nxt.step:
+            self._gate.open(nxt.step, None)  # it runs on the last input; its offsets are put back below
         if nxt is not None and nxt.sequences in self._batches:
             _put_back(self._batches[nxt.sequences], nxt.saved)
 
@@ -202,6 +267,8 @@ class _Span:
             if used < before:
                 del self._used[key]
                 if self._next is not None and key == self._next.sequences:
+                    if self._next.step:
+                        self._gate.open(self._next.step, None)  # a host write: its GPU work goes on
                     self._next = None
                 if isinstance(key, tuple):
                     del self._batches[key]

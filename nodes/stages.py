@@ -20,6 +20,11 @@ other request first puts the caches back as they were (``_cancel``). A
 span's graph is Python work the GPU waits for: on the H200 a 7-layer
 span's decode step took 2,672 µs built at the request against 1,693 µs a
 step for mlx-lm's layers run back to back (benchmarks/README.md).
+
+On MLX's CUDA backend, a node holding one span also sets that step running
+behind a gate in pinned memory (``prelaunch.py``), so that its kernels are
+launched before the request comes. Any other GPU work of the node first
+lets such a step go (``halt``): the GPU would run nothing else before it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class StageStore:
     idle_timeout: float = 300.0
     spans: dict[int, _Span] = field(default_factory=dict)
     prebuild_steps: bool = True  # build each decode step's graph ahead of its request (off: for A/B measurements)
+    prelaunch_steps: bool = True  # and set it running behind a gate where it can (CUDA; off: for A/B measurements)
 
     def __post_init__(self):
         self._lock = threading.Condition()
@@ -107,8 +113,10 @@ class StageStore:
                 progress(done[0], total, done[1])
         if progress:
             progress(0, total, 0)
+        self.halt()  # loading runs on the GPU: not behind a step waiting for its request
         fresh = {a: self.spans[a] if a in kept else self.load(a, b, layer_read) for a, b in spans}
         with self._lock:
+            self.halt()
             self.spans = fresh
             self._lock.notify_all()
         logger.info("holding %d stage spans (%.1f MB)", len(fresh), self.nbytes / 1e6)
@@ -166,6 +174,7 @@ class StageStore:
         over ``repeats``, after ``context`` tokens of prefill), and its bytes.
         The layer is loaded for this and dropped afterwards."""
         self.validate([(layer, layer + 1)])
+        self.halt()
         span = self.load(layer, layer + 1)
         dtype = next(v.dtype for _, v in tree_flatten(span.layers[0].parameters())
                      if mx.issubdtype(v.dtype, mx.floating))
@@ -214,6 +223,9 @@ class StageStore:
             raise InvalidRequestError("trim needs a positive count and one row with its sequence id")
         padding = list(right_padding) if any(right_padding) else []
         with self._lock:
+            for other in self.spans.values():
+                if other is not span:
+                    other.halt()
             if code is None:
                 out, code, ids = span(hidden, tuple(sequences), padding, trim)
             else:
@@ -230,8 +242,15 @@ class StageStore:
             return
         with self._lock:
             span = self.spans.get(start)
-            if span is not None:
-                span.prebuild()
+            if span is not None:  # set running only where nothing else would wait behind it
+                span.prebuild(launch=self.prelaunch_steps and len(self.spans) == 1)
+
+    def halt(self) -> None:
+        """Let every step set running ahead go (see the module's docstring),
+        before other GPU work; no MLX op, so any thread may call it."""
+        with self._lock:
+            for span in self.spans.values():
+                span.halt()
 
     def release(self, sequences) -> None:
         """Free these sequences' KV caches (unknown ids are ignored)."""

@@ -14,6 +14,7 @@ from mlx_lm.generate import stream_generate
 
 from expertmesh import Client
 from expertmesh.cli import main
+from expertmesh.testing import greedy as greedy_check
 from expertmesh.builtin import draft_dir, model_dir, train, vocabulary, write_variant
 from expertmesh.v1 import expertmesh_pb2 as pb
 
@@ -44,14 +45,8 @@ def greedy(reference, prompt: str, n: int = TOKENS) -> list[int]:
 
 
 def not_greedy(reference, prompt: str, tokens: list[int]) -> list[tuple[int, float]]:
-    """(position, shortfall) where ``tokens`` is not mlx-lm's greedy choice, to within
-    ``TOL``, given the tokens before it: mlx-lm's logits on the prompt and ``tokens``."""
-    model, tok = reference
-    ids = tok.encode(prompt)
-    logits = model(mx.array([ids + tokens]))[0, len(ids) - 1:-1]
-    chosen = mx.take_along_axis(logits, mx.array(tokens)[:, None], axis=-1)[:, 0]
-    short = (logits.max(axis=-1) - chosen).tolist()
-    return [(i, s) for i, s in enumerate(short) if s > TOL]
+    """(position, shortfall) where ``tokens`` is not mlx-lm's greedy choice, to within ``TOL``."""
+    return greedy_check.not_greedy(reference, prompt, tokens, TOL)
 
 
 @needs_corpus

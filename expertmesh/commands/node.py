@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prebuild", action=argparse.BooleanOptionalAction, default=True,
                    help="pipeline stages: build a span's next decode step while waiting for it "
                         "(default: on; off for A/B measurements)")
+    p.add_argument("--prelaunch", action=argparse.BooleanOptionalAction, default=True,
+                   help="pipeline stages on MLX's CUDA backend: also set that step running, its kernels waiting "
+                        "on the GPU for the request (default: on; off for A/B measurements). Elsewhere a no-op")
     security_arguments(p)
 
 
@@ -39,7 +42,7 @@ def run(args) -> None:
                            memory_gb=args.memory_gb, kv_idle_timeout=args.kv_idle_timeout,
                            discovery=args.discovery, interfaces=args.interface,
                            metrics_port=args.metrics_port, security=Security.from_args(args),
-                           compile=args.compile, prebuild=args.prebuild))
+                           compile=args.compile, prebuild=args.prebuild, prelaunch=args.prelaunch))
     stopped = False
     try:
         node.start()

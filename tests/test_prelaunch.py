@@ -1,0 +1,68 @@
+"""A stage node's next decode step set running behind a gate before its
+request comes (``nodes/prelaunch.py``; on MLX's CUDA backend). Here its
+emulation (``EXPERTMESH_PINNED=emulate``) holds the span's side to what the
+GPU path needs: a step that is let go, or whose gate gave up, leaves the
+caches as if it never ran, and the tokens stay mlx-lm's."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from expertmesh import Client, hostcopy
+from expertmesh.builtin import model_dir
+from expertmesh.nodes import prelaunch
+from expertmesh.nodes import span as spans
+
+from conftest import running_nodes, running_router
+from test_builtin import PROMPTS, not_greedy, reference  # noqa: F401 (a fixture)
+
+TOKENS = 24
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """What the nodes' spans did with their steps set running: set running,
+    answered through the gate, given up by it, let go unused."""
+    monkeypatch.setenv(hostcopy.ENV, "emulate")
+    hostcopy._reset()
+    seen = {"set running": 0, "answered": 0, "gave up": 0, "let go": 0}
+    prelaunch_, launched, cancel = spans._Span._prelaunch, spans._Span._launched, spans._Span._cancel
+
+    def counted_prelaunch(self, *args):
+        seen["set running"] += 1
+        if seen["set running"] % 4 == 0:  # every 4th gate gives up before its request comes
+            prelaunch.Gate.give_up = True
+        return prelaunch_(self, *args)
+
+    def counted_launched(self, nxt, hidden):
+        out = launched(self, nxt, hidden)
+        seen["answered" if out is not None else "gave up"] += 1
+        return out
+
+    def counted_cancel(self):
+        seen["let go"] += self._next is not None and self._next.step > 0
+        return cancel(self)
+
+    monkeypatch.setattr(spans._Span, "_prelaunch", counted_prelaunch)
+    monkeypatch.setattr(spans._Span, "_launched", counted_launched)
+    monkeypatch.setattr(spans._Span, "_cancel", counted_cancel)
+    yield seen
+    hostcopy._reset()
+
+
+def test_steps_given_up_or_let_go_leave_mlx_lm_s_tokens(reference, counted):
+    model = model_dir()
+    with running_nodes(model, 2, prelaunch=True) as nodes, running_router(model, [n.address for n in nodes], mode="pipeline") as r:
+        with Client(f"127.0.0.1:{r.port}") as client:
+            alone = [x.token for x in client.generate(PROMPTS[0], max_tokens=TOKENS)]
+
+            def stream(prompt):
+                return [x.token for x in client.generate(prompt, max_tokens=TOKENS)]
+
+            with ThreadPoolExecutor(3) as pool:  # rows join and leave the batch: steps set running are let go
+                together = list(pool.map(stream, PROMPTS[1:4]))
+        assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
+    for prompt, tokens in zip(PROMPTS, [alone, *together]):
+        assert len(tokens) == TOKENS and not_greedy(reference, prompt, tokens) == [], prompt
+    assert counted["answered"] >= 2 * (TOKENS - 2)  # both nodes answered most decode steps through their gates
+    assert counted["gave up"] >= 3 and counted["let go"] >= 1, counted
