@@ -97,7 +97,8 @@ def main() -> int:
     results: dict = {"command": " ".join(["benchmarks/device.py", *sys.argv[1:]]), "layers": args.layers,
                      "scale": not args.tiny, "nodes": 2, "cpus": os.cpu_count(), "gpu": gpu_name(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "errors": {},
-               "pinned": os.environ.get("EXPERTMESH_PINNED", "1") != "0"}  # expertmesh.hostcopy's switch
+               "pinned": os.environ.get("EXPERTMESH_PINNED", "1") != "0",  # expertmesh.hostcopy's switch
+               "prelaunch": os.environ.get("EXPERTMESH_PRELAUNCH", "1") != "0"}  # the nodes' --prelaunch default
     with mps(not args.no_mps, results):
         import mlx.core as mx  # after MPS is up: this process's CUDA context joins it
 

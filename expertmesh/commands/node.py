@@ -1,6 +1,7 @@
 """expertmesh node: serve some routed experts of a checkpoint."""
 
 import argparse
+import os
 from pathlib import Path
 
 from ..signals import StopSignals
@@ -25,9 +26,11 @@ def add_arguments(p) -> None:
     p.add_argument("--prebuild", action=argparse.BooleanOptionalAction, default=True,
                    help="pipeline stages: build a span's next decode step while waiting for it "
                         "(default: on; off for A/B measurements)")
-    p.add_argument("--prelaunch", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--prelaunch", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("EXPERTMESH_PRELAUNCH", "1") != "0",
                    help="pipeline stages on MLX's CUDA backend: also set that step running, its kernels waiting "
-                        "on the GPU for the request (default: on; off for A/B measurements). Elsewhere a no-op")
+                        "on the GPU for the request (default: on unless EXPERTMESH_PRELAUNCH=0; off for A/B "
+                        "measurements). Elsewhere a no-op")
     security_arguments(p)
 
 
