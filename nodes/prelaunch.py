@@ -11,7 +11,11 @@ memory. The request writes its input and the word; what the router then
 waits for is the GPU's own time, and the output comes back into pinned
 memory (``expertmesh.hostcopy``). On the H200 (``benchmarks/prelaunch.py``,
 ``results/prelaunch-20261202-s11-6.json``) a 6-layer span's step took 1,247
-µs this way against 1,854 built ahead and evaluated on arrival.
+µs this way against 1,854 built ahead and evaluated on arrival; in the mesh
+(``results/device-20261202-s11-c-*.json``) the two nodes' own time for a
+one-stream token fell from 4,728 to 2,901 µs. At 8 streams it rose instead
+(9,115 to 10,530 µs, not yet explained), so only steps of one row are set
+running (``_Span.prebuild``).
 
 A gate that is not opened within ``LIMIT_NS`` gives up and lets the step run
 on whatever input is there (its status says so), so that a missed request

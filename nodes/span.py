@@ -154,15 +154,16 @@ class _Span:
     def prebuild(self, launch: bool = False) -> None:
         """Build the next decode step of the rows the last wire request named
         (one new position each), on a placeholder input; nothing runs yet.
-        With ``launch`` (and a gate, and mlx-lm's plain KV caches), set it
-        running behind the gate instead (``prelaunch``)."""
+        With ``launch`` (and a gate), a step of one row on mlx-lm's plain
+        ``KVCache`` is set running behind the gate instead (``prelaunch``:
+        on the H200 it paid at one stream and cost at 8)."""
         if self._last is None or self._next is not None:
             return
         sequences, code = self._last
         caches = self._batches.get(sequences)
         if caches is None:
             return
-        if launch and self._gate is not None and all(type(c) in (KVCache, BatchKVCache) for c in caches):
+        if launch and len(sequences) == 1 and self._gate is not None and type(caches[0]) is KVCache:
             return self._prelaunch(sequences, code, caches)
         array, view = self._placeholders.buffer("next", (len(sequences), 1, self.hidden_size), wire.carrier(code))
         x = array.view(mx.bfloat16) if code == pb.BFLOAT16 else array  # as wire.from_numpy gives it

@@ -59,10 +59,12 @@ def test_steps_given_up_or_let_go_leave_mlx_lm_s_tokens(reference, counted):
             def stream(prompt):
                 return [x.token for x in client.generate(prompt, max_tokens=TOKENS)]
 
-            with ThreadPoolExecutor(3) as pool:  # rows join and leave the batch: steps set running are let go
+            with ThreadPoolExecutor(3) as pool:  # rows join and leave the batch: a step set running is let go
                 together = list(pool.map(stream, PROMPTS[1:4]))
         assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
     for prompt, tokens in zip(PROMPTS, [alone, *together]):
         assert len(tokens) == TOKENS and not_greedy(reference, prompt, tokens) == [], prompt
-    assert counted["answered"] >= 2 * (TOKENS - 2)  # both nodes answered most decode steps through their gates
+    # one row's steps go through the gates (batched ones are only built ahead): both nodes answered most of
+    # the lone stream's decode steps there, every 4th given up
+    assert counted["answered"] >= TOKENS
     assert counted["gave up"] >= 3 and counted["let go"] >= 1, counted
