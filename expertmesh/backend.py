@@ -21,8 +21,17 @@ from __future__ import annotations
 import os
 
 CUDA_GRAPHS = "MLX_USE_CUDA_GRAPHS"
+OPS_PER_BUFFER = "MLX_MAX_OPS_PER_BUFFER"
+# A node that sets stage steps running ahead (nodes/prelaunch.py) has MLX's
+# CUDA backend commit a step's kernels in fewer, larger tasks: past 10 tasks
+# in flight MLX waits for one to finish, and a step waiting behind its gate
+# would not (at 100 kernels a task, the H200's default, a span of some 20
+# layers and more). Nodes set it only with their steps set running.
+PRELAUNCH_OPS_PER_BUFFER = "4000"
 
 
-def for_serving(environ=os.environ) -> None:
+def for_serving(environ=os.environ, prelaunch: bool = False) -> None:
     """Set the backend up for a node or router process: before its first evaluation."""
     environ.setdefault(CUDA_GRAPHS, "0")
+    if prelaunch:
+        environ.setdefault(OPS_PER_BUFFER, PRELAUNCH_OPS_PER_BUFFER)

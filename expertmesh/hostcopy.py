@@ -38,6 +38,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENV = "EXPERTMESH_PINNED"
+MAX_BYTES = 16 << 20  # larger transfers keep MLX's own copies: a thread's buffer stays below twice this
 _FIRST_BYTES = 1 << 16
 _THREADS = 256
 _POISON = 0x7FC07FC0  # NaN as float32, and as both halves' bfloat16
@@ -84,6 +85,14 @@ class _Driver:
             self.lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
         return host.value, dev.value
 
+    def host_free(self, host: int) -> None:
+        """Give back what ``host_alloc`` gave (nothing may still use it)."""
+        self._check(self.lib.cuCtxPushCurrent_v2(self.context), "cuCtxPushCurrent")
+        try:
+            self._check(self.lib.cuMemFreeHost(ctypes.c_void_p(host)), "cuMemFreeHost")
+        finally:
+            self.lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
 
 class _Emulated:
     """``EXPERTMESH_PINNED=emulate``: the same buffers and the same rule on
@@ -97,9 +106,10 @@ class _Buffer:
     def __init__(self, driver: "_Driver | _Emulated", nbytes: int):
         self.nbytes = nbytes
         if isinstance(driver, _Emulated):
-            self.words, self.address = np.zeros(nbytes // 4, np.uint32), None
+            self.words, self.address, self.host = np.zeros(nbytes // 4, np.uint32), None, 0
             return
-        host, dev = driver.host_alloc(nbytes)  # kept for the process's life: a thread's buffers are few
+        host, dev = driver.host_alloc(nbytes)
+        self.host = host
         self.words = np.frombuffer((ctypes.c_uint32 * (nbytes // 4)).from_address(host), np.uint32)
         self.address = mx.array([dev & 0xFFFFFFFF, dev >> 32], dtype=mx.uint32)
         mx.eval(self.address)
@@ -191,9 +201,16 @@ def _buffer(nbytes: int, to_host: bool) -> _Buffer:
         size = max(_FIRST_BYTES, buffer.nbytes if buffer else 0)
         while size < nbytes:
             size *= 2
-        buffer = _Buffer(_driver, size)
+        old, buffer = buffer, _Buffer(_driver, size)
         setattr(_local, name, buffer)
+        if old is not None and old.host:  # every use of a thread's buffer was evaluated before it returned
+            _driver.host_free(old.host)
     return buffer
+
+
+def fits(nbytes: int) -> bool:
+    """Whether a transfer of ``nbytes`` goes through the pinned buffers (when :func:`available`)."""
+    return nbytes <= MAX_BYTES
 
 
 def _read_into(buffer: _Buffer, words: mx.array, states=()) -> np.ndarray:

@@ -80,7 +80,7 @@ def read_back(arrays: list[mx.array], states=()) -> list[np.ndarray]:
     """
     carriers = [_CODECS[wire_dtype(a.dtype)][1] for a in arrays]
     whole_words = not any(a.size * a.dtype.size % 4 for a in arrays)
-    pinned = whole_words and hostcopy.available()
+    pinned = whole_words and hostcopy.fits(sum(a.nbytes for a in arrays)) and hostcopy.available()
     if not pinned and (len(arrays) <= 1 or not whole_words):
         mx.eval(*arrays, states)
         return [to_numpy(a).reshape(-1) for a in arrays]
@@ -129,7 +129,7 @@ def to_device(values: np.ndarray, code: "pb.DType") -> mx.array:
     for a decode step's 4 KB and ~420 for a 512-token prompt's 2 MB,
     against ~100 and ~1,200 as a fresh ``mx.array(numpy)``
     (``benchmarks/hostcopy.py``). Elsewhere ``from_numpy``."""
-    if values.nbytes % 4 or not hostcopy.available():
+    if values.nbytes % 4 or not hostcopy.fits(values.nbytes) or not hostcopy.available():
         return from_numpy(values, code)
     return hostcopy.write(values, _CODECS[code][0])
 

@@ -50,8 +50,8 @@ class NodeConfig:
     security: Security = field(default_factory=Security)  # cluster token and TLS files
     compile: bool = True              # mx.compile decode steps (off: for A/B measurements)
     prebuild: bool = True             # build a span's next decode step ahead (off: for A/B measurements)
-    # and set it running behind a gate, on CUDA: for a node with its process to itself (the CLI's default), since
-    # other MLX work of the process would wait behind the gate (a router or node beside it in one process)
+    # and set it running behind a gate, on CUDA: for a node with its process to itself (the CLI's default; tests
+    # and the demo run nodes beside other MLX work, which the GPU must not hold behind a gate)
     prelaunch: bool = False
 
     def __post_init__(self) -> None:

@@ -31,6 +31,8 @@ went, ``ctl[2]`` the last that expired, the input from ``ctl[4]`` on.
 from __future__ import annotations
 
 import itertools
+import logging
+import platform
 
 import mlx.core as mx
 import numpy as np
@@ -38,10 +40,19 @@ import numpy as np
 from expertmesh import hostcopy
 from expertmesh.staging import Staging
 
+logger = logging.getLogger(__name__)
+
 LIMIT_NS = 25_000_000  # a gate waits at most this long for its request
+GIVE_UPS = 3           # a span whose gates gave up this many times in a row stops setting steps running
+SLOW_LAUNCH_S = 0.005  # and so does one whose steps took this long to set running (MLX waited on them)
 _HEAD = 4              # control words before the input
 _THREADS = 256
 _STEPS = itertools.count(1)
+
+
+def _next_step() -> int:
+    """The next step number: 32-bit, never 0 (the word a fresh control block holds)."""
+    return next(_STEPS) % 0xFFFFFFFF + 1
 
 # one block decides for the whole input (blocks of their own could decide apart), then copies it
 _SOURCE = """
@@ -53,7 +64,10 @@ _SOURCE = """
         unsigned long long t0, t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
         t = t0;
-        while (ctl[0] != want && t - t0 < LIMIT) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+        // serial-number order: a later step already opened lets this one go at once
+        while (static_cast<int>(ctl[0] - want) < 0 && t - t0 < LIMIT) {
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        }
         go = ctl[0] == want;
     }
     __syncthreads();
@@ -66,8 +80,10 @@ _kernel = None
 
 def available() -> bool:
     """Whether steps can be set running ahead here: MLX's CUDA backend with
-    pinned memory, or ``EXPERTMESH_PINNED=emulate`` (``Gate``'s emulation)."""
-    return hostcopy.available()
+    pinned memory on an x86-64 host (whose stores reach the GPU in program
+    order: the input before the word that opens the gate), or
+    ``EXPERTMESH_PINNED=emulate`` (``Gate``'s emulation)."""
+    return hostcopy.available() and (platform.machine() in ("x86_64", "AMD64") or not hostcopy.on_cuda())
 
 
 def _gate():
@@ -90,13 +106,14 @@ class Gate:
 
     def __init__(self):
         self.running = hostcopy.on_cuda()  # whether steps are set running before their request
+        self.usable = True  # False once this span's gates keep giving up, or its launches wait (see went, launched)
         self._ctl = self._out = None
         self._staging = None if self.running else Staging(max_arrays=4)
-        self._opened, self._expired = 0, 0
+        self._opened, self._expired, self._given_up = 0, 0, 0
 
     def open_input(self, words: int) -> tuple[int, mx.array]:
         """(a new step number, the gate's output: ``words`` uint32 of input, once opened)."""
-        step = next(_STEPS)
+        step = _next_step()
         if not self.running:
             self._ctl = self._staging.buffer("input", (words,), np.uint32)
             self._expired = step if Gate.give_up else 0
@@ -132,10 +149,25 @@ class Gate:
         ctl[0] = step  # after the input: x86 keeps stores in order, and the gate reads the input after this
 
     def went(self, step: int) -> bool:
-        """Whether ``step`` ran on its request's input (read after it was evaluated)."""
-        if not self.running:
-            return self._opened == step and self._expired != step
-        return int(self._ctl.words[1]) == step
+        """Whether ``step`` ran on its request's input (read after it was
+        evaluated). ``GIVE_UPS`` gates in a row that gave up (requests further
+        apart than ``LIMIT_NS``) make the gate unusable."""
+        went = (self._opened == step and self._expired != step) if not self.running else \
+            int(self._ctl.words[1]) == step
+        self._given_up = 0 if went else self._given_up + 1
+        if self._given_up >= GIVE_UPS and self.usable:
+            self.usable = False
+            logger.info("a span's requests came more than %d ms apart %d times in a row: its decode steps are "
+                        "no longer set running ahead", LIMIT_NS // 1_000_000, GIVE_UPS)
+        return went
+
+    def launched(self, seconds: float) -> None:
+        """How long setting a step running took: past ``SLOW_LAUNCH_S`` MLX waited
+        for its own work (more than ~10 tasks of kernels), which the gate
+        holds back, so the gate becomes unusable."""
+        if seconds > SLOW_LAUNCH_S and self.usable:
+            self.usable = False
+            logger.info("setting a span's decode step running took %.1f ms: no longer done ahead", seconds * 1e3)
 
     def result(self, words: int) -> np.ndarray:
         """The output's first ``words``: good until the next step's output lands."""

@@ -69,6 +69,7 @@ class _Span:
         self._next: _Next | None = None
         self._placeholders = Staging(max_arrays=8)
         self._gate = prelaunch.Gate() if prelaunch.available() else None
+        self._steady = False  # whether the last wire request was one token a row, no trim, no padding
 
     def caches(self, sequences: tuple[int, ...]) -> list:
         if sequences in self._batches:
@@ -135,7 +136,7 @@ class _Span:
             out = self._launched(nxt, hidden)
             if out is not None:
                 self._used[sequences] = time.monotonic()
-                self._last = (sequences, code)
+                self._last, self._steady = (sequences, code), True
                 return out
             nxt = None  # its gate gave up before the request came: run it now
         if (nxt is not None and nxt.sequences == sequences and nxt.code == code and not trim and not right_padding
@@ -144,26 +145,31 @@ class _Span:
             nxt.saved = []  # the caches' old handles go: their memory is then updated in place, as mlx-lm's is
             out = self._read(nxt.out, nxt.states)  # the gates' ids as prebuild's layers noted them
             self._used[sequences] = time.monotonic()
-            self._last = (sequences, code)
+            self._last, self._steady = (sequences, code), True
             return out
         self._next = nxt
+        self.halt()  # before any MLX op: this thread's GPU work would wait behind the step's gate
         out = self(wire.to_device(hidden, code), sequences, right_padding, trim)
         self._last = (sequences, code) if sequences else None
+        self._steady = hidden.shape[1] == 1 and not trim and not right_padding
         return out
 
     def prebuild(self, launch: bool = False) -> None:
         """Build the next decode step of the rows the last wire request named
         (one new position each), on a placeholder input; nothing runs yet.
-        With ``launch`` (and a gate), a step of one row on mlx-lm's plain
-        ``KVCache`` is set running behind the gate instead (``prelaunch``:
-        on the H200 it paid at one stream and cost at 8)."""
+        With ``launch`` (and a gate that has not given up on this span), the
+        next step of one row's steady decode (its last request a one-token
+        step) on mlx-lm's plain ``KVCache`` is set running behind the gate
+        instead (``prelaunch``: on the H200 it paid at one stream and cost at
+        8). A speculative verify pass or a trim never follows one."""
         if self._last is None or self._next is not None:
             return
         sequences, code = self._last
         caches = self._batches.get(sequences)
         if caches is None:
             return
-        if launch and len(sequences) == 1 and self._gate is not None and type(caches[0]) is KVCache:
+        if (launch and self._steady and len(sequences) == 1 and self._gate is not None and self._gate.usable
+                and type(caches[0]) is KVCache):  # one row's steady decode: a prompt's next step is its first
             return self._prelaunch(sequences, code, caches)
         array, view = self._placeholders.buffer("next", (len(sequences), 1, self.hidden_size), wire.carrier(code))
         x = array.view(mx.bfloat16) if code == pb.BFLOAT16 else array  # as wire.from_numpy gives it
@@ -192,33 +198,52 @@ class _Span:
         B, H = len(sequences), self.hidden_size
         carrier = wire.carrier(code)
         step, words = self._gate.open_input(B * H * carrier.itemsize // 4)
-        x = words.view(wire.mlx_dtype(code)).reshape(B, 1, H)
         saved = [{k: v for k, v in vars(c).items() if k not in ("keys", "values")} for c in caches]
-        out = self._step(x, caches, saved)
-        ids = self.routing.pending()
-        flat = [out.reshape(-1).view(mx.uint32)] + ([] if ids is None else [ids.astype(mx.int32).reshape(-1)
-                                                                               .view(mx.uint32)])
-        done = self._gate.output(flat[0] if len(flat) == 1 else mx.concatenate(flat))
-        if self._gate.running:
-            mx.async_eval(done, [c.state for c in caches])
+        try:
+            x = words.view(wire.mlx_dtype(code)).reshape(B, 1, H)
+            out = self._step(x, caches, saved)
+            ids = self.routing.pending()
+            flat = [out.reshape(-1).view(mx.uint32)] + ([] if ids is None else [ids.astype(mx.int32).reshape(-1)
+                                                                                   .view(mx.uint32)])
+            done = self._gate.output(flat[0] if len(flat) == 1 else mx.concatenate(flat))
+            if self._gate.running:
+                tic = time.perf_counter()
+                mx.async_eval(done, [c.state for c in caches])
+                self._gate.launched(time.perf_counter() - tic)
+        except BaseException:
+            self._gate.open(step, None)
+            _put_back(caches, saved)
+            raise
         shape = np.broadcast_to(np.zeros((), carrier), (B, 1, H))  # the input's shape, as ``view`` gives it
         self._next = _Next(sequences, code, shape, out, [], saved, threading.get_ident(), step, done,
                            (out.size * out.dtype.size // 4, 0 if ids is None else ids.size, wire.wire_dtype(out.dtype)))
 
     def _launched(self, nxt: _Next, hidden: np.ndarray) -> tuple[np.ndarray, int, np.ndarray | None] | None:
         """The request's input into the gate, and the step's output (as ``_read``
-        gives it); None when the gate had given up first (the step then ran
-        on an old input: its offsets are put back)."""
-        self._gate.open(nxt.step, np.ascontiguousarray(hidden))
-        mx.eval(nxt.done, [] if self._gate.running else [c.state for c in self._batches.get(nxt.sequences, [])])
-        if not self._gate.went(nxt.step):
-            if nxt.sequences in self._batches:
-                _put_back(self._batches[nxt.sequences], nxt.saved)
+        gives it, copied out of the gate's buffer); None when the gate had
+        given up first (the step then ran on an old input: its offsets are
+        put back)."""
+        caches = self._batches.get(nxt.sequences, [])
+        try:
+            self._gate.open(nxt.step, np.ascontiguousarray(hidden))
+            mx.eval(nxt.done, [] if self._gate.running else [c.state for c in caches])
+            went = self._gate.went(nxt.step)
+        except BaseException:
+            _put_back(caches, nxt.saved)
+            raise
+        if not went:
+            _put_back(caches, nxt.saved)
             return None
         hidden_words, id_count, out_code = nxt.words
-        host = self._gate.result(hidden_words + id_count)
+        host = np.array(self._gate.result(hidden_words + id_count))
         out = host[:hidden_words].view(wire.carrier(out_code)).reshape(nxt.view.shape)
         return out, out_code, (host[hidden_words:].view(np.int32) if nxt.words[1] else None)
+
+    @property
+    def launched(self) -> bool:
+        """Whether a step is set running ahead (read without a lock: a hint)."""
+        nxt = self._next
+        return nxt is not None and nxt.step > 0
 
     def halt(self) -> None:
         """Let a step set running ahead go (``prelaunch``): nothing else runs

@@ -21,10 +21,12 @@ span's graph is Python work the GPU waits for: on the H200 a 7-layer
 span's decode step took 2,672 µs built at the request against 1,693 µs a
 step for mlx-lm's layers run back to back (benchmarks/README.md).
 
-On MLX's CUDA backend, a node holding one span also sets that step running
-behind a gate in pinned memory (``prelaunch.py``), so that its kernels are
-launched before the request comes. Any other GPU work of the node first
-lets such a step go (``halt``): the GPU would run nothing else before it.
+On MLX's CUDA backend, a node holding one span also sets one row's next
+step running behind a gate in pinned memory (``prelaunch.py``), so that its
+kernels are launched before the request comes. MLX gives each thread its
+own stream, and the thread's later GPU work would wait behind the gate: the
+span lets such a step go before any other work of its own, and the node's
+other work (expert requests, loading) lets every one go first (``halt``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class StageStore:
     idle_timeout: float = 300.0
     spans: dict[int, _Span] = field(default_factory=dict)
     prebuild_steps: bool = True  # build each decode step's graph ahead of its request (off: for A/B measurements)
-    prelaunch_steps: bool = True  # and set it running behind a gate where it can (CUDA; off: for A/B measurements)
+    prelaunch_steps: bool = False  # and set it running behind a gate where it can (CUDA; NodeConfig.prelaunch)
 
     def __post_init__(self):
         self._lock = threading.Condition()
@@ -248,6 +250,8 @@ class StageStore:
     def halt(self) -> None:
         """Let every step set running ahead go (see the module's docstring),
         before other GPU work; no MLX op, so any thread may call it."""
+        if not any(span.launched for span in list(self.spans.values())):
+            return  # nothing set running: no wait for the lock, held while a span computes
         with self._lock:
             for span in self.spans.values():
                 span.halt()

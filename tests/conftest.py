@@ -39,8 +39,7 @@ def host_copies(request, monkeypatch) -> str:
     the CPU (``EXPERTMESH_PINNED=emulate``, node processes too), so that every
     caller is held to the CUDA path's rule: what a read gives is good until
     the thread's next read, and a view kept longer reads other values."""
-    if request.param == "buffers":
-        monkeypatch.setenv(hostcopy.ENV, "emulate")
+    monkeypatch.setenv(hostcopy.ENV, "emulate" if request.param == "buffers" else "0")
     hostcopy._reset()
     assert hostcopy.available() == (request.param == "buffers")
     yield request.param

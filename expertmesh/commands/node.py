@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     from .. import backend
 
-    backend.for_serving()  # before mlx evaluates anything here
+    backend.for_serving(prelaunch=args.prelaunch)  # before mlx evaluates anything here
     from ..nodes import Node, NodeConfig
     from ..security import Security
 
