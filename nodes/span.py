@@ -210,9 +210,11 @@ class _Span:
                 tic = time.perf_counter()
                 mx.async_eval(done, [c.state for c in caches])
                 self._gate.launched(time.perf_counter() - tic)
-        except BaseException:
+        except BaseException as e:
             self._gate.open(step, None)
             _put_back(caches, saved)
+            if isinstance(e, Exception):  # the gate's kernel or memory failed: this span only builds ahead now
+                self._gate.usable = False
             raise
         shape = np.broadcast_to(np.zeros((), carrier), (B, 1, H))  # the input's shape, as ``view`` gives it
         self._next = _Next(sequences, code, shape, out, [], saved, threading.get_ident(), step, done,
