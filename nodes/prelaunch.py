@@ -14,8 +14,9 @@ memory (``expertmesh.hostcopy``). On the H200 (``benchmarks/prelaunch.py``,
 µs this way against 1,854 built ahead and evaluated on arrival; in the mesh
 (``results/device-20261202-s11-c-*.json``) the two nodes' own time for a
 one-stream token fell from 4,728 to 2,901 µs. At 8 streams it rose instead
-(9,115 to 10,530 µs, not yet explained), so only steps of one row are set
-running (``_Span.prebuild``).
+(9,115 to 10,530 µs; then a request for other rows waited behind the gate,
+fixed since), so only one row's steady decode steps are set running
+(``_Span.prebuild``).
 
 A gate that is not opened within ``LIMIT_NS`` gives up and lets the step run
 on whatever input is there (its status says so), so that a missed request
