@@ -210,12 +210,17 @@ def node_families(stats: pb.NodeStats, compute: pb.Histogram, info: pb.NodeInfo)
     """A node's metrics from its counters, compute-time histogram and info."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+    steps = CounterMetricFamily("expertmesh_node_prelaunch_steps", "stage decode steps set running before their "
+                                "request (CUDA), by outcome", labels=["outcome"])
+    for outcome in ("answered", "gave_up", "let_go"):
+        steps.add_metric([outcome], getattr(stats, f"prelaunch_{outcome}"))
     return [
         CounterMetricFamily("expertmesh_node_forward_requests", "Forward requests served",
                             value=stats.forward_requests),
         CounterMetricFamily("expertmesh_node_forward_tokens", "tokens in Forward requests", value=stats.forward_tokens),
         CounterMetricFamily("expertmesh_node_received_bytes", "Forward request bytes", value=stats.bytes_received),
         CounterMetricFamily("expertmesh_node_sent_bytes", "Forward response bytes", value=stats.bytes_sent),
+        steps,
         histogram_family("expertmesh_node_forward_seconds", "compute time of one Forward request", [],
                          [([], compute)]),
         GaugeMetricFamily("expertmesh_node_experts_held", "routed experts held",

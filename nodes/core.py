@@ -347,4 +347,9 @@ class NodeCore:
     def snapshot(self) -> tuple[pb.NodeStats, pb.Histogram]:
         """The Forward counters and the compute-time histogram, consistently."""
         with self._stats_lock:
-            return pb.NodeStats.FromString(self.stats.SerializeToString()), self.compute.to_message()
+            stats = pb.NodeStats.FromString(self.stats.SerializeToString())
+            compute = self.compute.to_message()
+        counts = self.stages.prelaunch_counts
+        stats.prelaunch_answered, stats.prelaunch_gave_up, stats.prelaunch_let_go = \
+            counts.answered, counts.gave_up, counts.let_go
+        return stats, compute

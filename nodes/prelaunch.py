@@ -32,6 +32,7 @@ went, ``ctl[2]`` the last that expired, the input from ``ctl[4]`` on.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 import logging
 import platform
 
@@ -95,6 +96,15 @@ def _gate():
     return _kernel
 
 
+@dataclass
+class Counts:
+    """What a node's steps set running came to (``NodeStats.prelaunch_*``)."""
+
+    answered: int = 0  # answered through their gate
+    gave_up: int = 0   # the gate gave up before the request came
+    let_go: int = 0    # not wanted, let go
+
+
 class Gate:
     """A span's pinned control block and output buffer, reused step after step.
 
@@ -105,7 +115,8 @@ class Gate:
 
     give_up = False  # tests: the next step's gate reports that it gave up (emulated only)
 
-    def __init__(self):
+    def __init__(self, counts: Counts | None = None):
+        self.counts = counts or Counts()  # the node's, shared by its spans' gates
         self.running = hostcopy.on_cuda()  # whether steps are set running before their request
         self.usable = True  # False once this span's gates keep giving up, or its launches wait (see went, launched)
         self._ctl = self._out = None
@@ -137,7 +148,10 @@ class Gate:
         return hostcopy.copy_to(self._out, words)
 
     def open(self, step: int, values: np.ndarray | None) -> None:
-        """Let ``step`` go: with ``values`` (their 32-bit words) as its input, or on what is there."""
+        """Let ``step`` go: with ``values`` (their 32-bit words) as its input, or on what is there
+        (counted as let go)."""
+        if values is None:
+            self.counts.let_go += 1
         if not self.running:
             if values is not None and self._expired != step:
                 np.copyto(self._ctl[1], values.reshape(-1).view(np.uint32))
@@ -156,6 +170,10 @@ class Gate:
         went = (self._opened == step and self._expired != step) if not self.running else \
             int(self._ctl.words[1]) == step
         self._given_up = 0 if went else self._given_up + 1
+        if went:
+            self.counts.answered += 1
+        else:
+            self.counts.gave_up += 1
         if self._given_up >= GIVE_UPS and self.usable:
             self.usable = False
             logger.info("a span's requests came more than %d ms apart %d times in a row: its decode steps are "

@@ -55,7 +55,8 @@ class _Next:
 class _Span:
     """Decoder layers ``[start, end)`` and the KV caches kept for them."""
 
-    def __init__(self, start: int, module: _Layers, routing: SpanRouting, adapter: Adapter):
+    def __init__(self, start: int, module: _Layers, routing: SpanRouting, adapter: Adapter,
+                 counts: prelaunch.Counts | None = None):
         self.layers = module.layers
         self.hidden_size = adapter.hidden_size
         self.routing = routing  # what its gates chose, per request
@@ -68,7 +69,7 @@ class _Span:
         self._last: tuple[tuple[int, ...], int] | None = None  # (rows, wire dtype) of the last request from the wire
         self._next: _Next | None = None
         self._placeholders = Staging(max_arrays=8)
-        self._gate = prelaunch.Gate() if prelaunch.available() else None
+        self._gate = prelaunch.Gate(counts) if prelaunch.available() else None
         self._steady = False  # whether the last wire request was one token a row, no trim, no padding
 
     def caches(self, sequences: tuple[int, ...]) -> list:

@@ -48,6 +48,7 @@ from expertmesh.checkpoint import Checkpoint
 from expertmesh.errors import InvalidRequestError
 from expertmesh.models import Adapter
 from expertmesh.models.base import PROJECTIONS, eval_private_arrays
+from expertmesh.nodes import prelaunch
 from expertmesh.nodes.routing import SpanRouting
 from expertmesh.nodes.span import MAX_SEQUENCES, _Layers, _Span
 from expertmesh.nodes.store import ExpertStore
@@ -75,6 +76,7 @@ class StageStore:
     def __post_init__(self):
         self._lock = threading.Condition()
         self._usage = (0, 0)  # (KV bytes, sequences) when last counted
+        self.prelaunch_counts = prelaunch.Counts()  # its spans' steps set running, whatever spans it holds
         self._closed = False
         self._sweeper = threading.Thread(target=self._sweep, name="stage-kv-sweeper", daemon=True)
         self._sweeper.start()
@@ -169,7 +171,7 @@ class StageStore:
                 block.switch_mlp = fused.fuse(block.switch_mlp)
         compiled.compile_decode_steps(module)  # norms and RoPEs
         routing = SpanRouting(module.layers, start, self.adapter)  # and the MoE (or MLP) blocks, counted
-        return _Span(start, module, routing, self.adapter)
+        return _Span(start, module, routing, self.adapter, self.prelaunch_counts)
 
     def measure(self, layer: int, context: int = 32, repeats: int = 5) -> tuple[float, float, int]:
         """Seconds of one decode step of ``layer`` at batch 1 and 8 (medians

@@ -51,10 +51,11 @@ def counted(monkeypatch):
     hostcopy._reset()
 
 
-def generations(model, prelaunch: bool) -> list[list[int]]:
+def generations(model, prelaunch: bool) -> tuple[list[list[int]], dict]:
     """A long prompt alone (its decode crosses the KV cache's 256-position
     growth), then three prompts at once (rows join and leave the batch, so a
-    step set running is let go), through 2 stage nodes."""
+    step set running is let go), through 2 stage nodes; the tokens, and the
+    steps set running as the nodes' stats count them."""
     with running_nodes(model, 2, prelaunch=prelaunch) as nodes, \
             running_router(model, [n.address for n in nodes], mode="pipeline") as router, \
             Client(f"127.0.0.1:{router.port}") as client:
@@ -65,14 +66,19 @@ def generations(model, prelaunch: bool) -> list[list[int]]:
         with ThreadPoolExecutor(3) as pool:
             together = list(pool.map(stream, PROMPTS[1:4]))
         assert all(n.stages.wait_sequences(lambda s: not s, timeout=30) for n in nodes)
-    return [alone, *together]
+        stats = [n.core.snapshot()[0] for n in nodes]
+    reported = {"answered": sum(s.prelaunch_answered for s in stats), "gave up": sum(s.prelaunch_gave_up for s in stats),
+                "let go": sum(s.prelaunch_let_go for s in stats)}
+    return [alone, *together], reported
 
 
 def test_steps_given_up_or_let_go_leave_the_tokens_of_steps_never_set_running(reference, counted):
     model = model_dir()
-    got = generations(model, prelaunch=True)
+    got, reported = generations(model, prelaunch=True)
     forced = counted["set running"] // 4
-    assert generations(model, prelaunch=False) == got  # the same tokens, bit for bit, as steps only built ahead
+    # the same tokens, bit for bit, as steps only built ahead; those set no step running
+    assert generations(model, prelaunch=False) == (got, {"answered": 0, "gave up": 0, "let go": 0})
+    assert reported == {k: counted[k] for k in reported}  # GetStats and /metrics say what the spans did
     assert len(reference[1].encode(LONG)) + TOKENS > 256
     for prompt, tokens in zip([LONG, *PROMPTS[1:4]], got):
         assert len(tokens) == TOKENS and not_greedy(reference, prompt, tokens) == [], prompt

@@ -294,18 +294,24 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("forward_requests", "forward_tokens", "bytes_received", "bytes_sent", "compute_seconds")
+    __slots__ = ("forward_requests", "forward_tokens", "bytes_received", "bytes_sent", "compute_seconds", "prelaunch_answered", "prelaunch_gave_up", "prelaunch_let_go")
     FORWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRELAUNCH_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    PRELAUNCH_GAVE_UP_FIELD_NUMBER: _ClassVar[int]
+    PRELAUNCH_LET_GO_FIELD_NUMBER: _ClassVar[int]
     forward_requests: int
     forward_tokens: int
     bytes_received: int
     bytes_sent: int
     compute_seconds: float
-    def __init__(self, forward_requests: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    prelaunch_answered: int
+    prelaunch_gave_up: int
+    prelaunch_let_go: int
+    def __init__(self, forward_requests: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., prelaunch_answered: _Optional[int] = ..., prelaunch_gave_up: _Optional[int] = ..., prelaunch_let_go: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_tokens", "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "stop")
