@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 LIMIT_NS = 25_000_000  # a gate waits at most this long for its request
 GIVE_UPS = 3           # a span whose gates gave up this many times in a row stops setting steps running
-SLOW_LAUNCH_S = 0.005  # and so does one whose steps took this long to set running (MLX waited on them)
+SLOW_LAUNCH_S = 0.015  # and so does one whose steps took this long to set running (MLX waited on their gate)
 _HEAD = 4              # control words before the input
 _THREADS = 256
 _STEPS = itertools.count(1)
