@@ -202,6 +202,7 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         t = time.perf_counter()
         runs = [generate() for _ in range(rounds)]
         wall = time.perf_counter() - t
+        launched = _prelaunch_counts([p.address(timeout=30) for p in procs])
     finally:
         (stages.StageRuntime.run, stages.StageRuntime.submit, stages.StageRuntime.wait, chain.mx,
          chain._forward, chain.wire) = saved
@@ -233,7 +234,22 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
         "span_other_us": us[SPAN_ALL] - us[SPAN_EVAL] - us[SPAN_REQ] - us[SPAN_RTT] - us[SPAN_DECODE],
         "spans_us": us[SPAN_ALL],
         "outside_spans_us": (wall - timer.spent[SPAN_ALL]) / n * 1e6,  # embedding, head, sampling, batching
+        "prelaunch_steps": launched,  # the nodes' steps set running ahead, warm-up included (CUDA)
     }
+
+
+def _prelaunch_counts(addresses: list[str]) -> dict:
+    """The nodes' stage steps set running ahead, summed: answered, gave up, let go (``GetStats``)."""
+    from expertmesh.serving import channel
+    from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
+
+    total = {"answered": 0, "gave_up": 0, "let_go": 0}
+    for address in addresses:
+        with channel(address) as ch:
+            stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=30)
+        for key in total:
+            total[key] += getattr(stats, f"prelaunch_{key}")
+    return total
 
 
 def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:
