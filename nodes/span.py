@@ -132,19 +132,17 @@ class _Span:
         """``__call__`` on hidden states as the wire carries them (``code``'s
         carrier values), through the graph built ahead when it is this step's."""
         nxt, self._next = self._next, None
-        if (nxt is not None and nxt.step and nxt.sequences == sequences and nxt.code == code and not trim
-                and not right_padding and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident()):
-            out = self._launched(nxt, hidden)
-            if out is not None:
-                self._used[sequences] = time.monotonic()
-                self._last, self._steady = (sequences, code), True
-                return out
-            nxt = None  # its gate gave up before the request came: run it now
-        if (nxt is not None and nxt.sequences == sequences and nxt.code == code and not trim and not right_padding
-                and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident()):
+        ahead = (nxt is not None and nxt.sequences == sequences and nxt.code == code and not trim
+                 and not right_padding and nxt.view.shape == hidden.shape and nxt.thread == threading.get_ident())
+        out = None
+        if ahead and nxt.step:
+            out = self._launched(nxt, hidden)  # None: its gate gave up before the request came, run it now
+            nxt = None
+        elif ahead:
             np.copyto(nxt.view, hidden)
             nxt.saved = []  # the caches' old handles go: their memory is then updated in place, as mlx-lm's is
             out = self._read(nxt.out, nxt.states)  # the gates' ids as prebuild's layers noted them
+        if out is not None:
             self._used[sequences] = time.monotonic()
             self._last, self._steady = (sequences, code), True
             return out
@@ -251,7 +249,7 @@ class _Span:
     def halt(self) -> None:
         """Let a step set running ahead go (``prelaunch``): nothing else runs
         on the GPU before it. A step only built stays, for its request."""
-        if self._next is not None and self._next.step:
+        if self.launched:
             self._cancel()
 
     def _cancel(self) -> None:
