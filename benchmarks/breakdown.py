@@ -238,18 +238,20 @@ def stage_breakdown(model: Path, nodes: int, tokens: int, rounds: int, logs: Pat
     }
 
 
-def _prelaunch_counts(addresses: list[str]) -> dict:
-    """The nodes' stage steps set running ahead, summed: answered, gave up, let go (``GetStats``)."""
+def node_prelaunch_counts(address: str) -> dict:
+    """A node's stage steps set running ahead: answered, gave up, let go (``GetStats``)."""
     from expertmesh.serving import channel
     from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 
-    total = {"answered": 0, "gave_up": 0, "let_go": 0}
-    for address in addresses:
-        with channel(address) as ch:
-            stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=30)
-        for key in total:
-            total[key] += getattr(stats, f"prelaunch_{key}")
-    return total
+    with channel(address) as ch:
+        stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=30)
+    return {key: getattr(stats, f"prelaunch_{key}") for key in ("answered", "gave_up", "let_go")}
+
+
+def _prelaunch_counts(addresses: list[str]) -> dict:
+    """``node_prelaunch_counts`` summed over the nodes."""
+    counts = [node_prelaunch_counts(address) for address in addresses]
+    return {key: sum(c[key] for c in counts) for key in ("answered", "gave_up", "let_go")}
 
 
 def node_breakdown(model: Path, trials: int = 300, tokens: int = 1, share: int = 2) -> dict:

@@ -21,13 +21,12 @@ from pathlib import Path
 from mlx_lm import load
 
 from expertmesh import Client, hostcopy
-from expertmesh.serving import channel
-from expertmesh.v1 import expertmesh_pb2 as pb
-from expertmesh.v1 import expertmesh_pb2_grpc as pb_grpc
 from expertmesh.builtin import model_dir
 from expertmesh.router import Router, RouterConfig
 from expertmesh.testing.greedy import not_greedy
 from expertmesh.testing.process import Process
+
+from breakdown import node_prelaunch_counts
 
 PROMPTS = ["class Point:\n    def __repr__(self):\n        return ", "    def __len__(self):\n        return ",
            "def __init__(self, ", "class Error(Exception):\n    \"\"\"", "if __name__ == '__main__':\n"]
@@ -64,19 +63,16 @@ def main() -> int:
             report["modes"][mode] = {"tokens": sum(map(len, got.values())),
                                      "not_greedy": {p[:20]: b for p, b in bad.items() if b}}
             print(mode, report["modes"][mode], flush=True)
-        report["prelaunch"] = {}  # each node's steps set running ahead (CUDA): answered, given up, let go
-        for address in peers:
-            with channel(address) as ch:
-                stats = pb_grpc.ExpertServiceStub(ch).GetStats(pb.GetStatsRequest(), timeout=30)
-            report["prelaunch"][address] = [stats.prelaunch_answered, stats.prelaunch_gave_up, stats.prelaunch_let_go]
-        print("steps set running ahead (answered, gave up, let go):", report["prelaunch"], flush=True)
+        # each node's steps set running ahead (CUDA): answered, given up, let go
+        report["prelaunch"] = {address: node_prelaunch_counts(address) for address in peers}
+        print("steps set running ahead:", report["prelaunch"], flush=True)
     finally:
         for p in procs:
             p.proc.kill()
             p.proc.wait(timeout=30)
     report["ok"] = all(not m["not_greedy"] and m["tokens"] == 4 * TOKENS for m in report["modes"].values())
     if hostcopy.on_cuda():  # the nodes' gates answered (a node in pipeline and auto mode holds one span)
-        report["ok"] &= all(answered > 0 for answered, _, _ in report["prelaunch"].values())
+        report["ok"] &= all(counts["answered"] > 0 for counts in report["prelaunch"].values())
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print("ok" if report["ok"] else "NOT OK", flush=True)
