@@ -45,8 +45,8 @@ from expertmesh.staging import Staging
 logger = logging.getLogger(__name__)
 
 LIMIT_NS = 25_000_000  # a gate waits at most this long for its request
-GIVE_UPS = 3           # a span whose gates gave up this many times in a row stops setting steps running
-SLOW_LAUNCH_S = 0.015  # and so does one whose steps took this long to set running (MLX waited on their gate)
+GIVE_UPS = 3           # a span whose steps missed this many times in a row stops setting them running:
+SLOW_LAUNCH_S = 0.015  # a miss is a gate that gave up, or a step this slow to set running (MLX waited on its gate)
 _HEAD = 4              # control words before the input
 _THREADS = 256
 _STEPS = itertools.count(1)
@@ -121,7 +121,7 @@ class Gate:
         self.usable = True  # False once this span's gates keep giving up, or its launches wait (see went, launched)
         self._ctl = self._out = None
         self._staging = None if self.running else Staging(max_arrays=4)
-        self._opened, self._expired, self._given_up = 0, 0, 0
+        self._opened, self._expired, self._misses, self._slow = 0, 0, 0, False
 
     def open_input(self, words: int) -> tuple[int, mx.array]:
         """(a new step number, the gate's output: ``words`` uint32 of input, once opened)."""
@@ -165,28 +165,33 @@ class Gate:
 
     def went(self, step: int) -> bool:
         """Whether ``step`` ran on its request's input (read after it was
-        evaluated). ``GIVE_UPS`` gates in a row that gave up (requests further
-        apart than ``LIMIT_NS``) make the gate unusable."""
+        evaluated). ``GIVE_UPS`` misses in a row (gates that gave up, requests
+        further apart than ``LIMIT_NS``, or slow launches) make the gate
+        unusable; an answered step that was quick to set running resets the
+        count. A span's first step set running both compiles the gate's
+        kernel (a slow launch) and often waits while the router compiles its
+        own first decode step (a give-up): one miss, not a verdict (the H200
+        run s12-a stopped every span there, answering none)."""
         went = (self._opened == step and self._expired != step) if not self.running else \
             int(self._ctl.words[1]) == step
-        self._given_up = 0 if went else self._given_up + 1
         if went:
             self.counts.answered += 1
         else:
             self.counts.gave_up += 1
-        if self._given_up >= GIVE_UPS and self.usable:
+        missed, self._slow = not went or self._slow, False
+        self._misses = self._misses + 1 if missed else 0
+        if self._misses >= GIVE_UPS and self.usable:
             self.usable = False
-            logger.info("a span's requests came more than %d ms apart %d times in a row: its decode steps are "
-                        "no longer set running ahead", LIMIT_NS // 1_000_000, GIVE_UPS)
+            logger.info("a span's decode steps set running ahead missed %d times in a row (requests more than %d ms "
+                        "apart, or launches over %d ms): no longer done ahead", GIVE_UPS, LIMIT_NS // 1_000_000,
+                        SLOW_LAUNCH_S * 1e3)
         return went
 
     def launched(self, seconds: float) -> None:
-        """How long setting a step running took: past ``SLOW_LAUNCH_S`` MLX waited
-        for its own work (more than ~10 tasks of kernels), which the gate
-        holds back, so the gate becomes unusable."""
-        if seconds > SLOW_LAUNCH_S and self.usable:
-            self.usable = False
-            logger.info("setting a span's decode step running took %.1f ms: no longer done ahead", seconds * 1e3)
+        """How long setting a step running took: past ``SLOW_LAUNCH_S`` MLX
+        waited for its own work (more than ~10 tasks of kernels, which the gate
+        holds back) or compiled: that step counts as a miss (``went``)."""
+        self._slow = seconds > SLOW_LAUNCH_S
 
     def result(self, words: int) -> np.ndarray:
         """The output's first ``words``: good until the next step's output lands."""

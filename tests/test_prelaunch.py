@@ -6,6 +6,8 @@ caches as if it never ran, and the tokens stay mlx-lm's."""
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 import pytest
 
 from expertmesh import Client, hostcopy
@@ -86,3 +88,29 @@ def test_steps_given_up_or_let_go_leave_the_tokens_of_steps_never_set_running(re
     # the lone stream's decode steps there; every 4th gate gave up, or its step was let go
     assert counted["answered"] >= TOKENS
     assert 3 <= counted["gave up"] <= forced and counted["let go"] >= 1, counted
+
+
+def _step(gate: prelaunch.Gate, *, launch_s: float = 0.0, give_up: bool = False) -> bool:
+    """One step through ``gate`` (emulated): set running in ``launch_s``, then opened with its input."""
+    prelaunch.Gate.give_up = give_up
+    step, _ = gate.open_input(4)
+    gate.launched(launch_s)
+    gate.open(step, np.arange(4, dtype=np.uint32))
+    return gate.went(step)
+
+
+def test_a_first_step_that_is_slow_to_set_running_and_gives_up_does_not_end_setting_steps_running(monkeypatch):
+    # on the H200 a span's first step set running compiles the gate's kernel (a slow launch) and waits while
+    # the router compiles its own first decode step (a give-up): session 12 stopped every span right there
+    monkeypatch.setenv(hostcopy.ENV, "emulate")
+    hostcopy._reset()
+    gate = prelaunch.Gate()
+    assert not _step(gate, launch_s=2 * prelaunch.SLOW_LAUNCH_S, give_up=True)
+    assert _step(gate, launch_s=2 * prelaunch.SLOW_LAUNCH_S)  # answered, but slow: a second miss
+    assert _step(gate) and gate.usable  # answered and quick: the count starts again
+    assert not _step(gate, give_up=True)
+    assert _step(gate, launch_s=1.0)
+    assert gate.usable
+    assert not _step(gate, give_up=True)  # the third miss in a row
+    assert not gate.usable
+    assert (gate.counts.answered, gate.counts.gave_up) == (3, 3)
