@@ -99,11 +99,18 @@ def _step(gate: prelaunch.Gate, *, launch_s: float = 0.0, give_up: bool = False)
     return gate.went(step)
 
 
-def test_a_first_step_that_is_slow_to_set_running_and_gives_up_does_not_end_setting_steps_running(monkeypatch):
-    # on the H200 a span's first step set running compiles the gate's kernel (a slow launch) and waits while
-    # the router compiles its own first decode step (a give-up): session 12 stopped every span right there
+@pytest.fixture
+def emulated(monkeypatch):
+    """Host copies and gates emulated for one test, decided again after it."""
     monkeypatch.setenv(hostcopy.ENV, "emulate")
     hostcopy._reset()
+    yield
+    hostcopy._reset()  # the environment is put back after this: the next use decides from it
+
+
+def test_a_first_step_that_is_slow_to_set_running_and_gives_up_does_not_end_setting_steps_running(emulated):
+    # on the H200 a span's first step set running compiles the gate's kernel (a slow launch) and waits while
+    # the router compiles its own first decode step (a give-up): session 12 stopped every span right there
     gate = prelaunch.Gate()
     assert not _step(gate, launch_s=2 * prelaunch.SLOW_LAUNCH_S, give_up=True)
     assert _step(gate, launch_s=2 * prelaunch.SLOW_LAUNCH_S)  # answered, but slow: a second miss
