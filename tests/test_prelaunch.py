@@ -23,11 +23,18 @@ LONG = PROMPTS[0] * 18  # ~250 tokens
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """What the nodes' spans did with their steps set running: set running,
-    answered through the gate, given up by it, let go unused."""
+def emulated(monkeypatch):
+    """Host copies and gates emulated for one test, decided again after it."""
     monkeypatch.setenv(hostcopy.ENV, "emulate")
     hostcopy._reset()
+    yield
+    hostcopy._reset()  # the environment is put back after this: the next use decides from it
+
+
+@pytest.fixture
+def counted(monkeypatch, emulated):
+    """What the nodes' spans did with their steps set running: set running,
+    answered through the gate, given up by it, let go unused."""
     seen = {"set running": 0, "answered": 0, "gave up": 0, "let go": 0}
     prelaunch_, launched, cancel = spans._Span._prelaunch, spans._Span._launched, spans._Span._cancel
 
@@ -50,7 +57,6 @@ def counted(monkeypatch):
     monkeypatch.setattr(spans._Span, "_launched", counted_launched)
     monkeypatch.setattr(spans._Span, "_cancel", counted_cancel)
     yield seen
-    hostcopy._reset()
 
 
 def generations(model, prelaunch: bool) -> tuple[list[list[int]], dict]:
@@ -97,15 +103,6 @@ def _step(gate: prelaunch.Gate, *, launch_s: float = 0.0, give_up: bool = False)
     gate.launched(launch_s)
     gate.open(step, np.arange(4, dtype=np.uint32))
     return gate.went(step)
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    """Host copies and gates emulated for one test, decided again after it."""
-    monkeypatch.setenv(hostcopy.ENV, "emulate")
-    hostcopy._reset()
-    yield
-    hostcopy._reset()  # the environment is put back after this: the next use decides from it
 
 
 def test_a_first_step_that_is_slow_to_set_running_and_gives_up_does_not_end_setting_steps_running(emulated):
